@@ -1,0 +1,348 @@
+"""Recipe schema: YAML -> typed, validated dataclasses.
+
+The `lora` and `training` sections are checked against the fields of `peft.LoraConfig` and `trl.SFTConfig`
+themselves, so the libraries' documentation applies word for word and a new library option needs no change
+here. Everything tunebook owns (`model`, `data`, `eval`, `export`) is a dataclass below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunebook.errors import RecipeError
+
+TASKS = ("sql", "review", "qa", "summarize")
+DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+RECIPES_DIR = Path("recipes")
+
+# SFTConfig fields tunebook derives itself; a recipe that sets them would fight the one place they live.
+TRAINING_OWNED = {
+    "output_dir": "outputs go to models/fine-tuned/<recipe>/ (checkpoints under models/checkpoints/<recipe>/)",
+    "max_length": "set `data.max_length` instead",
+    "logging_dir": "TensorBoard events go to runs/<recipe>/",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how."""
+
+    name: str
+    dtype: str = "float32"
+    quantization: str = "none"
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where the splits are and how examples become token sequences."""
+
+    train: str
+    val: str
+    test: str
+    max_length: int = 512
+    system_prompt: str | None = None
+    train_limit: int | None = None
+    val_limit: int | None = 64
+
+
+@dataclass
+class EvalConfig:
+    """Generation settings for `tunebook eval`."""
+
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    limit: int | None = None
+    metrics: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportConfig:
+    """What `tunebook export` writes."""
+
+    gguf: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
+    verify_prompts: int = 6
+
+
+@dataclass
+class Recipe:
+    """A whole recipe, resolved and validated."""
+
+    name: str
+    source: str
+    model: ModelConfig
+    task: str
+    data: DataConfig
+    lora: dict[str, Any]
+    training: dict[str, Any]
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe, in the same shape as the YAML (written beside every output)."""
+        return {
+            "model": dataclasses.asdict(self.model),
+            "task": self.task,
+            "data": dataclasses.asdict(self.data),
+            "lora": dict(self.lora),
+            "training": dict(self.training),
+            "eval": dataclasses.asdict(self.eval),
+            "export": dataclasses.asdict(self.export),
+        }
+
+    @property
+    def seed(self) -> int:
+        return int(self.training.get("seed", 42))
+
+
+SECTIONS: dict[str, type | None] = {
+    "model": ModelConfig,
+    "task": None,
+    "data": DataConfig,
+    "lora": None,
+    "training": None,
+    "eval": EvalConfig,
+    "export": ExportConfig,
+}
+
+
+# ---------------------------------------------------------------- locating and loading
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A recipe named by path (`recipes/smollm2-sql.yaml`) or by stem (`smollm2-sql`)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise RecipeError(str(p), None, "recipe file not found.", "Check the path, or name a recipe by its stem.")
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(q.stem for q in RECIPES_DIR.glob("*.yaml"))
+    hint = difflib.get_close_matches(str(name_or_path), known, n=1)
+    fix = f"Did you mean '{hint[0]}'?" if hint else f"Known recipes: {', '.join(known) or 'none'}."
+    raise RecipeError(str(candidate), None, f"no recipe named '{name_or_path}'.", fix)
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe's schema (no files opened beyond the YAML, no model loaded)."""
+    path = recipe_path(name_or_path)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(source, None, f"is not valid YAML ({exc}).", "Fix the YAML syntax.") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(source, None, "must be a mapping of sections.", f"Use the sections {', '.join(SECTIONS)}.")
+    for item in overrides or []:
+        apply_override(raw, item, source)
+    return parse_recipe(raw, name=path.stem, source=source)
+
+
+def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+    """Apply one dotted `section.key=value` override; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in item:
+        raise RecipeError(source, item, "override must look like section.key=value.", "Example: lora.r=32")
+    dotted, value = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    target = raw
+    for key in keys[:-1]:
+        if not isinstance(target.get(key, {}), dict):
+            raise RecipeError(source, dotted, f"'{key}' is not a section.", "Override a key inside a section.")
+        target = target.setdefault(key, {})
+    target[keys[-1]] = yaml.safe_load(value) if value != "" else None
+
+
+def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
+    """Turn the YAML mapping into a typed Recipe, raising RecipeError on the first problem found."""
+    unknown_keys(raw, SECTIONS, source, prefix="")
+    for required in ("model", "task", "data", "lora", "training"):
+        if required not in raw:
+            raise RecipeError(source, required, "is missing.", f"Every recipe needs the sections {', '.join(SECTIONS)}.")
+    task = raw["task"]
+    if task not in TASKS:
+        raise RecipeError(source, "task", f"'{task}' is not a task.", f"Use one of {', '.join(TASKS)}.")
+    model = build_section(ModelConfig, raw["model"], source, "model")
+    check_choice(model.dtype, DTYPES, source, "model.dtype")
+    check_choice(model.quantization, QUANTIZATIONS, source, "model.quantization")
+    data = build_section(DataConfig, raw["data"], source, "data")
+    if data.max_length < 16:
+        raise RecipeError(source, "data.max_length", f"{data.max_length} is too small.", "Use at least 16 tokens.")
+    lora = library_section(raw["lora"], lora_fields(), source, "lora", "peft.LoraConfig")
+    training = library_section(raw["training"], sft_fields(), source, "training", "trl.SFTConfig")
+    for key, where in TRAINING_OWNED.items():
+        if key in training:
+            raise RecipeError(source, f"training.{key}", "is set by tunebook.", f"Remove it: {where}.")
+    resume = training.get("resume_from_checkpoint")
+    if resume not in (None, "auto") and not Path(str(resume)).is_dir():
+        raise RecipeError(
+            source, "training.resume_from_checkpoint", f"'{resume}' is not a checkpoint directory.",
+            "Use 'auto' (last complete checkpoint) or a path to a checkpoint-N directory.",
+        )
+    return Recipe(
+        name=name,
+        source=source,
+        model=model,
+        task=task,
+        data=data,
+        lora=lora,
+        training=training,
+        eval=build_section(EvalConfig, raw.get("eval") or {}, source, "eval"),
+        export=build_section(ExportConfig, raw.get("export") or {}, source, "export"),
+    )
+
+
+# ---------------------------------------------------------------- checks
+
+
+def did_you_mean(key: str, known: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"Did you mean '{match[0]}'?" if match else "Remove it or check the spelling."
+
+
+def unknown_keys(section: dict[str, Any], known: typing.Iterable[str], source: str, prefix: str) -> None:
+    known = list(known)
+    for key in section:
+        if key not in known:
+            raise RecipeError(source, f"{prefix}{key}", "unknown key.", did_you_mean(str(key), known))
+
+
+def check_choice(value: Any, choices: tuple[str, ...], source: str, field_name: str) -> None:
+    if value not in choices:
+        raise RecipeError(source, field_name, f"'{value}' is not allowed.", f"Use one of {', '.join(choices)}.")
+
+
+def build_section(cls: type, raw: Any, source: str, name: str) -> Any:
+    """Build one of tunebook's own dataclasses from a mapping, checking keys, presence and types."""
+    if not isinstance(raw, dict):
+        raise RecipeError(source, name, "must be a mapping.", f"Write `{name}:` followed by indented keys.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown_keys(raw, fields, source, prefix=f"{name}.")
+    values = {}
+    for fname, f in fields.items():
+        if fname in raw:
+            values[fname] = coerce(raw[fname], hints[fname], source, f"{name}.{fname}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(source, f"{name}.{fname}", "is missing.", f"Add `{fname}:` under `{name}:`.")
+    return cls(**values)
+
+
+def library_section(raw: Any, hints: dict[str, Any], source: str, name: str, owner: str) -> dict[str, Any]:
+    """Check a section that maps onto a library dataclass: every key must be one of its fields, of its type."""
+    if not isinstance(raw, dict):
+        raise RecipeError(source, name, "must be a mapping.", f"Its keys are the fields of {owner}.")
+    out = {}
+    for key, value in raw.items():
+        if key not in hints:
+            raise RecipeError(source, f"{name}.{key}", f"is not a field of {owner}.", did_you_mean(str(key), hints))
+        out[key] = coerce(value, hints[key], source, f"{name}.{key}")
+    return out
+
+
+def coerce(value: Any, annotation: Any, source: str, field_name: str) -> Any:
+    """Check `value` against a type annotation; accept the usual YAML slips (`2e-4` read as a string)."""
+    allowed = simple_types(annotation)
+    if not allowed or value is None and type(None) in allowed:
+        return value
+    if value is None:
+        raise RecipeError(source, field_name, "must not be empty.", f"Give a value of type {type_names(allowed)}.")
+    if isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, int | float) and float in allowed:
+        return float(value)
+    elif isinstance(value, str):
+        if str in allowed:
+            return value
+        if float in allowed or int in allowed:
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                return int(number) if int in allowed and number.is_integer() and float not in allowed else number
+    elif isinstance(value, list) and list in allowed or isinstance(value, dict) and dict in allowed:
+        return value
+    if isinstance(value, str) and list in allowed:
+        return value
+    raise RecipeError(
+        source, field_name, f"{value!r} is a {type(value).__name__}, expected {type_names(allowed)}.",
+        "Fix the value's type.",
+    )
+
+
+def simple_types(annotation: Any) -> set[type]:
+    """The plain YAML-representable types an annotation admits; empty when it cannot be told."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        out: set[type] = set()
+        for arg in typing.get_args(annotation):
+            inner = simple_types(arg)
+            if not inner:
+                return set()
+            out |= inner
+        return out
+    if origin is typing.Literal:
+        return {type(a) for a in typing.get_args(annotation)}
+    if origin in (list, tuple, set) or annotation in (list, tuple, set):
+        return {list}
+    if origin is dict or annotation is dict:
+        return {dict}
+    if annotation is type(None) or annotation is None:
+        return {type(None)}
+    if annotation in (bool, int, float, str):
+        return {annotation}
+    if isinstance(annotation, type) and issubclass(annotation, str):  # str-valued enums
+        return {str}
+    return set()
+
+
+def type_names(allowed: set[type]) -> str:
+    return " or ".join(sorted("null" if t is type(None) else t.__name__ for t in allowed))
+
+
+def dataclass_hints(cls: type) -> dict[str, Any]:
+    """Field name -> annotation, falling back to the default value's type where a hint will not resolve."""
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # a forward reference the library never exports: fall back per field
+        hints = {}
+    out = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.name in hints:
+            out[f.name] = hints[f.name]
+        elif f.default is not dataclasses.MISSING and f.default is not None:
+            out[f.name] = type(f.default)
+        else:
+            out[f.name] = Any
+    return out
+
+
+def lora_fields() -> dict[str, Any]:
+    from peft import LoraConfig
+
+    hints = dataclass_hints(LoraConfig)
+    hints.pop("task_type", None)  # always CAUSAL_LM here
+    return hints
+
+
+def sft_fields() -> dict[str, Any]:
+    from trl import SFTConfig
+
+    return dataclass_hints(SFTConfig)
