@@ -26,9 +26,8 @@ RECIPES_DIR = Path("recipes")
 
 # SFTConfig fields tunebook derives itself; a recipe that sets them would fight the one place they live.
 TRAINING_OWNED = {
-    "output_dir": "outputs go to models/fine-tuned/<recipe>/ (checkpoints under models/checkpoints/<recipe>/)",
+    "output_dir": "outputs go to models/fine-tuned/<recipe>/ (checkpoints and TensorBoard events under models/checkpoints/<recipe>/)",
     "max_length": "set `data.max_length` instead",
-    "logging_dir": "TensorBoard events go to runs/<recipe>/",
 }
 
 

@@ -109,7 +109,7 @@ def draw_number(rng: random.Random, column, used: set) -> float:
 
 def make_names(domain: Domain, rng: random.Random, count: int) -> list[str]:
     if domain.names == ("person",):
-        pool = [f"{f} {l}" for f in FIRST for l in LAST]
+        pool = [f"{first} {last}" for first in FIRST for last in LAST]
     else:
         first, second = domain.names
         pool = [f"{a} {b}" for a in first for b in second]

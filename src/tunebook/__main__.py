@@ -1,0 +1,5 @@
+import sys
+
+from tunebook.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""The `tunebook` command: validate, data, train, eval, export — each takes a recipe and dotted overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tunebook.errors import RecipeError
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tunebook.config import load_recipe
+    from tunebook.validate import validate_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    report = validate_recipe(recipe)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in report.splits.items())
+    print(f"{recipe.source}: ok ({recipe.model.name}, task {recipe.task}; {sizes})")
+    for note in report.notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from tunebook.builders import build_task
+
+    for task in args.tasks:
+        stats = build_task(task, Path(args.out), Path(args.sources), args.seed)
+        print(f"{task}: {stats['sizes']} -> {args.out}/{task}/")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunebook.config import load_recipe
+    from tunebook.train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = train(recipe)
+    print(f"adapter: {out}/adapter_model.safetensors")
+    print(f"loss curve: {out}/loss_curve.png")
+    print(f"run info: {out}/run_info.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunebook", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("recipe", help="recipe path or name (e.g. smollm2-sql)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=1e-4 lora.r=32")
+        p.set_defaults(func=func)
+        return p
+
+    recipe_command("validate", "check a recipe and its data before any model loads", cmd_validate)
+    recipe_command("train", "fine-tune with LoRA/QLoRA via trl.SFTTrainer", cmd_train)
+    data = sub.add_parser("data", help="build datasets into data/<task>/")
+    data.add_argument("tasks", nargs="+")
+    data.add_argument("--out", default="data")
+    data.add_argument("--sources", default="build/sources")
+    data.add_argument("--seed", type=int, default=42)
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ == "SourceMissing":
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""`tunebook train`: a thin wrapper around `trl.SFTTrainer` with PEFT LoRA/QLoRA/DoRA."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunebook.config import Recipe
+from tunebook.data import sha256
+from tunebook.models import MODELS_DIR, load_model, load_tokenizer, resolve_model_path
+from tunebook.prompts import encode_example
+from tunebook.validate import validate_recipe
+
+CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
+
+# SFTConfig defaults tunebook picks; any of them can be set in the recipe's `training:` section.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "logging_steps": 5,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "eval_strategy": "no",
+    "report_to": ["tensorboard"],
+    "include_num_input_tokens_seen": "non_padding",
+    "dataloader_num_workers": 0,
+    "disable_tqdm": True,  # RichProgress replaces the tqdm bar
+}
+
+
+def fine_tuned_dir(recipe: Recipe) -> Path:
+    return MODELS_DIR / "fine-tuned" / recipe.name
+
+
+def checkpoints_dir(recipe: Recipe) -> Path:
+    return CHECKPOINTS_DIR / recipe.name
+
+
+def encode_split(tokenizer: Any, rows: list[dict], recipe: Recipe, limit: int | None) -> tuple[list[dict], int]:
+    """Token ids + labels for each row; rows longer than `data.max_length` are dropped and counted."""
+    encoded, dropped = [], 0
+    for row in rows[:limit] if limit else rows:
+        item = encode_example(tokenizer, row, recipe.data.system_prompt, recipe.data.max_length)
+        if item is None:
+            dropped += 1
+        else:
+            encoded.append(item)
+    return encoded, dropped
+
+
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest `checkpoint-N` holding trainer state, weights and optimizer (an interrupted save lacks one)."""
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        suffix = path.name.split("-")[-1]
+        weights = (path / "adapter_model.safetensors").exists() or (path / "model.safetensors").exists()
+        if suffix.isdigit() and weights and (path / "trainer_state.json").exists() and (path / "optimizer.pt").exists():
+            complete.append((int(suffix), path))
+    return max(complete)[1] if complete else None
+
+
+def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
+    """The recipe's `training:` section on top of tunebook's defaults, as a `trl.SFTConfig`."""
+    from trl import SFTConfig
+
+    kwargs = dict(TRAINING_DEFAULTS)
+    kwargs.update({k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"})
+    # TRL turns bf16 on by default; mixed precision follows the model's dtype instead, because bf16 autocast
+    # on a CPU without AMX is ~25x slower than fp32 (measured on these 2-core EPYC machines, see README).
+    kwargs.setdefault("bf16", recipe.model.dtype == "bfloat16")
+    kwargs.setdefault("fp16", recipe.model.dtype == "float16" and use_cuda)
+    if kwargs.get("eval_strategy") != "no":
+        kwargs.setdefault("eval_steps", kwargs["save_steps"])
+    kwargs["use_cpu"] = not use_cuda
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_length=recipe.data.max_length,
+        **kwargs,
+    )
+
+
+def train(recipe: Recipe) -> Path:
+    """Train the recipe's adapter and write it, atomically, to models/fine-tuned/<recipe>/."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import PrinterCallback, set_seed
+    from trl import SFTTrainer
+
+    from tunebook.progress import RichProgress
+
+    report = validate_recipe(recipe)
+    started = time.perf_counter()
+    use_cuda = torch.cuda.is_available()
+    seed = recipe.seed
+    set_seed(seed)
+
+    model_path = resolve_model_path(recipe.model.name)
+    tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
+    train_rows, val_rows = report.splits["train"], report.splits["val"]
+    train_set, dropped_train = encode_split(tokenizer, train_rows, recipe, recipe.data.train_limit)
+    val_set, dropped_val = encode_split(tokenizer, val_rows, recipe, recipe.data.val_limit)
+    if not train_set:
+        raise SystemExit(f"{recipe.source}: data.max_length: every training example is longer than "
+                         f"{recipe.data.max_length} tokens. Raise data.max_length.")
+    if dropped_train or dropped_val:
+        print(f"note: dropped {dropped_train} train / {dropped_val} val examples longer than "
+              f"data.max_length={recipe.data.max_length} tokens (not truncated: that would cut answers)")
+
+    model = load_model(model_path, recipe.model, for_training=True)
+    if recipe.model.quantization != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(recipe.training.get("gradient_checkpointing", False))
+        )
+    # SFTTrainer would create the LoRA weights before Trainer seeds; seeding here makes them reproducible.
+    set_seed(seed)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
+
+    from datasets import Dataset
+
+    ckpt_dir = checkpoints_dir(recipe)
+    args = sft_config(recipe, ckpt_dir, use_cuda)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train_set),
+        eval_dataset=Dataset.from_list(val_set) if val_set else None,
+        processing_class=tokenizer,
+        callbacks=[RichProgress()],
+    )
+    trainer.remove_callback(PrinterCallback)  # RichProgress shows the logs
+    resume = resolve_resume(recipe, ckpt_dir)
+    eval_before = trainer.evaluate()["eval_loss"] if val_set and resume is None else None
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    eval_after = trainer.evaluate()["eval_loss"] if val_set else None
+    wall = time.perf_counter() - started
+
+    if not trainer.is_world_process_zero():
+        return fine_tuned_dir(recipe)
+    state = trainer.state
+    tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+    run_info = {
+        "recipe": recipe.name,
+        "model": recipe.model.name,
+        "model_path": model_path,
+        "seed": seed,
+        "git_sha": git_sha(),
+        "versions": versions(),
+        "device": "cuda:" + torch.cuda.get_device_name(0) if use_cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "data": {split: {"path": getattr(recipe.data, split), "sha256": sha256(getattr(recipe.data, split))}
+                 for split in ("train", "val", "test")},
+        "examples": {"train": len(train_set), "val": len(val_set), "dropped_too_long": dropped_train + dropped_val},
+        "global_steps": state.global_step,
+        "train_loss": result.training_loss,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
+        "resumed_from": str(resume) if resume else None,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "wall_time_s": round(wall, 1),
+        "tokens_seen": tokens,
+        "train_tokens_per_s": round(tokens / result.metrics["train_runtime"], 1) if tokens else None,
+        "peak_memory_mb": peak_memory_mb(use_cuda),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    out = write_final(recipe, trainer, tokenizer, run_info)
+    return out
+
+
+def resolve_resume(recipe: Recipe, ckpt_dir: Path) -> Path | None:
+    value = recipe.training.get("resume_from_checkpoint")
+    if value == "auto":
+        found = last_complete_checkpoint(ckpt_dir)
+        if found:
+            print(f"resuming from {found}")
+        return found
+    return Path(value) if value else None
+
+
+def write_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_info: dict[str, Any]) -> Path:
+    """Adapter, tokenizer, resolved recipe, run_info, loss log and curve: built in a temp dir, then renamed."""
+    final = fine_tuned_dir(recipe)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    trainer.model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (tmp / "run_info.json").write_text(json.dumps(run_info, indent=2))
+    history = trainer.state.log_history
+    (tmp / "loss_log.json").write_text(json.dumps(history, indent=2))
+    plot_loss(history, tmp / "loss_curve.png", recipe.name)
+    replace_dir(tmp, final)
+    return final
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Swap a finished temp directory into place; the old output survives until the new one is complete."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_loss(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def peak_memory_mb(use_cuda: bool) -> float:
+    if use_cuda:
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in ("tunebook", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

