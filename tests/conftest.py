@@ -92,6 +92,7 @@ def tiny_recipe(tmp_path, tiny_model_dir, sql_data, monkeypatch):
     monkeypatch.setattr(tunebook.models, "MODELS_DIR", tmp_path / "models")
     monkeypatch.setattr(tunebook.train, "MODELS_DIR", tmp_path / "models")
     monkeypatch.setattr(tunebook.train, "CHECKPOINTS_DIR", tmp_path / "models" / "checkpoints")
+    (tmp_path / "databases").symlink_to(sql_data / "databases")
     data = {s: str(slice_jsonl(sql_data / f"{s}.jsonl", tmp_path / f"{s}.jsonl", 24)) for s in ("train", "val", "test")}
 
     def build(name: str = "tiny-sql", **overrides) -> Path:

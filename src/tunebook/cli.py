@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -43,6 +44,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunebook.config import load_recipe
+    from tunebook.evaluate import evaluate, metrics_table
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = evaluate(recipe, which=args.model, data=args.data)
+    report = json.loads((out / "report.json").read_text())
+    print(metrics_table(report))
+    for name, subset in report["subsets"].items():
+        tuned = subset.get("fine_tuned", subset.get("base", {}))
+        base = subset.get("base", {})
+        print(f"{name} ({subset['n_examples']} examples): "
+              + ", ".join(f"{k} {base.get(k, float('nan')):.1f} -> {v:.1f}" for k, v in tuned.items()))
+    print(f"report: {out}/report.md  chart: {out}/chart.png  predictions: {out}/predictions.jsonl")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunebook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipe_command("validate", "check a recipe and its data before any model loads", cmd_validate)
     recipe_command("train", "fine-tune with LoRA/QLoRA via trl.SFTTrainer", cmd_train)
+    ev = recipe_command("eval", "base vs fine-tuned report on the test split", cmd_eval)
+    ev.add_argument("--data", help="evaluate on this JSONL instead of data.test (SQL rows may carry db_path)")
+    ev.add_argument("--model", choices=["base", "fine_tuned", "both"], default="both")
     data = sub.add_parser("data", help="build datasets into data/<task>/")
     data.add_argument("tasks", nargs="+")
     data.add_argument("--out", default="data")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -250,8 +251,6 @@ def git_sha() -> str | None:
 def versions() -> dict[str, str]:
     out = {}
     for name in ("tunebook", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return out

@@ -1,0 +1,188 @@
+"""Task metrics: small, separately tested functions. Rates and text scores are percentages (0-100).
+
+Generated SQL is untrusted input: `run_sql` opens the database read-only, lets an authorizer allow only
+reading, and cuts any query off after a time limit.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+SQL_TIME_LIMIT_S = 2.0
+MAX_ROWS = 100_000
+
+# Everything a SELECT needs; any other action (ATTACH, writes, schema changes, transactions) is denied.
+_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+
+
+def _authorizer(action: int, arg1: Any, arg2: Any, db_name: Any, trigger: Any) -> int:
+    if action in _ALLOWED_ACTIONS:
+        return sqlite3.SQLITE_OK
+    if action == sqlite3.SQLITE_PRAGMA and arg2 is None:  # reading a pragma; setting one is a write
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
+
+
+def run_sql(db_path: str | Path, sql: str, time_limit_s: float = SQL_TIME_LIMIT_S) -> tuple[list[tuple] | None, str | None]:
+    """Execute one untrusted query; return (rows, None) or (None, error). Never writes, never hangs."""
+    uri = f"file:{Path(db_path).resolve()}?mode=ro"
+    try:
+        con = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    except sqlite3.Error as exc:
+        return None, f"cannot open database: {exc}"
+    deadline = time.monotonic() + time_limit_s
+    con.set_authorizer(_authorizer)
+    con.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
+    try:
+        cursor = con.execute(sql)
+        rows = cursor.fetchmany(MAX_ROWS + 1)
+        if len(rows) > MAX_ROWS:
+            return None, f"more than {MAX_ROWS} rows"
+        return rows, None
+    except sqlite3.OperationalError as exc:
+        return None, "time limit exceeded" if "interrupted" in str(exc) else str(exc)
+    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as exc:
+        return None, str(exc)
+    finally:
+        con.close()
+
+
+def is_ordered(sql: str) -> bool:
+    """Whether the query's outermost SELECT has ORDER BY (then row order is part of the answer)."""
+    import sqlglot
+
+    try:
+        tree = sqlglot.parse_one(sql, read="sqlite")
+    except Exception:
+        return bool(re.search(r"\border\s+by\b", sql, re.I))
+    return tree is not None and tree.args.get("order") is not None
+
+
+def _normalise_value(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4) + 0.0
+    return value
+
+
+def same_result(predicted: list[tuple], gold: list[tuple], ordered: bool) -> bool:
+    """Result sets compared as multisets (duplicates count); as lists when the gold query orders them."""
+    pred = [tuple(_normalise_value(v) for v in row) for row in predicted]
+    ref = [tuple(_normalise_value(v) for v in row) for row in gold]
+    return pred == ref if ordered else Counter(pred) == Counter(ref)
+
+
+def execution_match(db_path: str | Path, predicted_sql: str, gold_sql: str) -> tuple[bool, str | None]:
+    """(correct, error of the prediction or None). A failing, hostile or runaway prediction is wrong."""
+    gold_rows, gold_error = run_sql(db_path, gold_sql)
+    if gold_error is not None:
+        raise ValueError(f"gold SQL failed on {db_path}: {gold_error}: {gold_sql}")
+    pred_rows, error = run_sql(db_path, predicted_sql)
+    if error is not None:
+        return False, error
+    return same_result(pred_rows, gold_rows, is_ordered(gold_sql)), None
+
+
+def normalise_sql(sql: str) -> str | None:
+    """Canonical text of a query via sqlglot (keywords, spacing, identifier case); None if it does not parse."""
+    import sqlglot
+    from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
+
+    try:
+        tree = sqlglot.parse_one(sql.strip().rstrip(";"), read="sqlite")
+    except Exception:
+        return None
+    if tree is None:
+        return None
+    return normalize_identifiers(tree, dialect="sqlite").sql(dialect="sqlite")
+
+
+def sql_exact_match(predicted: str, gold: str) -> bool:
+    pred = normalise_sql(predicted)
+    return pred is not None and pred == normalise_sql(gold)
+
+
+_FENCE = re.compile(r"```(?:sql|sqlite)?\s*(.*?)```", re.S | re.I)
+
+
+def extract_sql(text: str) -> str:
+    """The query in a model's answer: the first fenced block if there is one, without a trailing semicolon."""
+    match = _FENCE.search(text)
+    sql = match.group(1) if match else text
+    return sql.strip().rstrip(";").strip()
+
+
+def sql_metrics(predictions: list[str], references: list[str], db_paths: list[str | Path]) -> dict[str, float]:
+    """Execution accuracy, sqlglot exact match, and the share of predictions that fail to parse or run."""
+    correct = exact = errors = 0
+    for pred, gold, db in zip(predictions, references, db_paths, strict=True):
+        sql = extract_sql(pred)
+        ok, error = execution_match(db, sql, gold)
+        correct += ok
+        errors += error is not None
+        exact += sql_exact_match(sql, gold)
+    n = max(len(predictions), 1)
+    return {"exec_accuracy": 100 * correct / n, "exact_match": 100 * exact / n, "sql_error_rate": 100 * errors / n}
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    same = sum(" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references, strict=True))
+    return 100 * same / max(len(predictions), 1)
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """ROUGE-1/2/L F1 (rouge-score, stemmed), corpus BLEU and chrF (sacrebleu), exact match."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = Counter()
+    for pred, ref in zip(predictions, references, strict=True):
+        for key, score in scorer.score(ref, pred).items():
+            totals[key] += score.fmeasure
+    n = max(len(predictions), 1)
+    return {
+        "rouge1": 100 * totals["rouge1"] / n,
+        "rouge2": 100 * totals["rouge2"] / n,
+        "rougeL": 100 * totals["rougeL"] / n,
+        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
+        "exact_match": exact_match(predictions, references),
+    }
+
+
+def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None = None,
+               batch_size: int = 8) -> float:
+    """exp(mean negative log-likelihood of the reference answer tokens, each conditioned on its prompt)."""
+    import torch
+
+    from tunebook.prompts import encode_example
+
+    encoded = [encode_example(tokenizer, ex, system_prompt) for ex in examples]
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        width = max(len(e["input_ids"]) for e in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, e in enumerate(batch):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            mask[i, :n] = 1
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        total_nll += nll.item()
+        total_tokens += int((shift_labels != -100).sum())
+    return math.exp(total_nll / max(total_tokens, 1))

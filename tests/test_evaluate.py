@@ -1,0 +1,60 @@
+"""Evaluation on a tiny model: batched generation equals one-at-a-time; the report has its documented keys."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+import tunebook.evaluate
+from tunebook.config import load_recipe
+from tunebook.data import read_jsonl
+from tunebook.errors import RecipeError
+from tunebook.evaluate import evaluate, generate, generate_ids
+from tunebook.train import train
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    rows = read_jsonl(sql_data / "test.jsonl")[:6]
+    batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=6)
+    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
+    assert batched == single
+    assert all(len(tokens) > 0 for tokens in batched)
+    texts = generate(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=4)
+    assert texts == [tokenizer.decode(t, skip_special_tokens=True).strip() for t in single]
+
+
+def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(tunebook.evaluate, "REPORTS_DIR", tmp_path / "reports")
+    recipe = load_recipe(tiny_recipe(training__max_steps=2))
+    with pytest.raises(RecipeError, match="no trained adapter"):
+        evaluate(recipe)
+    train(recipe)
+    out = evaluate(recipe)
+    report = json.loads((out / "report.json").read_text())
+    assert {"recipe", "task", "n_examples", "base", "fine_tuned", "delta", "timing", "examples"} <= set(report)
+    assert report["n_examples"] == 6
+    assert {"exec_accuracy", "exact_match", "sql_error_rate", "perplexity"} <= set(report["fine_tuned"])
+    for key, value in report["delta"].items():
+        assert value == pytest.approx(report["fine_tuned"][key] - report["base"][key])
+    assert report["timing"]["base"]["examples_per_s"] > 0
+    assert {"prompt", "reference", "base", "fine_tuned"} <= set(report["examples"][0])
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 6 and "fine_tuned_prediction" in predictions[0] and "db_id" in predictions[0]
+    assert (out / "chart.png").stat().st_size > 1000
+    assert "| exec_accuracy |" in (out / "report.md").read_text()
+
+
+def test_eval_on_user_data_with_db_path(tiny_recipe, tmp_path, monkeypatch, sql_data):
+    monkeypatch.setattr(tunebook.evaluate, "REPORTS_DIR", tmp_path / "reports")
+    row = read_jsonl(sql_data / "test.jsonl")[0]
+    own = tmp_path / "mine.jsonl"
+    db = (sql_data / "databases" / f"{row['db_id']}.sqlite").resolve()
+    own.write_text(json.dumps({"instruction": row["instruction"], "input": row["input"], "output": row["output"],
+                               "db_path": str(db)}) + "\n")
+    out = evaluate(load_recipe(tiny_recipe()), which="base", data=str(own))
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_examples"] == 1 and report["fine_tuned"] == {} and "exec_accuracy" in report["base"]

@@ -1,0 +1,125 @@
+"""Metrics on hand-written cases, including hostile and runaway SQL."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tunebook.metrics import (
+    execution_match,
+    extract_sql,
+    is_ordered,
+    perplexity,
+    run_sql,
+    same_result,
+    sql_exact_match,
+    sql_metrics,
+    text_metrics,
+)
+from tunebook.prompts import encode_example
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "pets.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("""
+        CREATE TABLE pets (id INTEGER PRIMARY KEY, name TEXT, species TEXT, age INTEGER, weight REAL);
+        INSERT INTO pets VALUES (1, 'Rex', 'dog', 3, 12.5), (2, 'Tom', 'cat', 5, 4.0),
+                                (3, 'Kiki', 'cat', 5, NULL), (4, 'Bo', 'dog', 1, 30.25);
+    """)
+    con.commit()
+    con.close()
+    return path
+
+
+def test_order_matters_only_when_gold_orders(db):
+    assert execution_match(db, "SELECT name FROM pets ORDER BY name DESC", "SELECT name FROM pets")[0]
+    assert not execution_match(db, "SELECT name FROM pets ORDER BY name DESC", "SELECT name FROM pets ORDER BY name")[0]
+    assert execution_match(db, "SELECT name FROM pets ORDER BY name ASC", "SELECT name FROM pets ORDER BY name")[0]
+    assert is_ordered("SELECT a FROM t ORDER BY a") and not is_ordered("SELECT a FROM t WHERE a IN (SELECT b FROM u ORDER BY b)")
+
+
+def test_duplicates_count_as_a_multiset(db):
+    assert not execution_match(db, "SELECT DISTINCT species FROM pets", "SELECT species FROM pets")[0]
+    assert not execution_match(db, "SELECT species FROM pets ORDER BY age", "SELECT species FROM pets ORDER BY id")[0]
+    assert same_result([("a",), ("a",), ("b",)], [("b",), ("a",), ("a",)], ordered=False)
+    assert not same_result([("a",), ("b",)], [("a",), ("a",), ("b",)], ordered=False)
+
+
+def test_nulls_and_floats(db):
+    assert execution_match(db, "SELECT weight FROM pets WHERE species = 'cat'", "SELECT weight FROM pets WHERE age = 5")[0]
+    assert not execution_match(db, "SELECT weight FROM pets WHERE weight IS NOT NULL AND age = 5",
+                               "SELECT weight FROM pets WHERE age = 5")[0]
+    assert same_result([(1 / 3,)], [(0.33333333,)], ordered=False)
+
+
+def test_hostile_sql_is_denied_and_never_touches_the_file(db, tmp_path):
+    before = db.read_bytes()
+    ok, error = execution_match(db, "DROP TABLE pets", "SELECT name FROM pets")
+    assert not ok and "not authorized" in error
+    ok, error = execution_match(db, f"ATTACH DATABASE '{tmp_path / 'evil.sqlite'}' AS evil", "SELECT name FROM pets")
+    assert not ok and error
+    assert not (tmp_path / "evil.sqlite").exists()
+    for sql in ("INSERT INTO pets VALUES (9, 'X', 'y', 1, 1.0)", "UPDATE pets SET age = 0", "DELETE FROM pets",
+                "PRAGMA user_version = 7", "CREATE TABLE t (a)", "SELECT 1; DROP TABLE pets"):
+        rows, error = run_sql(db, sql)
+        assert rows is None and error, sql
+    assert db.read_bytes() == before
+
+
+def test_runaway_recursive_cte_is_cut_off(db):
+    sql = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT count(*) FROM r"
+    started = time.monotonic()
+    ok, error = execution_match(db, sql, "SELECT COUNT(*) FROM pets")
+    assert not ok and error == "time limit exceeded"
+    assert time.monotonic() - started < 10
+
+
+def test_invalid_sql_and_exact_match(db):
+    ok, error = execution_match(db, "SELEC name FROM pets", "SELECT name FROM pets")
+    assert not ok and "syntax error" in error
+    assert sql_exact_match("select  NAME from PETS where age>3", "SELECT name FROM pets WHERE age > 3")
+    assert not sql_exact_match("SELECT name FROM pets WHERE age > 4", "SELECT name FROM pets WHERE age > 3")
+    assert not sql_exact_match("this is not sql at all (", "SELECT 1")
+
+
+def test_extract_sql_and_aggregate(db):
+    assert extract_sql("Here you go:\n```sql\nSELECT name FROM pets;\n```") == "SELECT name FROM pets"
+    scores = sql_metrics(["SELECT name FROM pets", "DROP TABLE pets", "SELEC"],
+                         ["SELECT name FROM pets", "SELECT 1", "SELECT 1"], [db] * 3)
+    assert scores["exec_accuracy"] == pytest.approx(100 / 3)
+    assert scores["exact_match"] == pytest.approx(100 / 3)
+    assert scores["sql_error_rate"] == pytest.approx(200 / 3)
+
+
+def test_text_metrics():
+    perfect = text_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert perfect["rouge1"] == pytest.approx(100) and perfect["rougeL"] == pytest.approx(100)
+    assert perfect["bleu"] == pytest.approx(100) and perfect["exact_match"] == 100
+    partial = text_metrics(["the cat sat"], ["the cat sat on the mat"])
+    assert partial["rouge1"] == pytest.approx(100 * 2 * (1 * 0.5) / 1.5)  # P=1, R=0.5
+    assert 0 < partial["chrf"] < 100 and partial["exact_match"] == 0
+    assert text_metrics(["dog"], ["cat"])["rouge1"] == 0
+
+
+def test_perplexity_matches_hand_computed_loss(tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    examples = [{"instruction": "Say hi.", "input": "", "output": "hi there"},
+                {"instruction": "Count.", "input": "one two", "output": "three four five"}]
+    nll, count = 0.0, 0
+    for ex in examples:
+        item = encode_example(tokenizer, ex, "sys")
+        ids = torch.tensor([item["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        for pos, label in enumerate(item["labels"][1:]):
+            if label != -100:
+                nll -= logp[pos, label].item()
+                count += 1
+    assert perplexity(model, tokenizer, examples, "sys", batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-4)
