@@ -86,12 +86,17 @@ def slice_jsonl(src: Path, dst: Path, n: int) -> Path:
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir, sql_data, monkeypatch):
     """A recipe training the tiny model on a small SQL slice, with outputs under tmp_path."""
+    import tunebook.export
     import tunebook.models
     import tunebook.train
 
     monkeypatch.setattr(tunebook.models, "MODELS_DIR", tmp_path / "models")
     monkeypatch.setattr(tunebook.train, "MODELS_DIR", tmp_path / "models")
     monkeypatch.setattr(tunebook.train, "CHECKPOINTS_DIR", tmp_path / "models" / "checkpoints")
+    monkeypatch.setattr(tunebook.export, "MODELS_DIR", tmp_path / "models")
+    import tunebook.evaluate
+
+    monkeypatch.setattr(tunebook.evaluate, "REPORTS_DIR", tmp_path / "reports")
     (tmp_path / "databases").symlink_to(sql_data / "databases")
     data = {s: str(slice_jsonl(sql_data / f"{s}.jsonl", tmp_path / f"{s}.jsonl", 24)) for s in ("train", "val", "test")}
 

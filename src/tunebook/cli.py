@@ -61,6 +61,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunebook.config import load_recipe
+    from tunebook.export import export, gguf_dir, merged_dir
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = export(recipe, verify=args.verify)
+    print(f"merged model: {merged_dir(recipe)}")
+    for qtype, check in result["checked"].items():
+        agree = check.get("agreement")
+        extra = (f", top-1 agreement {agree['top1_agree']}/{agree['positions']}, exact outputs "
+                 f"{agree['exact_outputs']}/{agree['prompts']}") if agree else ""
+        print(f"gguf {qtype}: {check['size_mb']} MB, types {check['tensor_types']}{extra}")
+    print(f"Modelfile: {gguf_dir(recipe)}/Modelfile   verification: {gguf_dir(recipe)}/verify.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunebook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = recipe_command("eval", "base vs fine-tuned report on the test split", cmd_eval)
     ev.add_argument("--data", help="evaluate on this JSONL instead of data.test (SQL rows may carry db_path)")
     ev.add_argument("--model", choices=["base", "fine_tuned", "both"], default="both")
+    ex = recipe_command("export", "merged model, GGUF files and an Ollama Modelfile", cmd_export)
+    ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare GGUF greedy outputs with the merged model (needs llama-cpp-python)")
     data = sub.add_parser("data", help="build datasets into data/<task>/")
     data.add_argument("tasks", nargs="+")
     data.add_argument("--out", default="data")

@@ -1,0 +1,351 @@
+"""`tunebook export`: merged model, GGUF files and an Ollama Modelfile that behave like the trained model.
+
+Conversion runs llama.cpp's own `convert_hf_to_gguf.py`, taken from the llama.cpp tree vendored in the PyPI
+source distribution of llama-cpp-python (fetched by `make` into build/llama.cpp): no git checkout, no network at
+export time, and the converter is the same code llama.cpp users run. It writes f16/bf16/q8_0 directly; k-quants
+(q4_k_m, q5_k_m, …) are made from the f16 file by llama.cpp's quantizer through llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tunebook.config import Recipe
+from tunebook.errors import RecipeError
+from tunebook.models import MODELS_DIR, load_tokenizer, resolve_model_path
+from tunebook.prompts import render_prompt, stop_strings
+
+CONVERTER_DIR = Path(os.environ.get("TUNEBOOK_LLAMA_CPP", "build/llama.cpp"))
+DIRECT_TYPES = {"f32", "f16", "bf16", "q8_0"}  # written by the converter itself
+# Architectures llama.cpp's converter handles that tunebook's recipes use.
+GGUF_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM"}
+F16_MIN_AGREEMENT = 0.98  # top-1 agreement of the f16 GGUF with the merged HF model, over all checked positions
+
+
+def merged_dir(recipe: Recipe) -> Path:
+    return MODELS_DIR / "merged" / recipe.name
+
+
+def gguf_dir(recipe: Recipe) -> Path:
+    return MODELS_DIR / "gguf" / recipe.name
+
+
+def atomic_dir(final: Path):
+    """A temp directory beside `final`; call the returned function to swap it into place."""
+    from tunebook.train import replace_dir
+
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp, lambda: replace_dir(tmp, final)
+
+
+# ---------------------------------------------------------------- merge
+
+
+def merge(recipe: Recipe, adapter_dir: Path, out: Path) -> Path:
+    """Merge the LoRA adapter into the base (in the training dtype) and save safetensors + tokenizer to `out`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunebook.models import torch_dtype
+    from tunebook.prompts import stop_token_ids
+
+    base_path = resolve_model_path(recipe.model.name)
+    # Merging into 4-bit weights would round the adapter away: QLoRA recipes merge into the unquantised base.
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(recipe.model.dtype),
+                                                trust_remote_code=recipe.model.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    tokenizer = load_tokenizer(str(adapter_dir))
+    stops = stop_token_ids(tokenizer, recipe.data.system_prompt)
+    merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.config.use_cache = True
+    with torch.no_grad():
+        merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def converter_script() -> Path:
+    script = CONVERTER_DIR / "convert_hf_to_gguf.py"
+    if not script.exists():
+        raise RecipeError(
+            "export", None, f"llama.cpp's converter is not at {script}.",
+            "Run `make llama-cpp-converter` (extracts it from the llama-cpp-python source archive on PyPI) "
+            "or set TUNEBOOK_LLAMA_CPP to a llama.cpp checkout.",
+        )
+    return script
+
+
+def convert(model_dir: Path, outfile: Path, outtype: str) -> None:
+    """HF directory -> GGUF with llama.cpp's converter (tokenizer, chat template and special ids included)."""
+    cmd = [sys.executable, str(converter_script()), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed ({outtype}):\n{done.stderr[-3000:]}")
+
+
+def quantize(source: Path, outfile: Path, qtype: str) -> None:
+    """k-quants through llama.cpp's quantizer (llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise RecipeError(
+            "export.gguf", None, f"'{qtype}' needs llama.cpp's quantizer, and llama-cpp-python is not installed.",
+            "Run `make llama-cpp` (compiles it, ~8 minutes on 2 cores), or list only f16/bf16/q8_0.",
+        ) from None
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
+    if ftype is None:
+        raise RecipeError("export.gguf", None, f"'{qtype}' is not a llama.cpp quantisation type.",
+                          "Use e.g. f16, q8_0, q4_k_m, q5_k_m, q6_k.")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    status = llama_cpp.llama_model_quantize(str(source).encode(), str(outfile).encode(), params)
+    if status != 0:
+        raise RuntimeError(f"llama_model_quantize({qtype}) failed with status {status}")
+
+
+def gguf_summary(path: Path) -> dict[str, Any]:
+    """Tensor count, tensor-type mix and tokenizer metadata of a GGUF, read back with the gguf reader."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+
+    def field(name: str) -> Any:
+        f = reader.fields.get(name)
+        if f is None:
+            return None
+        value = f.parts[f.data[0]]
+        return bytes(value).decode() if f.types and f.types[0].name == "STRING" else value.tolist()[0]
+
+    return {
+        "tensors": len(reader.tensors),
+        "shapes": sorted(tuple(int(d) for d in reversed(t.shape.tolist())) for t in reader.tensors),
+        "tensor_types": types,
+        "chat_template": field("tokenizer.chat_template"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "architecture": field("general.architecture"),
+        "size_mb": round(path.stat().st_size / 2**20, 1),
+    }
+
+
+def hf_tensor_shapes(model_dir: Path) -> list[tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = []
+    for file in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            shapes += [tuple(handle.get_slice(k).get_shape()) for k in handle.keys()]
+    return sorted(shapes)
+
+
+# ---------------------------------------------------------------- Modelfile
+
+
+PROMPT_SLOT, SYSTEM_SLOT = "\x00PROMPT\x00", "\x00SYSTEM\x00"
+
+
+def ollama_template(tokenizer: Any, system_prompt: str | None) -> str:
+    """The Ollama TEMPLATE: the training prompt with the user turn (and system prompt) as Go-template slots.
+
+    Rendered by the same `render_prompt` training uses, so the two cannot drift apart.
+    """
+    rendered = render_prompt(tokenizer, {"instruction": PROMPT_SLOT, "input": ""}, SYSTEM_SLOT if system_prompt else None)
+    return rendered.replace(PROMPT_SLOT, "{{ .Prompt }}").replace(SYSTEM_SLOT, "{{ .System }}")
+
+
+def modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None, num_ctx: int) -> str:
+    lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{ollama_template(tokenizer, system_prompt)}"""']
+    if system_prompt:
+        lines.append(f'SYSTEM """{system_prompt}"""')
+    lines.append("")
+    lines += [f'PARAMETER stop "{stop}"' for stop in stop_strings(tokenizer, system_prompt)]
+    lines += ["PARAMETER temperature 0", f"PARAMETER num_ctx {num_ctx}", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- verification
+
+
+def llama_cpp_model(path: Path, n_ctx: int):
+    """llama.cpp model for checking, or None without llama-cpp-python. Extra buffer types are off: on some
+    VMs the CPU advertises AMX but faults in it (crashes on quantised GGUFs); the plain CPU path is safe."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    kwargs = dict(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count())
+    try:
+        return llama_cpp.Llama(use_extra_bufts=False, **kwargs)
+    except TypeError:  # older llama-cpp-python without that switch
+        return llama_cpp.Llama(**kwargs)
+
+
+def agreement(llm: Any, hf_sequences: list[tuple[list[int], list[int]]], stops: list[int], max_new: int) -> dict:
+    """Top-1 agreement on the HF model's greedy continuations, and exact agreement of greedy outputs."""
+    import numpy as np
+
+    positions = agree = exact = 0
+    for prompt, answer in hf_sequences:
+        llm.reset()
+        llm.eval(prompt + answer)
+        logits = np.asarray(llm.scores[: len(prompt) + len(answer)])
+        for offset, token in enumerate(answer):
+            positions += 1
+            agree += int(int(logits[len(prompt) + offset - 1].argmax()) == token)
+        llm.reset()
+        generated = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            generated.append(token)
+            if token in stops or len(generated) >= max_new:
+                break
+        exact += int(generated == answer)
+    return {"positions": positions, "top1_agree": agree, "top1_agreement": agree / max(positions, 1),
+            "exact_outputs": exact, "prompts": len(hf_sequences)}
+
+
+def hf_greedy(model_dir: Path, tokenizer: Any, rows: list[dict], system: str | None, max_new: int) -> list[tuple]:
+    from transformers import AutoModelForCausalLM
+
+    from tunebook.evaluate import generate_ids
+    from tunebook.prompts import encode_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
+    tokenizer.padding_side = "left"
+    answers = generate_ids(model, tokenizer, rows, system, max_new, batch_size=len(rows))
+    return [(encode_prompt(tokenizer, row, system), answer) for row, answer in zip(rows, answers, strict=True)]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def export(recipe: Recipe, verify: bool = True) -> dict[str, Any]:
+    """Write merged model, GGUFs, Modelfile and verify.json; each directory appears only when complete."""
+    from tunebook.data import read_jsonl
+    from tunebook.prompts import stop_token_ids
+    from tunebook.train import fine_tuned_dir
+
+    started = time.perf_counter()
+    adapter = fine_tuned_dir(recipe)
+    if not (adapter / "adapter_config.json").exists():
+        raise RecipeError(recipe.source, None, f"no trained adapter in {adapter}.",
+                          f"Run `tunebook train {recipe.name}` first.")
+    arch = architecture_name(recipe)
+    if recipe.export.gguf and arch not in GGUF_ARCHITECTURES:
+        raise RecipeError(recipe.source, "export.gguf", f"the {arch} architecture is not supported by the GGUF path.",
+                          "Set export.gguf: [] to export only the adapter and the merged model.")
+    if recipe.export.gguf:
+        converter_script()
+    timings: dict[str, float] = {}
+
+    tmp_merged, commit_merged = atomic_dir(merged_dir(recipe))
+    merge(recipe, adapter, tmp_merged)
+    write_model_card(recipe, tmp_merged)
+    commit_merged()
+    timings["merge_s"] = round(time.perf_counter() - started, 1)
+    tokenizer = load_tokenizer(str(merged_dir(recipe)))
+
+    tmp_gguf, commit_gguf = atomic_dir(gguf_dir(recipe))
+    files: dict[str, dict] = {}
+    f16 = None
+    for qtype in recipe.export.gguf:
+        t0 = time.perf_counter()
+        out = tmp_gguf / f"{recipe.name}-{qtype}.gguf"
+        if qtype in DIRECT_TYPES:
+            convert(merged_dir(recipe), out, qtype)
+        else:
+            if f16 is None:
+                f16 = tmp_gguf / f"{recipe.name}-f16.gguf"
+                if not f16.exists():
+                    convert(merged_dir(recipe), f16, "f16")
+            quantize(f16, out, qtype)
+        timings[f"gguf_{qtype}_s"] = round(time.perf_counter() - t0, 1)
+        files[qtype] = gguf_summary(out)
+        if qtype == "f16":
+            f16 = out
+    if f16 is not None and "f16" not in recipe.export.gguf:
+        f16.unlink()
+    default = next((q for q in ("q8_0", "f16") if q in files), next(iter(files), None))
+    if default:
+        (tmp_gguf / "Modelfile").write_text(
+            modelfile(f"{recipe.name}-{default}.gguf", tokenizer, recipe.data.system_prompt, 2 * recipe.data.max_length)
+        )
+
+    verification: dict[str, Any] = {"checked": {}, "timings": timings}
+    hf_shapes = hf_tensor_shapes(merged_dir(recipe))
+    for qtype, summary in files.items():
+        check = {
+            "tensor_count_match": summary["tensors"] == len(hf_shapes),
+            "shapes_match": summary.pop("shapes") == hf_shapes,
+            "chat_template_present": bool(summary["chat_template"]),
+            "eos_token_id": summary["eos_token_id"],
+            "eos_matches_tokenizer": summary["eos_token_id"] in stop_token_ids(tokenizer, recipe.data.system_prompt),
+            **{k: v for k, v in summary.items() if k != "chat_template"},
+        }
+        verification["checked"][qtype] = check
+        if not (check["tensor_count_match"] and check["shapes_match"] and check["chat_template_present"]):
+            raise RuntimeError(f"GGUF {qtype} failed its read-back check: {json.dumps(check)}")
+
+    if verify and files:
+        rows = read_jsonl(recipe.data.test, recipe.source, "data.test")[: recipe.export.verify_prompts]
+        system = recipe.data.system_prompt
+        max_new = min(recipe.eval.max_new_tokens, 48)
+        sequences = hf_greedy(merged_dir(recipe), tokenizer, rows, system, max_new)
+        stops = stop_token_ids(tokenizer, system)
+        for qtype in files:
+            llm = llama_cpp_model(tmp_gguf / f"{recipe.name}-{qtype}.gguf", n_ctx=2 * recipe.data.max_length)
+            if llm is None:
+                verification["runtime"] = "llama-cpp-python not installed: read-back checks only"
+                break
+            verification["checked"][qtype]["agreement"] = agreement(llm, sequences, stops, max_new)
+            del llm
+        f16_check = verification["checked"].get("f16", {}).get("agreement")
+        if f16_check and f16_check["top1_agreement"] < F16_MIN_AGREEMENT:
+            raise RuntimeError(f"f16 GGUF disagrees with the merged model: {f16_check}")
+    timings["total_s"] = round(time.perf_counter() - started, 1)
+    (tmp_gguf / "verify.json").write_text(json.dumps(verification, indent=2))
+    commit_gguf()
+    return verification
+
+
+def architecture_name(recipe: Recipe) -> str:
+    from tunebook.models import architecture_config
+
+    config = architecture_config(recipe.model.name)
+    if config is None:
+        path = Path(resolve_model_path(recipe.model.name)) / "config.json"
+        return json.loads(path.read_text())["architectures"][0] if path.exists() else "unknown"
+    return (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
+
+
+def write_model_card(recipe: Recipe, out: Path) -> None:
+    from tunebook.evaluate import REPORTS_DIR, metrics_table
+
+    lines = [
+        f"# {recipe.name}", "",
+        f"`{recipe.model.name}` fine-tuned with LoRA by [tunebook](../../../README.md) on the `{recipe.task}` task "
+        "and merged into the base weights.", "",
+        f"- data card: `datasets_cards/{recipe.task}.md`",
+        f"- train split: `{recipe.data.train}`",
+        f"- prompt format: the base model's chat template; system prompt: {recipe.data.system_prompt!r}", "",
+    ]
+    report = REPORTS_DIR / recipe.name / "report.json"
+    if report.exists():
+        lines += ["## Evaluation (base vs fine-tuned)", "", metrics_table(json.loads(report.read_text())), ""]
+    lines += ["## Recipe", "", "```yaml", json.dumps(recipe.to_dict(), indent=2), "```", ""]
+    (out / "README.md").write_text("\n".join(lines))
