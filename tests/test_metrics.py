@@ -123,3 +123,15 @@ def test_perplexity_matches_hand_computed_loss(tiny_model_dir, tokenizer):
                 nll -= logp[pos, label].item()
                 count += 1
     assert perplexity(model, tokenizer, examples, "sys", batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-4)
+
+
+def test_review_metric_on_good_and_bad_fixes():
+    from tunebook.metrics import review_metrics
+
+    good = "E713 (not-in-test): use `not in`.\n\nImproved code:\n```python\nif x not in y:\n    pass\n```"
+    still_bad = "E713: fixed.\n\nImproved code:\n```python\nif not x in y:\n    pass\n```"
+    broken = "E713.\n\nImproved code:\n```python\nif x not in y\n    pass\n```"
+    no_code = "Looks fine to me."
+    scores = review_metrics([good, still_bad, broken, no_code], ["E713"] * 4)
+    assert scores["fix_parses"] == pytest.approx(50)
+    assert scores["rule_fixed"] == pytest.approx(25)

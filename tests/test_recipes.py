@@ -15,7 +15,7 @@ RECIPES = sorted(Path("recipes").glob("*.yaml")) or sorted((Path(__file__).paren
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_recipe_validates(path, sql_data):
+def test_recipe_validates(path, all_data):
     recipe = load_recipe(path)
     report = validate_recipe(recipe)
     assert recipe.name == path.stem
@@ -39,6 +39,8 @@ def test_recipe_targets_attach_to_tiny_model(path):
 def test_recipes_cover_the_gpu_architectures():
     names = {load_recipe(p).model.name for p in RECIPES}
     assert {"smollm2-135m-instruct", "phi3-mini-4k-instruct", "mistral-7b-instruct", "llama3-8b-instruct"} <= names
+    stems = {p.stem for p in RECIPES}
+    assert {f"{m}-{t}" for m in ("smollm2", "phi3", "mistral", "llama3") for t in ("sql", "review", "qa", "summarize")} <= stems
     gpu = [load_recipe(p) for p in RECIPES if not load_recipe(p).model.name.startswith("smollm2")]
     assert all(r.model.quantization == "4bit" for r in gpu), "GPU recipes default to QLoRA"
     assert all(REGISTRY[r.model.name].hub_id for r in gpu)

@@ -13,7 +13,7 @@ from typing import Any
 from tunebook.config import Recipe
 from tunebook.data import read_jsonl
 from tunebook.errors import RecipeError
-from tunebook.metrics import perplexity, sql_metrics, text_metrics
+from tunebook.metrics import perplexity, review_metrics, sql_metrics, text_metrics
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.prompts import encode_prompt, stop_token_ids
 
@@ -77,7 +77,10 @@ def task_metrics(task: str, predictions: list[str], rows: list[dict], data_file:
     references = [r["output"] for r in rows]
     if task == "sql":
         return sql_metrics(predictions, references, [db_path_for(r, data_file) for r in rows])
-    return text_metrics(predictions, references)
+    scores = text_metrics(predictions, references)
+    if task == "review":
+        scores.update(review_metrics(predictions, [r.get("rule") for r in rows]))
+    return scores
 
 
 def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:

@@ -186,3 +186,48 @@ def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: 
         total_nll += nll.item()
         total_tokens += int((shift_labels != -100).sum())
     return math.exp(total_nll / max(total_tokens, 1))
+
+
+_PY_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
+
+
+def review_metrics(predictions: list[str], rules: list[str | None]) -> dict[str, float]:
+    """Review-specific checks on the improved code in each answer (its last fenced block).
+
+    `fix_parses`: the improved code parses (`ast.parse`). `rule_fixed`: it parses and ruff, run on it with only
+    the example's rule selected, no longer reports that rule (examples without a `rule` count as fixed if they
+    parse). One ruff run covers all answers.
+    """
+    import ast
+    import json
+    import subprocess
+    import tempfile
+
+    from tunebook.builders.review import ruff_binary
+
+    codes: list[str | None] = []
+    for pred in predictions:
+        blocks = _PY_BLOCK.findall(pred)
+        code = blocks[-1] if blocks else None
+        try:
+            ast.parse(code) if code is not None else None
+        except (SyntaxError, ValueError):
+            code = None
+        codes.append(code)
+    flagged: set[tuple[str, str]] = set()
+    ruff = ruff_binary()
+    selected = sorted({r for r, c in zip(rules, codes, strict=True) if r and c is not None})
+    if ruff and selected:
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, code in enumerate(codes):
+                if code is not None:
+                    Path(tmp, f"p{i}.py").write_text(code)
+            done = subprocess.run([ruff, "check", "--isolated", "--no-cache", "--preview", "--exit-zero",
+                                   "--output-format", "json", "--select", ",".join(selected), tmp],
+                                  capture_output=True, text=True)
+            flagged = {(Path(f["filename"]).stem, f["code"]) for f in json.loads(done.stdout or "[]")}
+    n = max(len(predictions), 1)
+    parses = sum(code is not None for code in codes)
+    fixed = sum(code is not None and (not rule or (f"p{i}", rule) not in flagged)
+                for i, (code, rule) in enumerate(zip(codes, rules, strict=True)))
+    return {"fix_parses": 100 * parses / n, "rule_fixed": 100 * fixed / n}

@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 from collections import defaultdict
@@ -33,7 +34,9 @@ MAX_FUNCTION_LINES = 25
 
 
 def ruff_binary() -> str:
-    path = shutil.which("ruff")
+    """ruff from PATH, or the one installed beside this Python (a venv that is not activated)."""
+    beside = Path(sys.executable).parent / "ruff"
+    path = shutil.which("ruff") or (str(beside) if beside.exists() else None)
     if path is None:
         raise SourceMissing("the `ruff` executable is not on PATH (it ships with the dev install: `make setup`)")
     return path
@@ -133,9 +136,9 @@ def run_ruff(directory: Path, codes: set[str]) -> list[dict[str, Any]]:
 def enclosing_function(tree: ast.AST, row: int, end_row: int) -> ast.AST | None:
     best = None
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.lineno <= row and end_row <= node.end_lineno:
-            if best is None or node.lineno >= best.lineno:
-                best = node
+        inside = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.lineno <= row <= end_row <= node.end_lineno
+        if inside and (best is None or node.lineno >= best.lineno):
+            best = node
     return best
 
 

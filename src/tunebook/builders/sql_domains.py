@@ -275,8 +275,12 @@ def ident(words: str, style: str) -> str:
     raise ValueError(style)
 
 
+# Singular table names that are SQL keywords ("Order", "Match", "Transaction") take the plural instead.
+SQL_KEYWORDS = {"order", "match", "transaction", "group", "case", "index", "check", "references", "table", "values"}
+
+
 def table_ident(table: Table, style: str) -> str:
-    if style == "pascal":
+    if style == "pascal" and table.words not in SQL_KEYWORDS:
         return ident(table.words, style)  # singular, Chinook-style
     if style == "abbrev":
         return "tbl_" + ident(table.words, style)

