@@ -55,7 +55,7 @@ llama-cpp-converter: $(CONVERTER)
 
 # llama.cpp runtime + quantizer (k-quants and GGUF verification); compiles once, ~8-10 minutes on 2 cores.
 $(LLAMA_STAMP): $(LLAMA_SDIST)
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q --no-deps $(LLAMA_SDIST)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install -q $(LLAMA_SDIST)
 	touch $(LLAMA_STAMP)
 
 llama-cpp: $(LLAMA_STAMP)

@@ -70,9 +70,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"merged model: {merged_dir(recipe)}")
     for qtype, check in result["checked"].items():
         agree = check.get("agreement")
-        extra = (f", top-1 agreement {agree['top1_agree']}/{agree['positions']}, exact outputs "
+        extra = (f", top-1 agreement {agree['top1_agree']}/{agree['positions']} (confident positions "
+                 f"{agree['confident_agree']}/{agree['confident_positions']}), exact outputs "
                  f"{agree['exact_outputs']}/{agree['prompts']}") if agree else ""
         print(f"gguf {qtype}: {check['size_mb']} MB, types {check['tensor_types']}{extra}")
+    control = result.get("control_base_without_adapter")
+    if control:
+        print(f"control (base without adapter, f16): top-1 agreement {control['top1_agree']}/{control['positions']}, "
+              f"exact outputs {control['exact_outputs']}/{control['prompts']}")
     print(f"Modelfile: {gguf_dir(recipe)}/Modelfile   verification: {gguf_dir(recipe)}/verify.json")
     return 0
 
