@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from tunebook.errors import RecipeError
+from tunebook.errors import RecipeError, SourceMissing
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -117,11 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        if type(exc).__name__ == "SourceMissing":
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except SourceMissing as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class RecipeError(Exception):
         if fix:
             message += f" {fix}"
         super().__init__(message)
+
+
+class SourceMissing(RuntimeError):
+    """A dataset builder's source (an archive, the stdlib source, ruff) is not there; the message says how to get it."""

@@ -22,8 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tunebook.builders.stdlib_docs import SKIP_PARTS, SourceMissing, stdlib_dir
+from tunebook.builders.stdlib_docs import SKIP_PARTS, stdlib_dir
 from tunebook.data import normalise, write_jsonl
+from tunebook.errors import SourceMissing
 
 INSTRUCTION = "Review this Python code. Name the problem, explain why it matters, and give the improved code."
 # Formatting, docs, typing-annotation and naming rules make poor review examples; everything else may be used.

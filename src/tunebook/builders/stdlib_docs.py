@@ -17,15 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.data import normalise, write_jsonl
+from tunebook.errors import SourceMissing
 
 QA_INSTRUCTION = "Answer the question about Python and its standard library."
 SUMMARIZE_INSTRUCTION = "Summarize the following Python documentation in one sentence."
 SKIP_PARTS = {"test", "tests", "idlelib", "lib2to3", "ensurepip", "turtledemo", "site-packages", "__phello__"}
 BUILTIN_TYPES = (str, bytes, bytearray, list, dict, set, frozenset, tuple, int, float, complex, range, memoryview)
-
-
-class SourceMissing(RuntimeError):
-    pass
 
 
 def words(text: str) -> int:
