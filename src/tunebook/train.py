@@ -116,10 +116,14 @@ def train(recipe: Recipe) -> Path:
         print(f"note: dropped {dropped_train} train / {dropped_val} val examples longer than "
               f"data.max_length={recipe.data.max_length} tokens (not truncated: that would cut answers)")
 
+    ckpt_dir = checkpoints_dir(recipe)
+    # Built before the model so k-bit preparation follows the resolved checkpointing setting: TRL's default,
+    # or the recipe's `gradient_checkpointing` / `activation_checkpointing` (its transformers 5.2x name).
+    args = sft_config(recipe, ckpt_dir, use_cuda)
     model = load_model(model_path, recipe.model, for_training=True)
     if recipe.model.quantization != "none":
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(recipe.training.get("gradient_checkpointing", False))
+            model, use_gradient_checkpointing=bool(args.gradient_checkpointing)
         )
     # SFTTrainer would create the LoRA weights before Trainer seeds; seeding here makes them reproducible.
     set_seed(seed)
@@ -127,8 +131,6 @@ def train(recipe: Recipe) -> Path:
 
     from datasets import Dataset
 
-    ckpt_dir = checkpoints_dir(recipe)
-    args = sft_config(recipe, ckpt_dir, use_cuda)
     trainer = SFTTrainer(
         model=model,
         args=args,
