@@ -128,10 +128,17 @@ def test_perplexity_matches_hand_computed_loss(tiny_model_dir, tokenizer):
 def test_review_metric_on_good_and_bad_fixes():
     from tunebook.metrics import review_metrics
 
-    good = "E713 (not-in-test): use `not in`.\n\nImproved code:\n```python\nif x not in y:\n    pass\n```"
+    snippet = "```python\nif not x in y:\n    pass\n```"
+    reference = "E713 (not-in-test): use `not in`.\n\nImproved code:\n```python\nif x not in y:\n    pass\n```"
+    good = "E713 (not-in-test): use `not in`.\n\nImproved code:\n```python\nif x not in y:  # clearer\n    pass\n```"
     still_bad = "E713: fixed.\n\nImproved code:\n```python\nif not x in y:\n    pass\n```"
     broken = "E713.\n\nImproved code:\n```python\nif x not in y\n    pass\n```"
     no_code = "Looks fine to me."
-    scores = review_metrics([good, still_bad, broken, no_code], ["E713"] * 4)
-    assert scores["fix_parses"] == pytest.approx(50)
-    assert scores["rule_fixed"] == pytest.approx(25)
+    rewritten = "The code is slow.\n\n```python\ndef check(x, y):\n    return x\n```"  # clean, but not a fix
+    answers = [good, still_bad, broken, no_code, rewritten]
+    scores = review_metrics(answers, [reference] * 5, [snippet] * 5, ["E713"] * 5)
+    assert scores["fix_parses"] == pytest.approx(60)  # good, still_bad, rewritten
+    assert scores["rule_fixed"] == pytest.approx(40)  # good and (why the stricter measures exist) rewritten
+    assert scores["fix_matches_reference"] == pytest.approx(20)  # good only: the comment does not matter
+    assert scores["fix_unchanged"] == pytest.approx(20)  # still_bad hands the snippet back
+    assert scores["rule_named"] == pytest.approx(60)  # good, still_bad and broken name E713

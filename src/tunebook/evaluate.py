@@ -79,7 +79,8 @@ def task_metrics(task: str, predictions: list[str], rows: list[dict], data_file:
         return sql_metrics(predictions, references, [db_path_for(r, data_file) for r in rows])
     scores = text_metrics(predictions, references)
     if task == "review":
-        scores.update(review_metrics(predictions, [r.get("rule") for r in rows]))
+        scores.update(review_metrics(predictions, references, [r.get("input", "") for r in rows],
+                                     [r.get("rule") for r in rows]))
     return scores
 
 

@@ -191,29 +191,47 @@ def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: 
 _PY_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
 
 
-def review_metrics(predictions: list[str], rules: list[str | None]) -> dict[str, float]:
+def last_code_block(text: str) -> str | None:
+    """The last fenced Python block of a text (a review's improved code), or None."""
+    blocks = _PY_BLOCK.findall(text)
+    return blocks[-1] if blocks else None
+
+
+def code_ast(code: str | None) -> str | None:
+    """The code's AST dump (formatting and comments ignored), or None when it is missing or does not parse."""
+    import ast
+
+    if code is None:
+        return None
+    try:
+        return ast.dump(ast.parse(code))
+    except (SyntaxError, ValueError):
+        return None
+
+
+def review_metrics(
+    predictions: list[str], references: list[str], inputs: list[str], rules: list[str | None]
+) -> dict[str, float]:
     """Review-specific checks on the improved code in each answer (its last fenced block).
 
-    `fix_parses`: the improved code parses (`ast.parse`). `rule_fixed`: it parses and ruff, run on it with only
-    the example's rule selected, no longer reports that rule (examples without a `rule` count as fixed if they
-    parse). One ruff run covers all answers.
+    - `fix_parses`: the improved code parses (`ast.parse`).
+    - `rule_fixed`: it parses and ruff, run on it with only the example's rule selected, no longer reports that
+      rule (examples without a `rule` count as fixed if they parse). Replacing the snippet with unrelated code
+      also passes this check, hence the two below.
+    - `fix_matches_reference`: its AST equals the reference fix's AST: the edit the rule asks for, nothing else.
+    - `fix_unchanged`: its AST equals the input snippet's: the answer hands the code back as it was.
+    - `rule_named`: the answer names the example's rule code (e.g. `FURB132`).
+    One ruff run covers all answers.
     """
-    import ast
     import json
     import subprocess
     import tempfile
 
     from tunebook.builders.review import ruff_binary
 
-    codes: list[str | None] = []
-    for pred in predictions:
-        blocks = _PY_BLOCK.findall(pred)
-        code = blocks[-1] if blocks else None
-        try:
-            ast.parse(code) if code is not None else None
-        except (SyntaxError, ValueError):
-            code = None
-        codes.append(code)
+    codes = [last_code_block(p) for p in predictions]
+    asts = [code_ast(c) for c in codes]
+    codes = [c if a is not None else None for c, a in zip(codes, asts, strict=True)]
     flagged: set[tuple[str, str]] = set()
     ruff = ruff_binary()
     selected = sorted({r for r, c in zip(rules, codes, strict=True) if r and c is not None})
@@ -227,7 +245,15 @@ def review_metrics(predictions: list[str], rules: list[str | None]) -> dict[str,
                                   capture_output=True, text=True)
             flagged = {(Path(f["filename"]).stem, f["code"]) for f in json.loads(done.stdout or "[]")}
     n = max(len(predictions), 1)
-    parses = sum(code is not None for code in codes)
     fixed = sum(code is not None and (not rule or (f"p{i}", rule) not in flagged)
                 for i, (code, rule) in enumerate(zip(codes, rules, strict=True)))
-    return {"fix_parses": 100 * parses / n, "rule_fixed": 100 * fixed / n}
+    ref_asts = [code_ast(last_code_block(r)) for r in references]
+    input_asts = [code_ast(last_code_block(t) or t) for t in inputs]
+    return {
+        "fix_parses": 100 * sum(a is not None for a in asts) / n,
+        "rule_fixed": 100 * fixed / n,
+        "fix_matches_reference": 100 * sum(a is not None and a == r for a, r in zip(asts, ref_asts, strict=True)) / n,
+        "fix_unchanged": 100 * sum(a is not None and a == i for a, i in zip(asts, input_asts, strict=True)) / n,
+        "rule_named": 100 * sum(bool(rule) and re.search(rf"\b{re.escape(rule)}\b", p) is not None
+                                for p, rule in zip(predictions, rules, strict=True)) / n,
+    }
