@@ -64,3 +64,19 @@ def test_qlora_step_on_cpu(tiny_recipe):
     info = json.loads((out / "run_info.json").read_text())
     assert info["global_steps"] == 2 and info["train_loss"] > 0
     assert fine_tuned_dir(recipe) == out
+
+
+@pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
+def test_checkpointing_setting_under_either_name_without_warning(tiny_recipe, tmp_path, name):
+    import warnings
+
+    from tunebook.train import sft_config
+
+    recipe = load_recipe(tiny_recipe())
+    for value in (False, True):
+        recipe.training.pop("gradient_checkpointing", None)
+        recipe.training[name] = value
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*checkpointing.*", category=FutureWarning)
+            args = sft_config(recipe, tmp_path, use_cuda=False)
+        assert args.gradient_checkpointing is value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -82,6 +83,15 @@ def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
     if kwargs.get("eval_strategy") != "no":
         kwargs.setdefault("eval_steps", kwargs["save_steps"])
     kwargs["use_cpu"] = not use_cuda
+    # transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*; TRL 1.x still sets the old
+    # name (default True), which prints a deprecation warning on every run. Pass the resolved setting under the
+    # name the installed transformers reads; recipes may use either name.
+    fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if new in fields and new not in kwargs:
+            kwargs[new] = kwargs.pop(old, fields[old].default)
+            kwargs[old] = None
     return SFTConfig(
         output_dir=str(output_dir),
         max_length=recipe.data.max_length,
