@@ -112,12 +112,14 @@ def test_review_builder(tmp_path, monkeypatch):
 
 
 def test_review_targets_are_verified_by_ruff(all_data):
-    """On the built data: each improved code parses and no longer triggers its rule."""
+    """On the built data: each improved code parses, no longer triggers its rule, and really changes the code."""
     from tunebook.metrics import review_metrics
 
     rows = read_jsonl(all_data / "review" / "test.jsonl")[:80]
-    scores = review_metrics([r["output"] for r in rows], [r["rule"] for r in rows])
-    assert scores == {"fix_parses": 100.0, "rule_fixed": 100.0}
+    outputs = [r["output"] for r in rows]
+    scores = review_metrics(outputs, outputs, [r["input"] for r in rows], [r["rule"] for r in rows])
+    assert scores == {"fix_parses": 100.0, "rule_fixed": 100.0, "fix_matches_reference": 100.0,
+                      "fix_unchanged": 0.0, "rule_named": 100.0}
     json.dumps(scores)
 
 

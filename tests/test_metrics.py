@@ -130,7 +130,7 @@ def test_review_metric_on_good_and_bad_fixes():
 
     snippet = "```python\nif not x in y:\n    pass\n```"
     reference = "E713 (not-in-test): use `not in`.\n\nImproved code:\n```python\nif x not in y:\n    pass\n```"
-    good = "E713 (not-in-test): use `not in`.\n\nImproved code:\n```python\nif x not in y:  # clearer\n    pass\n```"
+    good = "E713 (not-in-test): use `not in`.\n\nImproved code:\n```python\nif x not in  y :\n\n  pass\n```"
     still_bad = "E713: fixed.\n\nImproved code:\n```python\nif not x in y:\n    pass\n```"
     broken = "E713.\n\nImproved code:\n```python\nif x not in y\n    pass\n```"
     no_code = "Looks fine to me."
@@ -139,6 +139,16 @@ def test_review_metric_on_good_and_bad_fixes():
     scores = review_metrics(answers, [reference] * 5, [snippet] * 5, ["E713"] * 5)
     assert scores["fix_parses"] == pytest.approx(60)  # good, still_bad, rewritten
     assert scores["rule_fixed"] == pytest.approx(40)  # good and (why the stricter measures exist) rewritten
-    assert scores["fix_matches_reference"] == pytest.approx(20)  # good only: the comment does not matter
+    assert scores["fix_matches_reference"] == pytest.approx(20)  # good only: spacing does not matter
     assert scores["fix_unchanged"] == pytest.approx(20)  # still_bad hands the snippet back
     assert scores["rule_named"] == pytest.approx(60)  # good, still_bad and broken name E713
+
+
+def test_code_tokens_see_token_level_fixes_that_keep_the_ast():
+    from tunebook.metrics import code_tokens
+
+    nested = "if a:\n    x = 1\nelse:\n    if b:\n        x = 2\n"
+    collapsed = "if a:\n    x = 1\nelif b:\n    x = 2\n"
+    assert code_tokens(nested) != code_tokens(collapsed)  # PLR5501: same AST, different code
+    assert code_tokens(collapsed) == code_tokens("if a:\n\n  x = 1\nelif b :\n  x=2\n")
+    assert code_tokens("if a\n    pass\n") is None

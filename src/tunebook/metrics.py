@@ -197,15 +197,24 @@ def last_code_block(text: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
-def code_ast(code: str | None) -> str | None:
-    """The code's AST dump (formatting and comments ignored), or None when it is missing or does not parse."""
+def code_tokens(code: str | None) -> tuple[tuple[int, str], ...] | None:
+    """The code as a token sequence (blank lines and indentation width ignored), or None when it does not parse.
+
+    Tokens rather than the AST because many review rules change only tokens: `else: if` → `elif`, a backslash
+    continuation → parentheses, a `# noqa` comment. Their before and after have the same AST.
+    """
     import ast
+    import io
+    import tokenize
 
     if code is None:
         return None
     try:
-        return ast.dump(ast.parse(code))
-    except (SyntaxError, ValueError):
+        ast.parse(code)
+        tokens = tokenize.generate_tokens(io.StringIO(code).readline)
+        return tuple((t.type, "" if t.type == tokenize.INDENT else t.string.strip()) for t in tokens
+                     if t.type not in (tokenize.NL, tokenize.ENDMARKER))
+    except (SyntaxError, ValueError, tokenize.TokenError):
         return None
 
 
@@ -218,8 +227,9 @@ def review_metrics(
     - `rule_fixed`: it parses and ruff, run on it with only the example's rule selected, no longer reports that
       rule (examples without a `rule` count as fixed if they parse). Replacing the snippet with unrelated code
       also passes this check, hence the two below.
-    - `fix_matches_reference`: its AST equals the reference fix's AST: the edit the rule asks for, nothing else.
-    - `fix_unchanged`: its AST equals the input snippet's: the answer hands the code back as it was.
+    - `fix_matches_reference`: its tokens equal the reference fix's (formatting aside): the edit the rule asks
+      for, nothing else.
+    - `fix_unchanged`: its tokens equal the input snippet's: the answer hands the code back as it was.
     - `rule_named`: the answer names the example's rule code (e.g. `FURB132`).
     One ruff run covers all answers.
     """
@@ -230,8 +240,8 @@ def review_metrics(
     from tunebook.builders.review import ruff_binary
 
     codes = [last_code_block(p) for p in predictions]
-    asts = [code_ast(c) for c in codes]
-    codes = [c if a is not None else None for c, a in zip(codes, asts, strict=True)]
+    tokens = [code_tokens(c) for c in codes]
+    codes = [c if t is not None else None for c, t in zip(codes, tokens, strict=True)]
     flagged: set[tuple[str, str]] = set()
     ruff = ruff_binary()
     selected = sorted({r for r, c in zip(rules, codes, strict=True) if r and c is not None})
@@ -247,13 +257,15 @@ def review_metrics(
     n = max(len(predictions), 1)
     fixed = sum(code is not None and (not rule or (f"p{i}", rule) not in flagged)
                 for i, (code, rule) in enumerate(zip(codes, rules, strict=True)))
-    ref_asts = [code_ast(last_code_block(r)) for r in references]
-    input_asts = [code_ast(last_code_block(t) or t) for t in inputs]
+    ref_tokens = [code_tokens(last_code_block(r)) for r in references]
+    input_tokens = [code_tokens(last_code_block(t) or t) for t in inputs]
+    same = [t is not None and t == r for t, r in zip(tokens, ref_tokens, strict=True)]
+    unchanged = [t is not None and t == i for t, i in zip(tokens, input_tokens, strict=True)]
     return {
-        "fix_parses": 100 * sum(a is not None for a in asts) / n,
+        "fix_parses": 100 * sum(t is not None for t in tokens) / n,
         "rule_fixed": 100 * fixed / n,
-        "fix_matches_reference": 100 * sum(a is not None and a == r for a, r in zip(asts, ref_asts, strict=True)) / n,
-        "fix_unchanged": 100 * sum(a is not None and a == i for a, i in zip(asts, input_asts, strict=True)) / n,
+        "fix_matches_reference": 100 * sum(same) / n,
+        "fix_unchanged": 100 * sum(unchanged) / n,
         "rule_named": 100 * sum(bool(rule) and re.search(rf"\b{re.escape(rule)}\b", p) is not None
                                 for p, rule in zip(predictions, rules, strict=True)) / n,
     }
