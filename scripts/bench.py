@@ -17,7 +17,7 @@ import torch
 
 from tunebook.config import load_recipe
 from tunebook.data import read_jsonl
-from tunebook.evaluate import generate_ids
+from tunebook.generation import generate_ids
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 
 

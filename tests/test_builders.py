@@ -136,3 +136,27 @@ def test_every_domain_in_every_naming_style_builds_and_its_queries_run(tmp_path)
             for _, query in pairs:
                 con.execute(query).fetchall()
             con.close()
+
+
+@pytest.mark.parametrize("task", ["sql", "review", "qa", "summarize"])
+def test_no_normalised_answer_or_input_in_two_splits(all_data, task):
+    splits = load(all_data / task)
+    assert_no_leakage(splits, key=lambda r: r["output"])
+    assert_no_leakage(splits, key=lambda r: r["input"])
+
+
+def test_cross_split_dedup_drops_shared_answers_from_later_splits():
+    from tunebook.builders.splits import drop_cross_split_duplicates
+
+    splits = {
+        "train": [{"input": "ntpath docs", "output": "Return the base name of pathname path."}],
+        "val": [{"input": "posixpath docs", "output": "Return the BASE name of pathname path"},
+                {"input": "other", "output": "something else"}],
+        "test": [{"input": "Other!", "output": "new"}, {"input": "fresh", "output": "Something else."},
+                 {"input": "fresh too", "output": "unique"}],
+    }
+    dropped = drop_cross_split_duplicates(splits)
+    assert [r["input"] for r in splits["val"]] == ["other"]
+    assert [r["input"] for r in splits["test"]] == ["fresh too"]
+    assert dropped["val"] == {"same_input_as_earlier_split": 0, "same_answer_as_earlier_split": 1}
+    assert dropped["test"] == {"same_input_as_earlier_split": 1, "same_answer_as_earlier_split": 1}

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from tunebook.config import load_recipe
 from tunebook.evaluate import evaluate
-from tunebook.export import export, gguf_dir
+from tunebook.export import export
+from tunebook.outputs import gguf_dir
 from tunebook.train import train
 
 pytestmark = pytest.mark.slow
@@ -19,18 +20,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def smol_recipe(tmp_path, monkeypatch, base_model_dir, sql_data):
-    import tunebook.evaluate
-    import tunebook.export
-    import tunebook.models
-    import tunebook.train
+    import tunebook.outputs
 
     models = tmp_path / "models"
     (models / "base").mkdir(parents=True)
     (models / "base" / base_model_dir.name).symlink_to(base_model_dir)
-    for module in (tunebook.models, tunebook.train, tunebook.export):
-        monkeypatch.setattr(module, "MODELS_DIR", models)
-    monkeypatch.setattr(tunebook.train, "CHECKPOINTS_DIR", models / "checkpoints")
-    monkeypatch.setattr(tunebook.evaluate, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(tunebook.outputs, "MODELS_DIR", models)
+    monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
     return load_recipe("smollm2-sql", [
         "training.max_steps=3", "training.per_device_train_batch_size=1", "training.save_steps=3",
         "training.logging_steps=1", "data.val_limit=4", "eval.limit=4", "eval.max_new_tokens=24",
@@ -53,7 +49,7 @@ def test_real_smollm2_trains_reloads_evaluates_and_exports(smol_recipe, base_mod
     assert report["n_examples"] == 4 and "exec_accuracy" in report["fine_tuned"]
 
     result = export(smol_recipe)
-    files = sorted(p.name for p in gguf_dir(smol_recipe).iterdir())
+    files = sorted(p.name for p in gguf_dir(smol_recipe.name).iterdir())
     assert "Modelfile" in files and "verify.json" in files
     assert "smollm2-sql-f16.gguf" in files and "smollm2-sql-q8_0.gguf" in files
     for check in result["checked"].values():

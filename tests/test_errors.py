@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import transformers
 
@@ -98,3 +100,97 @@ def test_cli_exits_nonzero_with_message(tiny_recipe, capsys):
     assert "lora.rr: is not a field of peft.LoraConfig. Did you mean 'r'?" in err
     assert main(["validate", "smollm2-sqll"]) == 2
     assert "Did you mean 'smollm2-sql'?" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- each reproduced stack trace is now one line
+
+
+def test_override_that_is_not_yaml(tiny_recipe):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tiny_recipe(), ["lora.r=[1"])
+    assert "lora.r: the override value '[1' is not valid YAML" in str(info.value)
+
+
+def test_unknown_dataset_for_data_command(capsys):
+    assert main(["data", "poetry"]) == 2
+    err = capsys.readouterr().err
+    assert "no dataset builder for 'poetry'" in err and "sql, review, qa, summarize" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("field", ["output", "instruction"])
+def test_null_fields_in_a_row(tiny_recipe, tmp_path, field):
+    bad = tmp_path / "nulls.jsonl"
+    row = {"instruction": "a", "input": "x", "output": "b", field: None}
+    bad.write_text('{"instruction": "a", "output": "b"}\n' + json.dumps(row) + "\n")
+    message = error_for(tiny_recipe(data__train=str(bad)))
+    assert f"nulls.jsonl: line 2: field '{field}': is null" in message
+
+
+def test_model_name_that_is_nowhere(tiny_recipe, tmp_path):
+    message = error_for(tiny_recipe(), ["model.name=/nonexistent"])
+    assert "model.name: '/nonexistent' is not a registry model, a local model directory or a Hub id" in message
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    assert "directory without config.json" in error_for(tiny_recipe(), [f"model.name={empty}"])
+
+
+def test_library_choices_and_counts_are_checked(tiny_recipe):
+    message = error_for(tiny_recipe(), ["training.lr_scheduler_type=foo"])
+    assert "training.lr_scheduler_type: 'foo' is not one of trl.SFTConfig's choices" in message
+    assert "cosine" in message
+    assert "Did you mean 'cosine'?" in error_for(tiny_recipe(), ["training.lr_scheduler_type=cosin"])
+    assert "eval.batch_size: 0 is too small" in error_for(tiny_recipe(), ["eval.batch_size=0"])
+    assert "eval.max_new_tokens: -1 is too small" in error_for(tiny_recipe(), ["eval.max_new_tokens=-1"])
+    message = error_for(tiny_recipe(), ["export.gguf=[f16, q4_km]"])
+    assert "export.gguf: 'q4_km' is not a GGUF type" in message and "Did you mean 'q4_k_m'?" in message
+
+
+def test_eval_and_export_validate_first(tiny_recipe, tmp_path):
+    from tunebook.evaluate import evaluate
+    from tunebook.export import export
+
+    bad = tmp_path / "bad-test.jsonl"
+    bad.write_text('{"instruction": null, "output": "b"}\n')
+    recipe = load_recipe(tiny_recipe(data__test=str(bad)))
+    for command in (lambda: evaluate(recipe, which="base"), lambda: export(recipe)):
+        with pytest.raises(RecipeError, match="field 'instruction': is null"):
+            command()
+
+
+def test_incomplete_adapter(tiny_recipe, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from tunebook.evaluate import evaluate
+    from tunebook.outputs import fine_tuned_dir
+
+    recipe = load_recipe(tiny_recipe())
+    adapter = fine_tuned_dir(recipe.name)
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    save_file({"w": torch.zeros(64, 64)}, adapter / "adapter_model.safetensors")
+    data = (adapter / "adapter_model.safetensors").read_bytes()
+    (adapter / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RecipeError) as info:
+        evaluate(recipe)
+    assert "adapter_model.safetensors: is truncated or corrupt" in str(info.value)
+    assert f"tunebook train {recipe.command_name} --force" in str(info.value)
+    (adapter / "adapter_config.json").write_text('{"r": ')
+    with pytest.raises(RecipeError, match="adapter_config.json: is not valid JSON"):
+        evaluate(recipe)
+
+
+def test_gold_sql_that_fails_in_user_data_is_found_before_generation(tiny_recipe, tmp_path, sql_data):
+    from tunebook.data import read_jsonl
+    from tunebook.evaluate import evaluate
+
+    row = read_jsonl(sql_data / "test.jsonl")[0]
+    own = tmp_path / "mine.jsonl"
+    rows = [{**row, "db_path": str((sql_data / "databases" / f"{row['db_id']}.sqlite").resolve())}]
+    rows.append({**rows[0], "output": "SELECT nope FROM nowhere"})
+    own.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(RecipeError) as info:
+        evaluate(load_recipe(tiny_recipe()), which="base", data=str(own))
+    assert "mine.jsonl: example 2: field 'output': the gold SQL fails" in str(info.value)
+    assert "no such table: nowhere" in str(info.value)

@@ -7,11 +7,12 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-import tunebook.evaluate
+import tunebook.outputs
 from tunebook.config import load_recipe
 from tunebook.data import read_jsonl
 from tunebook.errors import RecipeError
-from tunebook.evaluate import evaluate, generate, generate_ids
+from tunebook.evaluate import evaluate
+from tunebook.generation import generate, generate_ids
 from tunebook.train import train
 
 
@@ -28,7 +29,7 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_
 
 
 def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(tunebook.evaluate, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
     recipe = load_recipe(tiny_recipe(training__max_steps=2))
     with pytest.raises(RecipeError, match="no trained adapter"):
         evaluate(recipe)
@@ -49,7 +50,7 @@ def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeyp
 
 
 def test_eval_on_user_data_with_db_path(tiny_recipe, tmp_path, monkeypatch, sql_data):
-    monkeypatch.setattr(tunebook.evaluate, "REPORTS_DIR", tmp_path / "reports")
+    monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
     row = read_jsonl(sql_data / "test.jsonl")[0]
     own = tmp_path / "mine.jsonl"
     db = (sql_data / "databases" / f"{row['db_id']}.sqlite").resolve()

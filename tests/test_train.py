@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from tunebook.config import load_recipe
-from tunebook.train import checkpoints_dir, fine_tuned_dir, last_complete_checkpoint, train
+from tunebook.outputs import checkpoints_dir, fine_tuned_dir
+from tunebook.train import last_complete_checkpoint, train
 
 
 def losses(out_dir):
@@ -31,16 +32,16 @@ def test_train_writes_outputs_and_same_seed_is_identical(tiny_recipe):
     assert len(first) == 4
     assert not list(out.parent.glob(".*tmp*")), "no temp dirs left behind"
 
-    shutil.rmtree(checkpoints_dir(recipe))
-    second = losses(train(recipe))
+    second = losses(train(recipe, force=True))
     assert first == second
 
 
 def test_resume_reproduces_uninterrupted_losses(tiny_recipe):
     recipe = load_recipe(tiny_recipe(training__resume_from_checkpoint="auto"))
     full = losses(train(recipe))
-    ckpts = checkpoints_dir(recipe)
+    ckpts = checkpoints_dir(recipe.name)
     shutil.rmtree(ckpts / "checkpoint-4")  # as if the run died after step 2's checkpoint
+    shutil.rmtree(fine_tuned_dir(recipe.name))
     (ckpts / "checkpoint-3").mkdir()  # an incomplete checkpoint must be ignored
     assert last_complete_checkpoint(ckpts).name == "checkpoint-2"
     resumed_out = train(recipe)
@@ -63,7 +64,7 @@ def test_qlora_step_on_cpu(tiny_recipe):
     out = train(recipe)
     info = json.loads((out / "run_info.json").read_text())
     assert info["global_steps"] == 2 and info["train_loss"] > 0
-    assert fine_tuned_dir(recipe) == out
+    assert fine_tuned_dir(recipe.name) == out
 
 
 @pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from tunebook.errors import RecipeError, SourceMissing
+
+BUILT_IN_DATASETS = ("sql", "review", "qa", "summarize")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -26,6 +29,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from tunebook.builders import build_task
 
+    unknown = [t for t in args.tasks if t not in BUILT_IN_DATASETS]
+    if unknown:
+        raise RecipeError("tunebook data", None, f"no dataset builder for {', '.join(map(repr, unknown))}.",
+                          f"Built-in datasets: {', '.join(BUILT_IN_DATASETS)}. For your own task, point a recipe's "
+                          "data.train/val/test at your JSONL files instead.")
     for task in args.tasks:
         stats = build_task(task, Path(args.out), Path(args.sources), args.seed)
         print(f"{task}: {stats['sizes']} -> {args.out}/{task}/")
@@ -37,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunebook.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = train(recipe)
+    out = train(recipe, overrides=args.overrides, force=args.force, force_resume=args.force_resume)
     print(f"adapter: {out}/adapter_model.safetensors")
     print(f"loss curve: {out}/loss_curve.png")
     print(f"run info: {out}/run_info.json")
@@ -46,7 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunebook.config import load_recipe
-    from tunebook.evaluate import evaluate, metrics_table
+    from tunebook.evaluate import evaluate
+    from tunebook.reporting import metrics_table
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = evaluate(recipe, which=args.model, data=args.data)
@@ -63,11 +72,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from tunebook.config import load_recipe
-    from tunebook.export import export, gguf_dir, merged_dir
+    from tunebook.export import export
+    from tunebook.outputs import gguf_dir, merged_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
     result = export(recipe, verify=args.verify)
-    print(f"merged model: {merged_dir(recipe)}")
+    print(f"merged model: {merged_dir(recipe.name)}")
     for qtype, check in result["checked"].items():
         agree = check.get("agreement")
         extra = (f", top-1 agreement {agree['top1_agree']}/{agree['positions']} (confident positions "
@@ -78,30 +88,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     if control:
         print(f"control (base without adapter, f16): top-1 agreement {control['top1_agree']}/{control['positions']}, "
               f"exact outputs {control['exact_outputs']}/{control['prompts']}")
-    print(f"Modelfile: {gguf_dir(recipe)}/Modelfile   verification: {gguf_dir(recipe)}/verify.json")
+    for note in result.get("notes", []):
+        print(f"note: {note}")
+    print(f"Modelfile: {gguf_dir(recipe.name)}/Modelfile   verification: {gguf_dir(recipe.name)}/verify.json")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunebook", description=__doc__)
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true",
+                         help="show library logs, warnings and progress bars on the console too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def recipe_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, parents=[verbose])
         p.add_argument("recipe", help="recipe path or name (e.g. smollm2-sql)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=1e-4 lora.r=32")
         p.set_defaults(func=func)
         return p
 
     recipe_command("validate", "check a recipe and its data before any model loads", cmd_validate)
-    recipe_command("train", "fine-tune with LoRA/QLoRA via trl.SFTTrainer", cmd_train)
+    tr = recipe_command("train", "fine-tune with LoRA/QLoRA via trl.SFTTrainer", cmd_train)
+    tr.add_argument("--force", action="store_true",
+                    help="train from scratch even if this run finished or has checkpoints (they are moved aside)")
+    tr.add_argument("--force-resume", action="store_true",
+                    help="resume a checkpoint even though the recipe or data changed since it was written")
     ev = recipe_command("eval", "base vs fine-tuned report on the test split", cmd_eval)
     ev.add_argument("--data", help="evaluate on this JSONL instead of data.test (SQL rows may carry db_path)")
     ev.add_argument("--model", choices=["base", "fine_tuned", "both"], default="both")
     ex = recipe_command("export", "merged model, GGUF files and an Ollama Modelfile", cmd_export)
     ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="compare GGUF greedy outputs with the merged model (needs llama-cpp-python)")
-    data = sub.add_parser("data", help="build datasets into data/<task>/")
+    data = sub.add_parser("data", help="build datasets into data/<task>/", parents=[verbose])
     data.add_argument("tasks", nargs="+")
     data.add_argument("--out", default="data")
     data.add_argument("--sources", default="build/sources")
@@ -111,15 +130,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tunebook.console import log_path, setup_console
+    from tunebook.outputs import log_file
+
     args = build_parser().parse_args(argv)
+    name = "data" if args.command == "data" else Path(args.recipe).stem
+    setup_console(log_file(name, args.command), args.verbose)
     try:
         return args.func(args)
-    except RecipeError as exc:
+    except (RecipeError, SourceMissing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except SourceMissing as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if args.verbose:
+            raise
+        logging.getLogger("tunebook").exception("unexpected error")
+        print(f"error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}\n"
+              f"  (the full traceback is in {log_path()}; rerun with -v to see it here)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,12 @@ TASKS = ("sql", "review", "qa", "summarize")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 RECIPES_DIR = Path("recipes")
+# GGUF types `tunebook export` writes: the converter's own outtypes, then llama.cpp's quantiser's (LLAMA_FTYPE_*).
+GGUF_DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
+                    "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs",
+                    "iq3_xs", "iq3_s", "iq3_m", "iq1_s", "iq1_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
+GGUF_TYPES = GGUF_DIRECT_TYPES + GGUF_QUANT_TYPES
 
 # SFTConfig fields tunebook derives itself; a recipe that sets them would fight the one place they live.
 TRAINING_OWNED = {
@@ -100,6 +107,11 @@ class Recipe:
         }
 
     @property
+    def command_name(self) -> str:
+        """How to name this recipe on the command line: its stem if it lives in recipes/, else its path."""
+        return self.name if Path(self.source).parent == RECIPES_DIR else self.source
+
+    @property
     def seed(self) -> int:
         return int(self.training.get("seed", 42))
 
@@ -160,7 +172,14 @@ def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
         if not isinstance(target.get(key, {}), dict):
             raise RecipeError(source, dotted, f"'{key}' is not a section.", "Override a key inside a section.")
         target = target.setdefault(key, {})
-    target[keys[-1]] = yaml.safe_load(value) if value != "" else None
+    try:
+        target[keys[-1]] = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise RecipeError(
+            source, dotted, f"the override value {value!r} is not valid YAML ({problem}).",
+            f"Quote it (`{dotted}='{value}'`) or complete it (lists look like `[a, b]`).",
+        ) from None
 
 
 def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
@@ -176,8 +195,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     check_choice(model.dtype, DTYPES, source, "model.dtype")
     check_choice(model.quantization, QUANTIZATIONS, source, "model.quantization")
     data = build_section(DataConfig, raw["data"], source, "data")
-    if data.max_length < 16:
-        raise RecipeError(source, "data.max_length", f"{data.max_length} is too small.", "Use at least 16 tokens.")
+    check_counts(data, source, "data", at_least={"max_length": 16, "train_limit": 1, "val_limit": 0})
     lora = library_section(raw["lora"], lora_fields(), source, "lora", "peft.LoraConfig")
     training = library_section(raw["training"], sft_fields(), source, "training", "trl.SFTConfig")
     for key, where in TRAINING_OWNED.items():
@@ -189,6 +207,15 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
             source, "training.resume_from_checkpoint", f"'{resume}' is not a checkpoint directory.",
             "Use 'auto' (last complete checkpoint) or a path to a checkpoint-N directory.",
         )
+    eval_cfg = build_section(EvalConfig, raw.get("eval") or {}, source, "eval")
+    check_counts(eval_cfg, source, "eval", at_least={"max_new_tokens": 1, "batch_size": 1, "limit": 1})
+    export = build_section(ExportConfig, raw.get("export") or {}, source, "export")
+    check_counts(export, source, "export", at_least={"verify_prompts": 0})
+    for qtype in export.gguf:
+        if qtype not in GGUF_TYPES:
+            hint = difflib.get_close_matches(str(qtype).lower(), GGUF_TYPES, n=1)
+            raise RecipeError(source, "export.gguf", f"'{qtype}' is not a GGUF type llama.cpp writes.",
+                              f"Did you mean '{hint[0]}'?" if hint else f"Use e.g. {', '.join(GGUF_TYPES[:8])} …")
     return Recipe(
         name=name,
         source=source,
@@ -197,8 +224,8 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
         data=data,
         lora=lora,
         training=training,
-        eval=build_section(EvalConfig, raw.get("eval") or {}, source, "eval"),
-        export=build_section(ExportConfig, raw.get("export") or {}, source, "export"),
+        eval=eval_cfg,
+        export=export,
     )
 
 
@@ -215,6 +242,14 @@ def unknown_keys(section: dict[str, Any], known: typing.Iterable[str], source: s
     for key in section:
         if key not in known:
             raise RecipeError(source, f"{prefix}{key}", "unknown key.", did_you_mean(str(key), known))
+
+
+def check_counts(section: Any, source: str, name: str, at_least: dict[str, int]) -> None:
+    """Counts and sizes must be at least their minimum (None means 'no limit' where a field allows it)."""
+    for key, minimum in at_least.items():
+        value = getattr(section, key)
+        if value is not None and value < minimum:
+            raise RecipeError(source, f"{name}.{key}", f"{value} is too small.", f"Use {minimum} or more.")
 
 
 def check_choice(value: Any, choices: tuple[str, ...], source: str, field_name: str) -> None:
@@ -247,7 +282,21 @@ def library_section(raw: Any, hints: dict[str, Any], source: str, name: str, own
         if key not in hints:
             raise RecipeError(source, f"{name}.{key}", f"is not a field of {owner}.", did_you_mean(str(key), hints))
         out[key] = coerce(value, hints[key], source, f"{name}.{key}")
+        choices = enum_choices(hints[key])
+        if choices and isinstance(out[key], str) and out[key] not in choices:
+            hint = difflib.get_close_matches(out[key], choices, n=1)
+            raise RecipeError(source, f"{name}.{key}", f"'{out[key]}' is not one of {owner}'s choices.",
+                              f"Did you mean '{hint[0]}'?" if hint else f"Use one of {', '.join(choices)}.")
     return out
+
+
+def enum_choices(annotation: Any) -> list[str]:
+    """The values of a string enum in an annotation (e.g. `SchedulerType | str`), the library's own list."""
+    args = typing.get_args(annotation) or (annotation,)
+    for arg in args:
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):
+            return [str(member.value) for member in arg]
+    return []
 
 
 def coerce(value: Any, annotation: Any, source: str, field_name: str) -> Any:

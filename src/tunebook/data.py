@@ -41,6 +41,12 @@ def read_jsonl(path: str | Path, recipe_source: str = "recipe", field_name: str 
                         str(path), f"line {number}: field '{key}'", "is missing.",
                         'Every example needs "instruction" and "output" ("input" is optional).',
                     )
+            for key in REQUIRED_FIELDS:
+                if example[key] is None:
+                    raise RecipeError(
+                        str(path), f"line {number}: field '{key}'", "is null.",
+                        f'Give "{key}" a string, or remove the line.',
+                    )
             for key in TEXT_FIELDS:
                 if key in example and example[key] is not None and not isinstance(example[key], str):
                     raise RecipeError(

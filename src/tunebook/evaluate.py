@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -13,56 +11,15 @@ from typing import Any
 from tunebook.config import Recipe
 from tunebook.data import read_jsonl
 from tunebook.errors import RecipeError
-from tunebook.metrics import perplexity, review_metrics, sql_metrics, text_metrics
+from tunebook.generation import generate
+from tunebook.metrics import perplexity, review_metrics, run_sql, sql_metrics, text_metrics
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
-from tunebook.prompts import encode_prompt, stop_token_ids
+from tunebook.outputs import atomic_dir, clean_leftovers, fine_tuned_dir, report_dir
+from tunebook.reporting import metrics_table
+from tunebook.validate import check_adapter, validate_recipe
 
-REPORTS_DIR = Path("reports")
 MAIN_METRIC = {"sql": "exec_accuracy", "review": "rougeL", "qa": "rougeL", "summarize": "rougeL"}
 N_REPORT_EXAMPLES = 5
-
-
-def generate(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
-             batch_size: int, progress: Any = None) -> list[str]:
-    """Greedy answers as text (special tokens dropped), in the input order."""
-    ids = generate_ids(model, tokenizer, examples, system_prompt, max_new_tokens, batch_size, progress)
-    return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
-
-
-def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
-                 batch_size: int, progress: Any = None) -> list[list[int]]:
-    """Greedy answer token ids, batched with left padding and the KV cache, up to the trained end-of-turn token.
-
-    Prompts are sorted by length so each batch pads little; answers come back in the input order.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    stops = stop_token_ids(tokenizer, system_prompt)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                temperature=None, top_p=None, top_k=None,
-            )
-        for row, i in enumerate(idx):
-            tokens = out[row, width:].tolist()
-            cut = next((n for n, t in enumerate(tokens) if t in stops), None)  # drop the stop and padding after it
-            outputs[i] = tokens if cut is None else tokens[: cut + 1]
-        if progress is not None:
-            progress(len(idx))
-    return outputs
 
 
 def db_path_for(row: dict, data_file: Path) -> Path:
@@ -95,9 +52,16 @@ def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
             if not row.get("db_id") and not row.get("db_path"):
                 raise RecipeError(str(data_file), f"example {number}", "has neither 'db_id' nor 'db_path'.",
                                   "SQL examples need the database to execute against.")
-            if not db_path_for(row, data_file).exists():
-                raise RecipeError(str(data_file), f"example {number}", f"database {db_path_for(row, data_file)} "
+            db_path = db_path_for(row, data_file)
+            if not db_path.exists():
+                raise RecipeError(str(data_file), f"example {number}", f"database {db_path} "
                                   "does not exist.", "Run `make data` or fix db_path.")
+            # A gold query that fails would make the example unscoreable: found now, not after generation.
+            _, error = run_sql(db_path, row["output"])
+            if error is not None:
+                raise RecipeError(str(data_file), f"example {number}: field 'output'",
+                                  f"the gold SQL fails on {db_path.name} ({error}).",
+                                  "Fix the query or the database, or remove the example.")
     return rows, data_file
 
 
@@ -113,13 +77,13 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
     from peft import PeftModel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tunebook.train import fine_tuned_dir
-
+    validate_recipe(recipe)
     rows, data_file = load_eval_rows(recipe, data)
-    adapter_dir = adapter_dir or fine_tuned_dir(recipe)
-    if which in ("fine_tuned", "both") and not (adapter_dir / "adapter_config.json").exists():
-        raise RecipeError(recipe.source, None, f"no trained adapter in {adapter_dir}.",
-                          f"Run `tunebook train {recipe.name}` first, or use --model base.")
+    adapter_dir = adapter_dir or fine_tuned_dir(recipe.name)
+    if which in ("fine_tuned", "both"):
+        check_adapter(adapter_dir, recipe)
+    for note in clean_leftovers(report_dir(recipe.name)):
+        print(note)
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(str(adapter_dir) if which != "base" else model_path, recipe.model.trust_remote_code)
     tokenizer.padding_side = "left"
@@ -163,12 +127,14 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
 
 def write_report(recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict, data_file: Path) -> Path:
     """Write the report directory atomically and return it."""
-    from tunebook.train import replace_dir
+    final = report_dir(recipe.name)
+    with atomic_dir(final) as tmp:
+        write_report_files(tmp, recipe, rows, results, subsets, data_file)
+    return final
 
-    final = REPORTS_DIR / recipe.name
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
+def write_report_files(tmp: Path, recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict,
+                       data_file: Path) -> None:
     base = results.get("base", {}).get("metrics", {})
     tuned = results.get("fine_tuned", {}).get("metrics", {})
     report = {
@@ -196,28 +162,12 @@ def write_report(recipe: Recipe, rows: list[dict], results: dict[str, dict], sub
     (tmp / "report.md").write_text(markdown_report(report))
     if base and tuned:
         chart(report, tmp / "chart.png")
-    replace_dir(tmp, final)
-    return final
 
 
 def _user_turn(row: dict) -> str:
     from tunebook.prompts import user_message
 
     return user_message(row)
-
-
-def metrics_table(report: dict) -> str:
-    """Markdown table: metric | base | fine-tuned | delta (whichever columns the report has)."""
-    kinds = [k for k in ("base", "fine_tuned") if report.get(k)]
-    keys = list(report[kinds[0]])
-    head = "| metric | " + " | ".join(k.replace("_", "-") for k in kinds) + (" | delta |" if len(kinds) == 2 else " |")
-    lines = [head, "|---|" + "---:|" * (len(kinds) + (len(kinds) == 2))]
-    for key in keys:
-        cells = [f"{report[k][key]:.2f}" for k in kinds]
-        if len(kinds) == 2:
-            cells.append(f"{report['delta'][key]:+.2f}")
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def markdown_report(report: dict) -> str:

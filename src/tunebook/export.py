@@ -8,7 +8,9 @@ export time, and the converter is the same code llama.cpp users run. It writes f
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,13 +19,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tunebook.config import Recipe
+from tunebook.config import GGUF_DIRECT_TYPES, Recipe
+from tunebook.console import native_output_to_log
 from tunebook.errors import RecipeError
-from tunebook.models import MODELS_DIR, load_tokenizer, resolve_model_path
+from tunebook.models import load_tokenizer, local_model_dir, resolve_model_path
+from tunebook.outputs import (
+    clean_leftovers,
+    export_anchor,
+    fine_tuned_dir,
+    gguf_dir,
+    merged_dir,
+    report_dir,
+    swap_in_together,
+    temp_sibling,
+)
 from tunebook.prompts import render_prompt, stop_strings
+from tunebook.validate import check_adapter, validate_recipe
 
 CONVERTER_DIR = Path(os.environ.get("TUNEBOOK_LLAMA_CPP", "build/llama.cpp"))
-DIRECT_TYPES = {"f32", "f16", "bf16", "q8_0"}  # written by the converter itself
+log = logging.getLogger(__name__)
 # Architectures llama.cpp's converter handles that tunebook's recipes use.
 GGUF_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM"}
 # f16 must agree with the merged HF model on (almost) every position where HF's choice is clear: its top-1
@@ -33,22 +47,8 @@ CONFIDENT_MARGIN = 1.0
 F16_MIN_CONFIDENT_AGREEMENT = 0.99
 
 
-def merged_dir(recipe: Recipe) -> Path:
-    return MODELS_DIR / "merged" / recipe.name
-
-
-def gguf_dir(recipe: Recipe) -> Path:
-    return MODELS_DIR / "gguf" / recipe.name
-
-
-def atomic_dir(final: Path):
-    """A temp directory beside `final`; call the returned function to swap it into place."""
-    from tunebook.train import replace_dir
-
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp, lambda: replace_dir(tmp, final)
+class ExportCheckFailed(RuntimeError):
+    """A written file failed its check; nothing of this export was put in place."""
 
 
 # ---------------------------------------------------------------- merge
@@ -64,6 +64,7 @@ def merge(recipe: Recipe, adapter_dir: Path, out: Path) -> Path:
     from tunebook.prompts import stop_token_ids
 
     base_path = resolve_model_path(recipe.model.name)
+    log.info("merging %s into %s", adapter_dir, base_path)
     # Merging into 4-bit weights would round the adapter away: QLoRA recipes merge into the unquantised base.
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch_dtype(recipe.model.dtype),
                                                 trust_remote_code=recipe.model.trust_remote_code)
@@ -97,6 +98,7 @@ def convert(model_dir: Path, outfile: Path, outtype: str) -> None:
     """HF directory -> GGUF with llama.cpp's converter (tokenizer, chat template and special ids included)."""
     cmd = [sys.executable, str(converter_script()), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
     done = subprocess.run(cmd, capture_output=True, text=True)
+    log.info("%s\n%s%s", " ".join(cmd), done.stdout, done.stderr)
     if done.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed ({outtype}):\n{done.stderr[-3000:]}")
 
@@ -116,7 +118,8 @@ def quantize(source: Path, outfile: Path, qtype: str) -> None:
                           "Use e.g. f16, q8_0, q4_k_m, q5_k_m, q6_k.")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(outfile).encode(), params)
+    with native_output_to_log():  # llama.cpp logs every tensor to stderr from C
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(outfile).encode(), params)
     if status != 0:
         raise RuntimeError(f"llama_model_quantize({qtype}) failed with status {status}")
 
@@ -236,7 +239,7 @@ def hf_greedy(model_dir: Path, tokenizer: Any, rows: list[dict], system: str | N
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunebook.evaluate import generate_ids
+    from tunebook.generation import generate_ids
     from tunebook.prompts import encode_prompt
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32").eval()
@@ -255,45 +258,76 @@ def hf_greedy(model_dir: Path, tokenizer: Any, rows: list[dict], system: str | N
 # ---------------------------------------------------------------- the command
 
 
-def export(recipe: Recipe, verify: bool = True) -> dict[str, Any]:
-    """Write merged model, GGUFs, Modelfile and verify.json; each directory appears only when complete."""
-    from tunebook.data import read_jsonl
-    from tunebook.prompts import stop_token_ids
-    from tunebook.train import fine_tuned_dir
-
-    started = time.perf_counter()
-    adapter = fine_tuned_dir(recipe)
-    if not (adapter / "adapter_config.json").exists():
-        raise RecipeError(recipe.source, None, f"no trained adapter in {adapter}.",
-                          f"Run `tunebook train {recipe.name}` first.")
+def check_export_tools(recipe: Recipe) -> None:
+    """Everything the GGUF step needs, checked before the merge starts."""
+    if not recipe.export.gguf:
+        return
     arch = architecture_name(recipe)
-    if recipe.export.gguf and arch not in GGUF_ARCHITECTURES:
+    if arch not in GGUF_ARCHITECTURES:
         raise RecipeError(recipe.source, "export.gguf", f"the {arch} architecture is not supported by the GGUF path.",
                           "Set export.gguf: [] to export only the adapter and the merged model.")
-    if recipe.export.gguf:
-        converter_script()
+    converter_script()
+    needs_quantizer = [q for q in recipe.export.gguf if q not in GGUF_DIRECT_TYPES]
+    if needs_quantizer and importlib.util.find_spec("llama_cpp") is None:
+        raise RecipeError(
+            recipe.source, "export.gguf", f"{', '.join(needs_quantizer)} need llama.cpp's quantizer, and "
+            "llama-cpp-python is not installed.",
+            "Run `make llama-cpp` (compiles it, ~8 minutes on 2 cores), or list only f16/bf16/q8_0.",
+        )
+
+
+def export(recipe: Recipe, verify: bool = True) -> dict[str, Any]:
+    """Write merged model, GGUFs, Modelfile and verify.json, all put in place together when every check passed.
+
+    Everything is built in one temp tree (`models/.<recipe>.export-<pid>/`); a failure or a kill at any
+    step leaves the previous export exactly as it was.
+    """
+    validate_recipe(recipe)
+    adapter = fine_tuned_dir(recipe.name)
+    check_adapter(adapter, recipe)
+    check_export_tools(recipe)
+    for note in clean_leftovers(merged_dir(recipe.name), gguf_dir(recipe.name), export_anchor(recipe.name)):
+        print(note)
+    work = temp_sibling(export_anchor(recipe.name), "export")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        verification = build_export(recipe, adapter, work / "merged", work / "gguf", verify)
+        swap_in_together([(work / "merged", merged_dir(recipe.name)), (work / "gguf", gguf_dir(recipe.name))])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return verification
+
+
+def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verify: bool) -> dict[str, Any]:
+    """Merge, convert, quantise, write the Modelfile and check every file; raise on the first failed check."""
+    from tunebook.data import read_jsonl
+    from tunebook.prompts import stop_token_ids
+
+    started = time.perf_counter()
     timings: dict[str, float] = {}
-
-    tmp_merged, commit_merged = atomic_dir(merged_dir(recipe))
-    merge(recipe, adapter, tmp_merged)
-    write_model_card(recipe, tmp_merged)
-    commit_merged()
+    merged.mkdir(parents=True)
+    ggufs.mkdir(parents=True)
+    print(f"merging the adapter into {recipe.model.name} …")
+    merge(recipe, adapter, merged)
+    write_model_card(recipe, merged)
     timings["merge_s"] = round(time.perf_counter() - started, 1)
-    tokenizer = load_tokenizer(str(merged_dir(recipe)))
+    tokenizer = load_tokenizer(str(merged))
+    stops = stop_token_ids(tokenizer, recipe.data.system_prompt)
 
-    tmp_gguf, commit_gguf = atomic_dir(gguf_dir(recipe))
     files: dict[str, dict] = {}
     f16 = None
     for qtype in recipe.export.gguf:
+        print(f"writing GGUF {qtype} …")
         t0 = time.perf_counter()
-        out = tmp_gguf / f"{recipe.name}-{qtype}.gguf"
-        if qtype in DIRECT_TYPES:
-            convert(merged_dir(recipe), out, qtype)
+        out = ggufs / f"{recipe.name}-{qtype}.gguf"
+        if qtype in GGUF_DIRECT_TYPES:
+            convert(merged, out, qtype)
         else:
             if f16 is None:
-                f16 = tmp_gguf / f"{recipe.name}-f16.gguf"
+                f16 = ggufs / f"{recipe.name}-f16.gguf"
                 if not f16.exists():
-                    convert(merged_dir(recipe), f16, "f16")
+                    convert(merged, f16, "f16")
             quantize(f16, out, qtype)
         timings[f"gguf_{qtype}_s"] = round(time.perf_counter() - t0, 1)
         files[qtype] = gguf_summary(out)
@@ -303,54 +337,75 @@ def export(recipe: Recipe, verify: bool = True) -> dict[str, Any]:
         f16.unlink()
     default = next((q for q in ("q8_0", "f16") if q in files), next(iter(files), None))
     if default:
-        (tmp_gguf / "Modelfile").write_text(
+        (ggufs / "Modelfile").write_text(
             modelfile(f"{recipe.name}-{default}.gguf", tokenizer, recipe.data.system_prompt, 2 * recipe.data.max_length)
         )
 
-    verification: dict[str, Any] = {"checked": {}, "timings": timings}
-    hf_shapes = hf_tensor_shapes(merged_dir(recipe))
+    verification: dict[str, Any] = {"checked": {}, "timings": timings, "notes": []}
+    hf_shapes = hf_tensor_shapes(merged)
     for qtype, summary in files.items():
         check = {
             "tensor_count_match": summary["tensors"] == len(hf_shapes),
             "shapes_match": summary.pop("shapes") == hf_shapes,
             "chat_template_present": bool(summary["chat_template"]),
             "eos_token_id": summary["eos_token_id"],
-            "eos_matches_tokenizer": summary["eos_token_id"] in stop_token_ids(tokenizer, recipe.data.system_prompt),
+            "eos_matches_tokenizer": summary["eos_token_id"] in stops,
             **{k: v for k, v in summary.items() if k != "chat_template"},
         }
         verification["checked"][qtype] = check
-        if not (check["tensor_count_match"] and check["shapes_match"] and check["chat_template_present"]):
-            raise RuntimeError(f"GGUF {qtype} failed its read-back check: {json.dumps(check)}")
+        failed = [k for k in ("tensor_count_match", "shapes_match", "chat_template_present", "eos_matches_tokenizer")
+                  if not check[k]]
+        if failed:
+            raise ExportCheckFailed(f"GGUF {qtype} failed its read-back check ({', '.join(failed)}): "
+                                    f"{json.dumps(check)}. The previous export was left in place.")
 
     if verify and files:
+        print("checking the GGUF files against the merged model …")
         rows = read_jsonl(recipe.data.test, recipe.source, "data.test")[: recipe.export.verify_prompts]
         system = recipe.data.system_prompt
         max_new = min(recipe.eval.max_new_tokens, 48)
-        sequences = hf_greedy(merged_dir(recipe), tokenizer, rows, system, max_new)
-        stops = stop_token_ids(tokenizer, system)
+        sequences = hf_greedy(merged, tokenizer, rows, system, max_new)
         for qtype in files:
-            llm = llama_cpp_model(tmp_gguf / f"{recipe.name}-{qtype}.gguf", n_ctx=2 * recipe.data.max_length)
+            llm = llama_cpp_model(ggufs / f"{recipe.name}-{qtype}.gguf", n_ctx=2 * recipe.data.max_length)
             if llm is None:
                 verification["runtime"] = "llama-cpp-python not installed: read-back checks only"
                 break
             verification["checked"][qtype]["agreement"] = agreement(llm, sequences, stops, max_new)
             del llm
         if "f16" in files and "runtime" not in verification:
-            # Negative control: the base model without the adapter, converted the same way, should disagree
-            # visibly more; if it does not, the check could not tell whether the adapter is in the file.
-            control = tmp_gguf / ".control-base-f16.gguf"
-            convert(Path(resolve_model_path(recipe.model.name)), control, "f16")
-            llm = llama_cpp_model(control, n_ctx=2 * recipe.data.max_length)
-            verification["control_base_without_adapter"] = agreement(llm, sequences, stops, max_new)
-            del llm
-            control.unlink()
+            control_check(recipe, ggufs, sequences, stops, max_new, verification)
         f16_check = verification["checked"].get("f16", {}).get("agreement")
-        if f16_check and f16_check["confident_agreement"] < F16_MIN_CONFIDENT_AGREEMENT:
-            raise RuntimeError(f"f16 GGUF disagrees with the merged model where the model is confident: {f16_check}")
+        if f16_check and not f16_check["confident_positions"]:
+            verification["notes"].append("no position where the merged model is confident: the f16 agreement "
+                                         "check could not tell anything (a random or untrained model?)")
+        elif f16_check and f16_check["confident_agreement"] < F16_MIN_CONFIDENT_AGREEMENT:
+            raise ExportCheckFailed(f"f16 GGUF disagrees with the merged model where the model is confident: "
+                                    f"{f16_check}. The previous export was left in place.")
     timings["total_s"] = round(time.perf_counter() - started, 1)
-    (tmp_gguf / "verify.json").write_text(json.dumps(verification, indent=2))
-    commit_gguf()
+    (ggufs / "verify.json").write_text(json.dumps(verification, indent=2))
     return verification
+
+
+def control_check(recipe: Recipe, ggufs: Path, sequences: list[tuple], stops: list[int], max_new: int,
+                  verification: dict[str, Any]) -> None:
+    """Negative control: the base model without the adapter, converted the same way, should disagree visibly
+    more; if it does not, the check could not tell whether the adapter is in the file. Needs the base weights
+    on this machine; skipped with a note (never failing a finished export) where they are not."""
+    base = local_model_dir(recipe.model.name)
+    if base is None:
+        verification["notes"].append(f"control skipped: {recipe.model.name} has no local copy (not materialised, "
+                                     "not a directory, not in the Hugging Face cache)")
+        return
+    control = ggufs / ".control-base-f16.gguf"
+    try:
+        convert(base, control, "f16")
+        llm = llama_cpp_model(control, n_ctx=2 * recipe.data.max_length)
+        verification["control_base_without_adapter"] = agreement(llm, sequences, stops, max_new)
+        del llm
+    except Exception as exc:  # the control is a diagnostic: its failure must not throw away a checked export
+        verification["notes"].append(f"control skipped: {type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        control.unlink(missing_ok=True)
 
 
 def architecture_name(recipe: Recipe) -> str:
@@ -364,7 +419,7 @@ def architecture_name(recipe: Recipe) -> str:
 
 
 def write_model_card(recipe: Recipe, out: Path) -> None:
-    from tunebook.evaluate import REPORTS_DIR, metrics_table
+    from tunebook.reporting import metrics_table
 
     lines = [
         f"# {recipe.name}", "",
@@ -374,7 +429,7 @@ def write_model_card(recipe: Recipe, out: Path) -> None:
         f"- train split: `{recipe.data.train}`",
         f"- prompt format: the base model's chat template; system prompt: {recipe.data.system_prompt!r}", "",
     ]
-    report = REPORTS_DIR / recipe.name / "report.json"
+    report = report_dir(recipe.name) / "report.json"
     if report.exists():
         lines += ["## Evaluation (base vs fine-tuned)", "", metrics_table(json.loads(report.read_text())), ""]
     lines += ["## Recipe", "", "```yaml", json.dumps(recipe.to_dict(), indent=2), "```", ""]

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunebook import outputs
 from tunebook.errors import RecipeError
 
-MODELS_DIR = Path("models")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -150,14 +150,51 @@ def materialise_smollm2(target: Path) -> Path:
     return target
 
 
-def resolve_model_path(name: str) -> str:
-    """A local path or hub id to load `name` from; materialises the embedded default on first use."""
+def cached_hub_snapshot(hub_id: str) -> Path | None:
+    """The local Hugging Face cache's copy of a hub model (with its config.json), or None; never downloads."""
+    if not looks_like_hub_id(hub_id):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), or a malformed cache entry
+        return None
+    return path if (path / "config.json").exists() else None
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`org/name` with the Hub's characters: a name the Hub could serve (not a filesystem path)."""
+    parts = name.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~"))
+            and all(set(p) <= allowed and p not in (".", "..") for p in parts))
+
+
+def local_model_dir(name: str, materialise: bool = True) -> Path | None:
+    """A local directory holding `name`'s weights, or None where only the Hub has them.
+
+    Registry names resolve to the embedded default (materialised on first use) or their hub id's cached
+    snapshot; a local directory is itself; a hub id is its cached snapshot.
+    """
     entry = registry_entry(name)
     if entry is not None and entry.embedded:
-        return str(materialise_smollm2(MODELS_DIR / "base" / entry.name))
-    if entry is not None:
-        return entry.hub_id
-    return name
+        target = outputs.base_dir(entry.name)
+        return materialise_smollm2(target) if materialise else target
+    hub_id = entry.hub_id if entry is not None else name
+    if entry is None and Path(name).is_dir():
+        return Path(name)
+    return cached_hub_snapshot(hub_id)
+
+
+def resolve_model_path(name: str) -> str:
+    """Where to load `name` from: a local directory when there is one, else its hub id (downloads on a
+    machine with network access)."""
+    local = local_model_dir(name)
+    if local is not None:
+        return str(local)
+    entry = registry_entry(name)
+    return entry.hub_id if entry is not None else name
 
 
 # ---------------------------------------------------------------- loading

@@ -19,11 +19,12 @@ import yaml
 
 from tunebook.config import Recipe
 from tunebook.data import sha256
-from tunebook.models import MODELS_DIR, load_model, load_tokenizer, resolve_model_path
+from tunebook.errors import RecipeError
+from tunebook.fingerprint import fingerprint_diff, read_fingerprint, run_fingerprint, write_fingerprint
+from tunebook.models import load_model, load_tokenizer, resolve_model_path
+from tunebook.outputs import atomic_dir, checkpoints_dir, clean_leftovers, fine_tuned_dir, timestamp
 from tunebook.prompts import encode_example
 from tunebook.validate import validate_recipe
-
-CHECKPOINTS_DIR = MODELS_DIR / "checkpoints"
 
 # SFTConfig defaults tunebook picks; any of them can be set in the recipe's `training:` section.
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -39,14 +40,6 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
-def fine_tuned_dir(recipe: Recipe) -> Path:
-    return MODELS_DIR / "fine-tuned" / recipe.name
-
-
-def checkpoints_dir(recipe: Recipe) -> Path:
-    return CHECKPOINTS_DIR / recipe.name
-
-
 def encode_split(tokenizer: Any, rows: list[dict], recipe: Recipe, limit: int | None) -> tuple[list[dict], int]:
     """Token ids + labels for each row; rows longer than `data.max_length` are dropped and counted."""
     encoded, dropped = [], 0
@@ -59,15 +52,88 @@ def encode_split(tokenizer: Any, rows: list[dict], recipe: Recipe, limit: int | 
     return encoded, dropped
 
 
+def is_complete_checkpoint(path: Path) -> bool:
+    """Trainer state, weights, optimizer and the run's fingerprint (written last, so an interrupted save lacks it)."""
+    weights = (path / "adapter_model.safetensors").exists() or (path / "model.safetensors").exists()
+    return (weights and (path / "trainer_state.json").exists() and (path / "optimizer.pt").exists()
+            and read_fingerprint(path) is not None)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    suffix = path.name.rpartition("-")[2]
+    return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
+
+
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest `checkpoint-N` holding trainer state, weights and optimizer (an interrupted save lacks one)."""
-    complete = []
-    for path in folder.glob("checkpoint-*"):
-        suffix = path.name.split("-")[-1]
-        weights = (path / "adapter_model.safetensors").exists() or (path / "model.safetensors").exists()
-        if suffix.isdigit() and weights and (path / "trainer_state.json").exists() and (path / "optimizer.pt").exists():
-            complete.append((int(suffix), path))
+    """The newest complete `checkpoint-N` in `folder`, or None."""
+    complete = [(checkpoint_step(p), p) for p in folder.glob("checkpoint-*")
+                if checkpoint_step(p) is not None and is_complete_checkpoint(p)]
     return max(complete)[1] if complete else None
+
+
+def fingerprint_callback(fingerprint: dict[str, Any]):
+    """A Trainer callback that writes the run's fingerprint into each checkpoint after everything else."""
+    from transformers import TrainerCallback
+
+    class FingerprintCallback(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                write_fingerprint(Path(args.output_dir) / f"checkpoint-{state.global_step}", fingerprint)
+
+    return FingerprintCallback()
+
+
+def move_aside(ckpt_dir: Path) -> Path | None:
+    """Move every checkpoint of an earlier run to `<recipe>.stale-<time>/` beside it (never deleted)."""
+    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
+        return None
+    stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{timestamp()}")
+    os.replace(ckpt_dir, stale)
+    return stale
+
+
+def plan_resume(recipe: Recipe, fingerprint: dict[str, Any], overrides: list[str], force: bool = False,
+                force_resume: bool = False) -> Path | None:
+    """The checkpoint to resume, or None to start fresh; decided before any model loads.
+
+    `auto` resumes only a complete checkpoint of the same run (same fingerprint). Anything else in the
+    checkpoint directory belongs to another run and is moved aside, with the changed fields on one line.
+    """
+    ckpt_dir = checkpoints_dir(recipe.name)
+    value = None if force else recipe.training.get("resume_from_checkpoint")
+    again = " ".join(["tunebook train", recipe.command_name, *overrides])
+    if value not in (None, "auto"):
+        path = Path(str(value))
+        if not is_complete_checkpoint(path):
+            raise RecipeError(recipe.source, "training.resume_from_checkpoint",
+                              f"{path} is not a complete checkpoint (no weights, optimizer or fingerprint).",
+                              "Name a complete checkpoint-N directory, or use 'auto'.")
+        changes = fingerprint_diff(read_fingerprint(path), fingerprint)
+        if changes and not force_resume:
+            raise RecipeError(recipe.source, "training.resume_from_checkpoint",
+                              f"{path} was written by a different run ({'; '.join(changes)}).",
+                              f"Train without it to start fresh, or resume it anyway: `{again} --force-resume`.")
+        return path
+    found = last_complete_checkpoint(ckpt_dir) if value == "auto" else None
+    if found is not None:
+        changes = fingerprint_diff(read_fingerprint(found), fingerprint)
+        if not changes or force_resume:
+            for path in ckpt_dir.glob("checkpoint-*"):
+                step = checkpoint_step(path)
+                if step is not None and step > checkpoint_step(found) and not is_complete_checkpoint(path):
+                    shutil.rmtree(path)
+                    print(f"removed {path}: its save was interrupted")
+            print(f"resuming from {found}" + (f" despite changes ({'; '.join(changes)})" if changes else ""))
+            return found
+    stale = move_aside(ckpt_dir)
+    if stale is not None:
+        why = (f"the recipe changed since {found.name} ({'; '.join(changes)})" if found is not None
+               else "--force" if force
+               else "training.resume_from_checkpoint is not 'auto'" if value is None
+               else "no complete checkpoint of this recipe to resume")
+        hint = f"; to continue the old run instead: `{again} --force-resume`" if found is not None else ""
+        print(f"starting fresh: {why}; old checkpoints moved to {stale}{hint}")
+    return None
 
 
 def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
@@ -99,8 +165,35 @@ def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
     )
 
 
-def train(recipe: Recipe) -> Path:
-    """Train the recipe's adapter and write it, atomically, to models/fine-tuned/<recipe>/."""
+def finished_run(recipe: Recipe, fingerprint: dict[str, Any]) -> Path | None:
+    """The adapter directory if this very run (same fingerprint) already finished, else None."""
+    final = fine_tuned_dir(recipe.name)
+    try:
+        info = json.loads((final / "run_info.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    done = info.get("fingerprint") == fingerprint and (final / "adapter_model.safetensors").exists()
+    return final if done else None
+
+
+def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = False,
+          force_resume: bool = False) -> Path:
+    """Train the recipe's adapter and write it, atomically, to models/fine-tuned/<recipe>/.
+
+    `force` starts from scratch even when this run finished or has checkpoints; `force_resume` continues a
+    checkpoint whose recipe or data differ. `overrides` only shape the commands suggested in messages.
+    """
+    report = validate_recipe(recipe)
+    fingerprint = run_fingerprint(recipe)
+    for note in clean_leftovers(fine_tuned_dir(recipe.name)):
+        print(note)
+    done = finished_run(recipe, fingerprint) if not force else None
+    if done is not None:
+        print(f"already trained: {done} was written by this recipe with the same data and settings; "
+              f"nothing to do (`{' '.join(['tunebook train', recipe.command_name, *(overrides or [])])} --force` retrains)")
+        return done
+    resume = plan_resume(recipe, fingerprint, overrides or [], force, force_resume)
+
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import PrinterCallback, set_seed
@@ -108,7 +201,6 @@ def train(recipe: Recipe) -> Path:
 
     from tunebook.progress import RichProgress
 
-    report = validate_recipe(recipe)
     started = time.perf_counter()
     use_cuda = torch.cuda.is_available()
     seed = recipe.seed
@@ -120,13 +212,13 @@ def train(recipe: Recipe) -> Path:
     train_set, dropped_train = encode_split(tokenizer, train_rows, recipe, recipe.data.train_limit)
     val_set, dropped_val = encode_split(tokenizer, val_rows, recipe, recipe.data.val_limit)
     if not train_set:
-        raise SystemExit(f"{recipe.source}: data.max_length: every training example is longer than "
-                         f"{recipe.data.max_length} tokens. Raise data.max_length.")
+        raise RecipeError(recipe.source, "data.max_length", f"every training example is longer than "
+                          f"{recipe.data.max_length} tokens.", "Raise data.max_length.")
     if dropped_train or dropped_val:
         print(f"note: dropped {dropped_train} train / {dropped_val} val examples longer than "
               f"data.max_length={recipe.data.max_length} tokens (not truncated: that would cut answers)")
 
-    ckpt_dir = checkpoints_dir(recipe)
+    ckpt_dir = checkpoints_dir(recipe.name)
     # Built before the model so k-bit preparation follows the resolved checkpointing setting: TRL's default,
     # or the recipe's `gradient_checkpointing` / `activation_checkpointing` (its transformers 5.2x name).
     args = sft_config(recipe, ckpt_dir, use_cuda)
@@ -147,17 +239,16 @@ def train(recipe: Recipe) -> Path:
         train_dataset=Dataset.from_list(train_set),
         eval_dataset=Dataset.from_list(val_set) if val_set else None,
         processing_class=tokenizer,
-        callbacks=[RichProgress()],
+        callbacks=[RichProgress(), fingerprint_callback(fingerprint)],
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the logs
-    resume = resolve_resume(recipe, ckpt_dir)
     eval_before = trainer.evaluate()["eval_loss"] if val_set and resume is None else None
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     eval_after = trainer.evaluate()["eval_loss"] if val_set else None
     wall = time.perf_counter() - started
 
     if not trainer.is_world_process_zero():
-        return fine_tuned_dir(recipe)
+        return fine_tuned_dir(recipe.name)
     state = trainer.state
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     run_info = {
@@ -182,45 +273,23 @@ def train(recipe: Recipe) -> Path:
         "train_tokens_per_s": round(tokens / result.metrics["train_runtime"], 1) if tokens else None,
         "peak_memory_mb": peak_memory_mb(use_cuda),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "fingerprint": fingerprint,
     }
-    out = write_final(recipe, trainer, tokenizer, run_info)
-    return out
-
-
-def resolve_resume(recipe: Recipe, ckpt_dir: Path) -> Path | None:
-    value = recipe.training.get("resume_from_checkpoint")
-    if value == "auto":
-        found = last_complete_checkpoint(ckpt_dir)
-        if found:
-            print(f"resuming from {found}")
-        return found
-    return Path(value) if value else None
+    return write_final(recipe, trainer, tokenizer, run_info)
 
 
 def write_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_info: dict[str, Any]) -> Path:
     """Adapter, tokenizer, resolved recipe, run_info, loss log and curve: built in a temp dir, then renamed."""
-    final = fine_tuned_dir(recipe)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainer.model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    (tmp / "run_info.json").write_text(json.dumps(run_info, indent=2))
-    history = trainer.state.log_history
-    (tmp / "loss_log.json").write_text(json.dumps(history, indent=2))
-    plot_loss(history, tmp / "loss_curve.png", recipe.name)
-    replace_dir(tmp, final)
+    final = fine_tuned_dir(recipe.name)
+    with atomic_dir(final) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        (tmp / "run_info.json").write_text(json.dumps(run_info, indent=2))
+        history = trainer.state.log_history
+        (tmp / "loss_log.json").write_text(json.dumps(history, indent=2))
+        plot_loss(history, tmp / "loss_curve.png", recipe.name)
     return final
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a finished temp directory into place; the old output survives until the new one is complete."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def plot_loss(history: list[dict], path: Path, title: str) -> None:

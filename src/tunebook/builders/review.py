@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tunebook.builders.splits import drop_cross_split_duplicates
 from tunebook.builders.stdlib_docs import SKIP_PARTS, stdlib_dir
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
@@ -251,10 +252,11 @@ def build_review(out_dir: Path, seed: int = 42, limit_files: int | None = None) 
                 "instruction": INSTRUCTION, "input": f"```python\n{bad.rstrip()}\n```",
                 "output": review_text(rules[rule_code], message, good), "rule": rule_code, "source": source,
             })
+    dropped = drop_cross_split_duplicates(splits)
     for name, rows in splits.items():
         random.Random(f"{seed}-{name}").shuffle(rows)
         write_jsonl(out_dir / f"{name}.jsonl", rows)
-    return {"sizes": {n: len(r) for n, r in splits.items()},
+    return {"sizes": {n: len(r) for n, r in splits.items()}, "dropped_duplicates": dropped,
             "rules": {n: len({r["rule"] for r in rows}) for n, rows in splits.items()},
             "from_docs": sum(r["source"] == "ruff-docs" for rows in splits.values() for r in rows),
             "from_docs_renamed": sum(r["source"] == "ruff-docs-renamed" for rows in splits.values() for r in rows),

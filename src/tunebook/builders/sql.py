@@ -18,6 +18,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from tunebook.builders.splits import drop_cross_split_duplicates
 from tunebook.builders.sql_domains import (
     DOMAINS,
     FIRST,
@@ -468,6 +469,7 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
         splits[name].extend(groups[key])
     taken = {normalise(e["question"]) for e in splits["train"] + splits["val"]}
     splits["test"].extend(e for e in unseen if normalise(e["question"]) not in taken)
+    dropped = drop_cross_split_duplicates(splits, input_of=lambda e: e["question"])
     for name, rows in splits.items():
         rows.sort(key=lambda e: (e["db_id"], e["question"]))
         random.Random(f"{seed}-{name}").shuffle(rows)
@@ -481,4 +483,5 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
         "test_only_databases": sorted(held),
         "test_unseen_examples": sum(e["db_id"] in held for e in splits["test"]),
         "skipped_empty_gold": skipped,
+        "dropped_duplicates": dropped,
     }

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tunebook.builders.splits import drop_cross_split_duplicates
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
 
@@ -188,11 +189,12 @@ def assemble(rows: list[dict[str, Any]], out_dir: Path, seed: int, test: float =
             splits["val"].extend(group)
         else:
             splits["train"].extend(group)
+    dropped = drop_cross_split_duplicates(splits)
     for name, split_rows in splits.items():
         random.Random(f"{seed}-{name}").shuffle(split_rows)
         write_jsonl(out_dir / f"{name}.jsonl", split_rows)
     modules = {name: len({r["module"] for r in split_rows}) for name, split_rows in splits.items()}
-    return {"sizes": {n: len(r) for n, r in splits.items()}, "modules": modules,
+    return {"sizes": {n: len(r) for n, r in splits.items()}, "modules": modules, "dropped_duplicates": dropped,
             "python": sys.version.split()[0], "source": "Python standard library docstrings + pydoc_data.topics"}
 
 

@@ -1,0 +1,40 @@
+"""The one rule every builder applies before writing: no split shares an input or an answer with another."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tunebook.data import normalise
+
+
+def drop_cross_split_duplicates(
+    splits: dict[str, list[dict[str, Any]]],
+    input_of: Callable[[dict], str] = lambda row: row["input"],
+    target_of: Callable[[dict], str] = lambda row: row["output"],
+) -> dict[str, dict[str, int]]:
+    """Remove, in place, every val/test row whose normalised input or target is already in an earlier split.
+
+    Train is kept whole; val loses what train has; test loses what train or val has. Two near-identical
+    documents (`ntpath` vs `posixpath`) give the same answer, so comparing inputs alone would let the answer
+    leak. Returns how many rows each split lost, and why, for the dataset card.
+    """
+    seen_inputs: set[str] = set()
+    seen_targets: set[str] = set()
+    dropped: dict[str, dict[str, int]] = {}
+    for name in ("train", "val", "test"):
+        rows = splits[name]
+        if name != "train":
+            kept, same_input, same_target = [], 0, 0
+            for row in rows:
+                if normalise(input_of(row)) in seen_inputs:
+                    same_input += 1
+                elif normalise(target_of(row)) in seen_targets:
+                    same_target += 1
+                else:
+                    kept.append(row)
+            rows[:] = kept
+            dropped[name] = {"same_input_as_earlier_split": same_input, "same_answer_as_earlier_split": same_target}
+        seen_inputs |= {normalise(input_of(row)) for row in rows}
+        seen_targets |= {normalise(target_of(row)) for row in rows}
+    return dropped

@@ -1,0 +1,156 @@
+"""Where every output lives, and how it gets there whole.
+
+Every command writes into a hidden temp directory beside its final place and renames it into place only when
+it is complete, so a crash or a kill leaves the previous output untouched. Temp directories carry the writer's
+pid; the next run removes those whose writer is gone (and says so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+MODELS_DIR = Path("models")
+REPORTS_DIR = Path("reports")
+LOGS_DIR = Path("logs")
+
+
+def base_dir(model_name: str) -> Path:
+    return MODELS_DIR / "base" / model_name
+
+
+def fine_tuned_dir(recipe_name: str) -> Path:
+    return MODELS_DIR / "fine-tuned" / recipe_name
+
+
+def checkpoints_dir(recipe_name: str) -> Path:
+    return MODELS_DIR / "checkpoints" / recipe_name
+
+
+def merged_dir(recipe_name: str) -> Path:
+    return MODELS_DIR / "merged" / recipe_name
+
+
+def gguf_dir(recipe_name: str) -> Path:
+    return MODELS_DIR / "gguf" / recipe_name
+
+
+def export_anchor(recipe_name: str) -> Path:
+    """`models/<recipe>`: not written itself; an export builds in the temp tree beside it (`.<recipe>.export-<pid>`)."""
+    return MODELS_DIR / recipe_name
+
+
+def report_dir(recipe_name: str) -> Path:
+    return REPORTS_DIR / recipe_name
+
+
+def log_file(recipe_name: str, command: str) -> Path:
+    return LOGS_DIR / recipe_name / f"{command}.log"
+
+
+# ---------------------------------------------------------------- atomic directories
+
+
+def temp_sibling(final: Path, kind: str = "tmp") -> Path:
+    """A hidden name beside `final` that carries this process's pid: `.name.tmp-1234`."""
+    return final.with_name(f".{final.name}.{kind}-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temp directory; on success it replaces `final`, on any error it is removed."""
+    tmp = temp_sibling(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_in_together([(tmp, final)])
+
+
+def swap_in_together(pairs: list[tuple[Path, Path]]) -> None:
+    """Move finished temp directories onto their final paths as one unit.
+
+    The old outputs are first moved into one hidden `.old` directory (a single rename to discard later), the
+    new ones are renamed into place, then the `.old` directory is removed. A kill inside this short window
+    leaves the `.old` directory behind, and `clean_leftovers` puts the old outputs back, so a reader never
+    sees new merged weights beside old GGUF files.
+    """
+    first_final = pairs[0][1]
+    old = temp_sibling(first_final, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    old.mkdir(parents=True)
+    # The manifest is written before anything moves, so a kill at any point can be undone.
+    (old / "MANIFEST").write_text(
+        "".join(f"{i}\t{int(final.exists())}\t{final.absolute()}\n" for i, (_, final) in enumerate(pairs))
+    )
+    for index, (_, final) in enumerate(pairs):
+        if final.exists():
+            os.replace(final, old / str(index))
+    for tmp, final in pairs:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+    trash = temp_sibling(first_final, "trash")
+    os.replace(old, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def clean_leftovers(*finals: Path) -> list[str]:
+    """Remove temp directories that killed runs left beside these outputs; undo a half-finished swap.
+
+    Returns one line per thing done, for the console. Directories of a writer that is still running are left
+    alone.
+    """
+    notes = []
+    for final in finals:
+        parent = final.parent
+        if not parent.is_dir():
+            continue
+        for path in sorted(parent.glob(f".{final.name}.*-*")):
+            kind, _, pid = path.name[len(final.name) + 2:].rpartition("-")
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and (path / "MANIFEST").exists():
+                restore_old(path)
+                notes.append(f"restored the previous outputs from an interrupted swap ({path})")
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            notes.append(f"removed {path} left by an interrupted run")
+    return notes
+
+
+def restore_old(old: Path) -> None:
+    """Undo a killed `swap_in_together`: the previous outputs go back, new ones that had no predecessor go."""
+    for line in (old / "MANIFEST").read_text().splitlines():
+        index, existed, final = line.split("\t", 2)
+        final_path, saved = Path(final), old / index
+        if existed == "1" and not saved.exists():
+            continue  # never moved aside: the final path still holds the previous output
+        if final_path.exists():
+            shutil.rmtree(final_path)
+        if saved.exists():
+            os.replace(saved, final_path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def timestamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
