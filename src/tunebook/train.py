@@ -88,8 +88,18 @@ def move_aside(ckpt_dir: Path) -> Path | None:
     if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
         return None
     stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{timestamp()}")
-    os.replace(ckpt_dir, stale)
+    n = 1
+    while stale.exists():
+        n += 1
+        stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{timestamp()}-{n}")
+    if is_main_process():
+        os.replace(ckpt_dir, stale)
     return stale
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch` (or a plain run): the one process that moves files and talks."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def plan_resume(recipe: Recipe, fingerprint: dict[str, Any], overrides: list[str], force: bool = False,
@@ -120,13 +130,14 @@ def plan_resume(recipe: Recipe, fingerprint: dict[str, Any], overrides: list[str
         if not changes or force_resume:
             for path in ckpt_dir.glob("checkpoint-*"):
                 step = checkpoint_step(path)
-                if step is not None and step > checkpoint_step(found) and not is_complete_checkpoint(path):
+                if (step is not None and step > checkpoint_step(found) and not is_complete_checkpoint(path)
+                        and is_main_process()):
                     shutil.rmtree(path)
                     print(f"removed {path}: its save was interrupted")
             print(f"resuming from {found}" + (f" despite changes ({'; '.join(changes)})" if changes else ""))
             return found
     stale = move_aside(ckpt_dir)
-    if stale is not None:
+    if stale is not None and is_main_process():
         why = (f"the recipe changed since {found.name} ({'; '.join(changes)})" if found is not None
                else "--force" if force
                else "training.resume_from_checkpoint is not 'auto'" if value is None
