@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import tunebook.export
+import tunebook.outputs
 from tunebook.config import load_recipe
 from tunebook.errors import RecipeError
 from tunebook.evaluate import evaluate
@@ -119,7 +120,9 @@ def test_sigkill_during_checkpoint_save_and_between_checkpoints_then_resume(tiny
     again = run_tunebook(tmp_path, "train", killed_in_save)
     assert again.returncode == 0, again.stderr
     assert "resuming from" in again.stdout and "checkpoint-2" in again.stdout
-    assert "removed" in again.stdout and "checkpoint-4" in again.stdout
+    assert "interrupted saves" in again.stdout
+    stale = [p for p in ckpts.parent.iterdir() if p.name.startswith("killed-in-save.stale-")]
+    assert len(stale) == 1 and (stale[0] / "checkpoint-4" / "adapter_model.safetensors").exists()
     resumed = losses(fine_tuned_dir("killed-in-save"))
     for step in (3, 4, 5, 6):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5)
@@ -163,16 +166,19 @@ def test_sigkill_during_export_and_failing_conversion_keep_previous_export(tiny_
     # A different adapter, so a re-merge that slipped into place would show.
     train(load_recipe(recipe.source, ["training.seed=8"]))
 
-    for fault in (("export-convert", 2), ("export-swap", 3)):
+    # export-swap N: killed after N renames of the swap (1 = its manifest is in place, 3 = both old outputs
+    # moved aside, 4 = the new merged model in place, 5 = both new outputs in place, old not yet discarded).
+    for fault in (("export-convert", 2), ("export-swap", 1), ("export-swap", 3), ("export-swap", 4),
+                  ("export-swap", 5)):
         done = run_tunebook(tmp_path, "export", recipe.source, "--no-verify", fault=fault)
         assert done.returncode == -9, done.stderr
         if fault[0] == "export-convert":
             assert tree_digest(merged_dir(recipe.name)) == merged_before
             assert tree_digest(gguf_dir(recipe.name)) == gguf_before
         # The next run cleans up (and for a kill mid-swap restores the previous export) before it starts.
-        from tunebook.outputs import clean_leftovers, export_anchor
+        from tunebook.outputs import clean_leftovers
 
-        notes = clean_leftovers(merged_dir(recipe.name), gguf_dir(recipe.name), export_anchor(recipe.name))
+        notes = clean_leftovers(merged_dir(recipe.name), gguf_dir(recipe.name))
         assert notes, fault
         assert tree_digest(merged_dir(recipe.name)) == merged_before, fault
         assert tree_digest(gguf_dir(recipe.name)) == gguf_before, fault
@@ -197,11 +203,36 @@ def test_sigkill_during_export_and_failing_conversion_keep_previous_export(tiny_
     assert tree_digest(gguf_dir(recipe.name)) == gguf_before
 
     monkeypatch.setattr(tunebook.export, "gguf_summary", real_summary)
+    monkeypatch.setattr(tunebook.outputs, "os", OsFailingRename(on_call=3))
+    with pytest.raises(OSError, match="cross-device"):
+        export(recipe, verify=False)
+    monkeypatch.setattr(tunebook.outputs, "os", os)
+    assert tree_digest(merged_dir(recipe.name)) == merged_before, "a failed swap puts the old export back"
+    assert tree_digest(gguf_dir(recipe.name)) == gguf_before
+
     export(recipe, verify=False)
     assert tree_digest(merged_dir(recipe.name)) != merged_before, "the new adapter is exported once all passes"
+    assert tree_digest(gguf_dir(recipe.name)) != gguf_before
+
+
+class OsFailingRename:
+    """The os module, except that its Nth `replace` fails like a rename across filesystems (mid-swap)."""
+
+    def __init__(self, on_call: int):
+        self.calls, self.on_call = 0, on_call
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def replace(self, src, dst):
+        self.calls += 1
+        if self.calls == self.on_call:
+            raise OSError(18, "Invalid cross-device link (injected)")
+        return os.replace(src, dst)
 
 
 @needs_converter
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="the control needs llama-cpp-python")
 def test_gpu_style_recipe_with_cached_hub_model_exports_with_control(tmp_path, tiny_recipe, tokenizer, monkeypatch):
     """A hub-id recipe (llama3's registry name) whose weights sit in the local Hugging Face cache."""
     import huggingface_hub.constants
@@ -219,15 +250,13 @@ def test_gpu_style_recipe_with_cached_hub_model_exports_with_control(tmp_path, t
     train(recipe)
     result = export(recipe, verify=True)
     assert (gguf_dir(recipe.name) / "llama3-tiny-f16.gguf").exists()
-    if importlib.util.find_spec("llama_cpp") is not None:
-        assert "control_base_without_adapter" in result
-        assert not [n for n in result["notes"] if "control" in n]
+    assert "control_base_without_adapter" in result
+    assert not [n for n in result["notes"] if "control" in n]
 
     monkeypatch.setattr(tunebook.export, "local_model_dir", lambda name: None)
     result = export(recipe, verify=True)
-    if importlib.util.find_spec("llama_cpp") is not None:
-        assert "control_base_without_adapter" not in result
-        assert any("control skipped" in note for note in result["notes"])
+    assert "control_base_without_adapter" not in result
+    assert any("control skipped" in note for note in result["notes"])
 
 
 # ---------------------------------------------------------------- a quiet console

@@ -169,9 +169,11 @@ def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     keys = dotted.strip().split(".")
     target = raw
     for key in keys[:-1]:
-        if not isinstance(target.get(key, {}), dict):
+        if target.get(key) is None:
+            target[key] = {}  # absent, or written as an empty `eval:`
+        if not isinstance(target[key], dict):
             raise RecipeError(source, dotted, f"'{key}' is not a section.", "Override a key inside a section.")
-        target = target.setdefault(key, {})
+        target = target[key]
     try:
         target[keys[-1]] = yaml.safe_load(value) if value != "" else None
     except yaml.YAMLError as exc:
@@ -210,6 +212,8 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     eval_cfg = build_section(EvalConfig, raw.get("eval") or {}, source, "eval")
     check_counts(eval_cfg, source, "eval", at_least={"max_new_tokens": 1, "batch_size": 1, "limit": 1})
     export = build_section(ExportConfig, raw.get("export") or {}, source, "export")
+    if isinstance(export.gguf, str):
+        export.gguf = [export.gguf]  # `gguf: q8_0` means one type
     check_counts(export, source, "export", at_least={"verify_prompts": 0})
     for qtype in export.gguf:
         if qtype not in GGUF_TYPES:

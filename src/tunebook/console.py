@@ -34,7 +34,8 @@ def setup_console(log_path: Path | None, verbose: bool) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_path, mode="w", encoding="utf-8")
+        log_path.write_text("", encoding="utf-8")  # one log per command run; then append-only, so C-level
+        handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")  # output written beside it survives
         handler.setFormatter(formatter)
         root.addHandler(handler)
     if verbose or log_path is None:

@@ -25,7 +25,6 @@ from tunebook.errors import RecipeError
 from tunebook.models import load_tokenizer, local_model_dir, resolve_model_path
 from tunebook.outputs import (
     clean_leftovers,
-    export_anchor,
     fine_tuned_dir,
     gguf_dir,
     merged_dir,
@@ -279,23 +278,27 @@ def check_export_tools(recipe: Recipe) -> None:
 def export(recipe: Recipe, verify: bool = True) -> dict[str, Any]:
     """Write merged model, GGUFs, Modelfile and verify.json, all put in place together when every check passed.
 
-    Everything is built in one temp tree (`models/.<recipe>.export-<pid>/`); a failure or a kill at any
-    step leaves the previous export exactly as it was.
+    Everything is built in temp directories beside the final ones (`.<recipe>.tmp-<pid>`); a failure or a
+    kill at any step leaves the previous export exactly as it was.
     """
     validate_recipe(recipe)
     adapter = fine_tuned_dir(recipe.name)
     check_adapter(adapter, recipe)
     check_export_tools(recipe)
-    for note in clean_leftovers(merged_dir(recipe.name), gguf_dir(recipe.name), export_anchor(recipe.name)):
+    for note in clean_leftovers(merged_dir(recipe.name), gguf_dir(recipe.name)):
         print(note)
-    work = temp_sibling(export_anchor(recipe.name), "export")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    # Each temp directory sits beside its final place (same filesystem, so the final renames cannot fail
+    # half-way on a symlinked models/gguf); both are swapped in together.
+    work = {name: temp_sibling(final) for name, final in (("merged", merged_dir(recipe.name)),
+                                                          ("gguf", gguf_dir(recipe.name)))}
+    for path in work.values():
+        shutil.rmtree(path, ignore_errors=True)
     try:
-        verification = build_export(recipe, adapter, work / "merged", work / "gguf", verify)
-        swap_in_together([(work / "merged", merged_dir(recipe.name)), (work / "gguf", gguf_dir(recipe.name))])
+        verification = build_export(recipe, adapter, work["merged"], work["gguf"], verify)
+        swap_in_together([(work["merged"], merged_dir(recipe.name)), (work["gguf"], gguf_dir(recipe.name))])
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for path in work.values():
+            shutil.rmtree(path, ignore_errors=True)
     return verification
 
 

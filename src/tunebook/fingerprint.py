@@ -31,14 +31,53 @@ NOT_IN_FINGERPRINT = frozenset({
 DATA_FIELDS = ("max_length", "system_prompt", "train_limit")
 
 
+# With `load_best_model_at_end`, evaluation decides which weights are final: then these count too.
+BEST_MODEL_FIELDS = ("eval_strategy", "eval_steps", "save_steps", "save_strategy", "metric_for_best_model",
+                     "greater_is_better")
+
+
+def library_defaults(cls: type) -> dict[str, Any]:
+    """Field -> default of a library config dataclass (fields without a plain default are left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def run_fingerprint(recipe: Recipe) -> dict[str, Any]:
-    """The flat mapping `section.field -> value` that identifies a training run."""
+    """The flat mapping `section.field -> value` that identifies a training run.
+
+    A `lora`/`training` value equal to the library's default is left out, so writing a default explicitly
+    (`seed: 42`) is the same run as leaving it unset.
+    """
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    lora_defaults, sft_defaults = library_defaults(LoraConfig), library_defaults(SFTConfig)
+    best = bool(recipe.training.get("load_best_model_at_end"))
+    ignored = NOT_IN_FINGERPRINT - set(BEST_MODEL_FIELDS) if best else NOT_IN_FINGERPRINT
     out: dict[str, Any] = {f"model.{k}": v for k, v in dataclasses.asdict(recipe.model).items()}
     out["data.train (sha256)"] = sha256(recipe.data.train)
     out.update({f"data.{k}": getattr(recipe.data, k) for k in DATA_FIELDS})
-    out.update({f"lora.{k}": v for k, v in recipe.lora.items()})
-    out.update({f"training.{k}": v for k, v in recipe.training.items() if k not in NOT_IN_FINGERPRINT})
+    if best:
+        out["data.val (sha256)"] = sha256(recipe.data.val)
+        out["data.val_limit"] = recipe.data.val_limit
+    out.update({f"lora.{k}": v for k, v in recipe.lora.items() if not same(v, lora_defaults.get(k, Ellipsis))})
+    out.update({f"training.{k}": v for k, v in recipe.training.items()
+                if k not in ignored and not same(v, sft_defaults.get(k, Ellipsis))})
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # plain JSON values, comparable after a reload
+
+
+def same(value: Any, default: Any) -> bool:
+    """A recipe value equals a library default (enums compare by their value)."""
+    if default is Ellipsis:
+        return False
+    default = getattr(default, "value", default)
+    return value == default or (isinstance(value, list) and isinstance(default, (list, tuple, set))
+                                and list(value) == list(default))
 
 
 def fingerprint_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -37,11 +38,6 @@ def merged_dir(recipe_name: str) -> Path:
 
 def gguf_dir(recipe_name: str) -> Path:
     return MODELS_DIR / "gguf" / recipe_name
-
-
-def export_anchor(recipe_name: str) -> Path:
-    """`models/<recipe>`: not written itself; an export builds in the temp tree beside it (`.<recipe>.export-<pid>`)."""
-    return MODELS_DIR / recipe_name
 
 
 def report_dir(recipe_name: str) -> Path:
@@ -75,27 +71,34 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def swap_in_together(pairs: list[tuple[Path, Path]]) -> None:
-    """Move finished temp directories onto their final paths as one unit.
+    """Move finished temp directories (each a sibling of its final path) onto their final paths as one unit.
 
     The old outputs are first moved into one hidden `.old` directory (a single rename to discard later), the
     new ones are renamed into place, then the `.old` directory is removed. A kill inside this short window
-    leaves the `.old` directory behind, and `clean_leftovers` puts the old outputs back, so a reader never
-    sees new merged weights beside old GGUF files.
+    leaves the `.old` directory behind, and `clean_leftovers` puts the old outputs back; an error inside it
+    puts them back at once. A reader never sees new merged weights beside old GGUF files.
     """
     first_final = pairs[0][1]
     old = temp_sibling(first_final, "old")
     shutil.rmtree(old, ignore_errors=True)
     old.mkdir(parents=True)
-    # The manifest is written before anything moves, so a kill at any point can be undone.
-    (old / "MANIFEST").write_text(
-        "".join(f"{i}\t{int(final.exists())}\t{final.absolute()}\n" for i, (_, final) in enumerate(pairs))
-    )
-    for index, (_, final) in enumerate(pairs):
-        if final.exists():
-            os.replace(final, old / str(index))
-    for tmp, final in pairs:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
+    # The manifest is complete on disk before anything moves, so a kill at any point can be undone.
+    manifest = old / "MANIFEST.tmp"
+    with manifest.open("w", encoding="utf-8") as handle:
+        handle.write("".join(f"{i}\t{int(final.exists())}\t{final.absolute()}\n" for i, (_, final) in enumerate(pairs)))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(manifest, old / "MANIFEST")
+    try:
+        for index, (_, final) in enumerate(pairs):
+            if final.exists():
+                os.replace(final, old / str(index))
+        for tmp, final in pairs:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+    except BaseException:
+        restore_old(old)
+        raise
     trash = temp_sibling(first_final, "trash")
     os.replace(old, trash)
     shutil.rmtree(trash, ignore_errors=True)
@@ -111,22 +114,26 @@ def _pid_alive(pid: int) -> bool:
     return pid != os.getpid()
 
 
+LEFTOVER_KINDS = ("tmp", "old", "trash")
+
+
 def clean_leftovers(*finals: Path) -> list[str]:
     """Remove temp directories that killed runs left beside these outputs; undo a half-finished swap.
 
     Returns one line per thing done, for the console. Directories of a writer that is still running are left
-    alone.
+    alone, and so are names that only start like ours (`.sql.v2.tmp-1` belongs to recipe `sql.v2`).
     """
     notes = []
     for final in finals:
         parent = final.parent
         if not parent.is_dir():
             continue
-        for path in sorted(parent.glob(f".{final.name}.*-*")):
-            kind, _, pid = path.name[len(final.name) + 2:].rpartition("-")
-            if not pid.isdigit() or _pid_alive(int(pid)):
+        pattern = re.compile(rf"\.{re.escape(final.name)}\.({'|'.join(LEFTOVER_KINDS)})-(\d+)")
+        for path in sorted(parent.iterdir()):
+            match = pattern.fullmatch(path.name)
+            if match is None or _pid_alive(int(match.group(2))):
                 continue
-            if kind == "old" and (path / "MANIFEST").exists():
+            if match.group(1) == "old" and (path / "MANIFEST").exists():
                 restore_old(path)
                 notes.append(f"restored the previous outputs from an interrupted swap ({path})")
                 continue
@@ -139,9 +146,15 @@ def clean_leftovers(*finals: Path) -> list[str]:
 
 
 def restore_old(old: Path) -> None:
-    """Undo a killed `swap_in_together`: the previous outputs go back, new ones that had no predecessor go."""
-    for line in (old / "MANIFEST").read_text().splitlines():
-        index, existed, final = line.split("\t", 2)
+    """Undo a killed or failed `swap_in_together`: previous outputs go back, new ones without a predecessor go.
+
+    Saved outputs are never deleted: `old` is removed only once nothing numbered is left in it.
+    """
+    for line in (old / "MANIFEST").read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t", 2)
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue
+        index, existed, final = parts
         final_path, saved = Path(final), old / index
         if existed == "1" and not saved.exists():
             continue  # never moved aside: the final path still holds the previous output
@@ -149,7 +162,13 @@ def restore_old(old: Path) -> None:
             shutil.rmtree(final_path)
         if saved.exists():
             os.replace(saved, final_path)
-    shutil.rmtree(old, ignore_errors=True)
+    if not any(p.name.isdigit() for p in old.iterdir()):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch` (or a plain run): the one process that moves files and talks."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def timestamp() -> str:

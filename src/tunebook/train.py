@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import time
 from importlib import metadata
@@ -22,7 +21,14 @@ from tunebook.data import sha256
 from tunebook.errors import RecipeError
 from tunebook.fingerprint import fingerprint_diff, read_fingerprint, run_fingerprint, write_fingerprint
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
-from tunebook.outputs import atomic_dir, checkpoints_dir, clean_leftovers, fine_tuned_dir, timestamp
+from tunebook.outputs import (
+    atomic_dir,
+    checkpoints_dir,
+    clean_leftovers,
+    fine_tuned_dir,
+    is_main_process,
+    timestamp,
+)
 from tunebook.prompts import encode_example
 from tunebook.validate import validate_recipe
 
@@ -53,10 +59,9 @@ def encode_split(tokenizer: Any, rows: list[dict], recipe: Recipe, limit: int | 
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """Trainer state, weights, optimizer and the run's fingerprint (written last, so an interrupted save lacks it)."""
+    """Trainer state, weights and optimizer all written (the fingerprint, written last, is checked apart)."""
     weights = (path / "adapter_model.safetensors").exists() or (path / "model.safetensors").exists()
-    return (weights and (path / "trainer_state.json").exists() and (path / "optimizer.pt").exists()
-            and read_fingerprint(path) is not None)
+    return weights and (path / "trainer_state.json").exists() and (path / "optimizer.pt").exists()
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -64,11 +69,19 @@ def checkpoint_step(path: Path) -> int | None:
     return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest complete `checkpoint-N` in `folder`, or None."""
-    complete = [(checkpoint_step(p), p) for p in folder.glob("checkpoint-*")
-                if checkpoint_step(p) is not None and is_complete_checkpoint(p)]
-    return max(complete)[1] if complete else None
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete `checkpoint-N` directories in `folder` with their fingerprint, newest first."""
+    found = [p for p in folder.glob("checkpoint-*")
+             if checkpoint_step(p) is not None and is_complete_checkpoint(p) and read_fingerprint(p) is not None]
+    return sorted(found, key=checkpoint_step, reverse=True)
+
+
+def last_complete_checkpoint(folder: Path, fingerprint: dict[str, Any] | None = None) -> Path | None:
+    """The newest complete checkpoint in `folder` (of the run with `fingerprint`, when given), or None."""
+    for path in complete_checkpoints(folder):
+        if fingerprint is None or read_fingerprint(path) == fingerprint:
+            return path
+    return None
 
 
 def fingerprint_callback(fingerprint: dict[str, Any]):
@@ -83,9 +96,14 @@ def fingerprint_callback(fingerprint: dict[str, Any]):
     return FingerprintCallback()
 
 
-def move_aside(ckpt_dir: Path) -> Path | None:
-    """Move every checkpoint of an earlier run to `<recipe>.stale-<time>/` beside it (never deleted)."""
-    if not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()):
+def move_aside(ckpt_dir: Path, keep: set[Path] | None = None) -> Path | None:
+    """Move the checkpoints of earlier runs to `<recipe>.stale-<time>/` beside `ckpt_dir` (never deleted).
+
+    Everything in `ckpt_dir` goes, except the paths in `keep` (the run being resumed).
+    """
+    keep = keep or set()
+    leaving = [p for p in ckpt_dir.iterdir() if p not in keep] if ckpt_dir.is_dir() else []
+    if not leaving:
         return None
     stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{timestamp()}")
     n = 1
@@ -93,21 +111,22 @@ def move_aside(ckpt_dir: Path) -> Path | None:
         n += 1
         stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{timestamp()}-{n}")
     if is_main_process():
-        os.replace(ckpt_dir, stale)
+        if keep:
+            stale.mkdir(parents=True)
+            for path in leaving:
+                os.replace(path, stale / path.name)
+        else:
+            os.replace(ckpt_dir, stale)
     return stale
-
-
-def is_main_process() -> bool:
-    """Rank 0 under `accelerate launch` (or a plain run): the one process that moves files and talks."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def plan_resume(recipe: Recipe, fingerprint: dict[str, Any], overrides: list[str], force: bool = False,
                 force_resume: bool = False) -> Path | None:
     """The checkpoint to resume, or None to start fresh; decided before any model loads.
 
-    `auto` resumes only a complete checkpoint of the same run (same fingerprint). Anything else in the
-    checkpoint directory belongs to another run and is moved aside, with the changed fields on one line.
+    `auto` resumes the newest complete checkpoint of the same run (same fingerprint). Checkpoints of any
+    other run are moved aside, with the changed fields on one line; `force_resume` resumes the newest
+    complete checkpoint whatever its fingerprint (also one written before fingerprints existed).
     """
     ckpt_dir = checkpoints_dir(recipe.name)
     value = None if force else recipe.training.get("resume_from_checkpoint")
@@ -116,7 +135,7 @@ def plan_resume(recipe: Recipe, fingerprint: dict[str, Any], overrides: list[str
         path = Path(str(value))
         if not is_complete_checkpoint(path):
             raise RecipeError(recipe.source, "training.resume_from_checkpoint",
-                              f"{path} is not a complete checkpoint (no weights, optimizer or fingerprint).",
+                              f"{path} is not a complete checkpoint (weights, optimizer or trainer state missing).",
                               "Name a complete checkpoint-N directory, or use 'auto'.")
         changes = fingerprint_diff(read_fingerprint(path), fingerprint)
         if changes and not force_resume:
@@ -124,18 +143,28 @@ def plan_resume(recipe: Recipe, fingerprint: dict[str, Any], overrides: list[str
                               f"{path} was written by a different run ({'; '.join(changes)}).",
                               f"Train without it to start fresh, or resume it anyway: `{again} --force-resume`.")
         return path
-    found = last_complete_checkpoint(ckpt_dir) if value == "auto" else None
-    if found is not None:
-        changes = fingerprint_diff(read_fingerprint(found), fingerprint)
-        if not changes or force_resume:
-            for path in ckpt_dir.glob("checkpoint-*"):
-                step = checkpoint_step(path)
-                if (step is not None and step > checkpoint_step(found) and not is_complete_checkpoint(path)
-                        and is_main_process()):
-                    shutil.rmtree(path)
-                    print(f"removed {path}: its save was interrupted")
-            print(f"resuming from {found}" + (f" despite changes ({'; '.join(changes)})" if changes else ""))
+    found, changes = None, []
+    if value == "auto":
+        found = last_complete_checkpoint(ckpt_dir, fingerprint)
+        if found is None and force_resume:
+            candidates = sorted((p for p in ckpt_dir.glob("checkpoint-*")
+                                 if checkpoint_step(p) is not None and is_complete_checkpoint(p)),
+                                key=checkpoint_step, reverse=True)
+            found = candidates[0] if candidates else None
+        if found is not None:
+            changes = fingerprint_diff(read_fingerprint(found), fingerprint)
+            # Only complete checkpoints of the resumed run stay (and TensorBoard's runs/): a later save of this
+            # run must not land in a half-written or foreign checkpoint-N, nor rotate another run's away.
+            same_run = {p for p in complete_checkpoints(ckpt_dir) if read_fingerprint(p) == read_fingerprint(found)}
+            stale = move_aside(ckpt_dir, keep=same_run | {found, ckpt_dir / "runs"})
+            if stale is not None and is_main_process():
+                print(f"moved checkpoints of other runs (or interrupted saves) to {stale}")
+            if is_main_process():
+                print(f"resuming from {found}" + (f" despite changes ({'; '.join(changes)})" if changes else ""))
             return found
+        newest = next(iter(complete_checkpoints(ckpt_dir)), None)
+        changes = fingerprint_diff(read_fingerprint(newest), fingerprint) if newest is not None else []
+        found = newest
     stale = move_aside(ckpt_dir)
     if stale is not None and is_main_process():
         why = (f"the recipe changed since {found.name} ({'; '.join(changes)})" if found is not None
@@ -196,8 +225,9 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     """
     report = validate_recipe(recipe)
     fingerprint = run_fingerprint(recipe)
-    for note in clean_leftovers(fine_tuned_dir(recipe.name)):
-        print(note)
+    if is_main_process():
+        for note in clean_leftovers(fine_tuned_dir(recipe.name)):
+            print(note)
     done = finished_run(recipe, fingerprint) if not force else None
     if done is not None:
         print(f"already trained: {done} was written by this recipe with the same data and settings; "
