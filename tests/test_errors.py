@@ -194,3 +194,10 @@ def test_gold_sql_that_fails_in_user_data_is_found_before_generation(tiny_recipe
         evaluate(load_recipe(tiny_recipe()), which="base", data=str(own))
     assert "mine.jsonl: example 2: field 'output': the gold SQL fails" in str(info.value)
     assert "no such table: nowhere" in str(info.value)
+
+
+def test_overrides_may_follow_options(tiny_recipe, capsys):
+    assert main(["eval", str(tiny_recipe()), "--model", "base", "eval.batch_size=0"]) == 2
+    assert "eval.batch_size: 0 is too small" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(tiny_recipe()), "--model", "base", "--nope"])

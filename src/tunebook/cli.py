@@ -135,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     from tunebook.console import log_path, setup_console
     from tunebook.outputs import log_file
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow options (`tunebook eval R --data F eval.limit=5`), which argparse leaves over.
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     name = "data" if args.command == "data" else Path(args.recipe).stem
     setup_console(log_file(name, args.command), args.verbose)
     try:
