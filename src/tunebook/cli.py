@@ -63,9 +63,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(metrics_table(report))
     for name, subset in report["subsets"].items():
         tuned = subset.get("fine_tuned", subset.get("base", {}))
-        base = subset.get("base", {})
-        print(f"{name} ({subset['n_examples']} examples): "
-              + ", ".join(f"{k} {base.get(k, float('nan')):.1f} -> {v:.1f}" for k, v in tuned.items()))
+        base = subset.get("base", {}) if "fine_tuned" in subset else {}
+        shown = (f"{k} {base[k]:.1f} -> {v:.1f}" if k in base else f"{k} {v:.1f}" for k, v in tuned.items())
+        print(f"{name} ({subset['n_examples']} examples): " + ", ".join(shown))
     if report.get("by_shape"):
         print(f"\nby shape ({report['main_metric']}):\n" + shape_table(report))
     print(f"report: {out}/report.md  chart: {out}/chart.png  predictions: {out}/predictions.jsonl")
