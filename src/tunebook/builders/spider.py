@@ -204,6 +204,11 @@ PEOPLE = re.compile(r"\b(people|person|student|employee|customer|member|artist|p
                     r"representative|people|technician|engineer|architect|gymnast|wrestler|perpetrator|climber|"
                     r"poker player|ship captain|guest|visitor|participant|person|friend|head|individual)s?\b")
 
+# Text columns whose words say they hold a date, or a person's name (text_value makes both; never categorical).
+DATE_WORDS = re.compile(r"\b(date|day|time|dates|datetime|timestamp)\b")
+PERSON_WORDS = re.compile(r"\b(player|host|winner|author|artist|driver|manager|owner|director|captain|coach|singer|"
+                          r"leader|president|ceo|founder|contact|person|name of)\b")
+
 
 def zipf_choice(rng: random.Random, values: list, skew: float = 1.1) -> Any:
     """A value drawn with Zipf-like weights: a few values are common, most rare (GROUP BY answers differ)."""
@@ -231,10 +236,9 @@ def text_value(rng: random.Random, column: Column, table: Table, pool: list[str]
         return f"{rng.randint(1, 999)} {rng.choice(NOUNS)} Street"
     if re.search(r"\b(zip|postcode|postal)\b", words):
         return f"{rng.randint(10000, 99999)}"
-    if re.search(r"\b(date|day|time|dates|datetime|timestamp)\b", words):
+    if DATE_WORDS.search(words):
         return date_value(rng)
-    if re.search(r"\b(player|host|winner|author|artist|driver|manager|owner|director|captain|coach|singer|"
-                 r"leader|president|ceo|founder|contact|person|name of)\b", words):
+    if PERSON_WORDS.search(words):
         return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
     if re.search(r"\b(name|title)\b", words):
         return f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}"
@@ -266,8 +270,7 @@ def categorical_pool(rng: random.Random, column: Column) -> list[str]:
     if re.search(r"\b(type|status|category|class|kind|level|role|genre|position|mode|method|format|result|"
                  r"grade|rank|rating|division|league|section)\b", words):
         return rng.sample(CATEGORY_WORDS, 5)
-    if re.search(r"\b(date|day|time|dates|datetime|timestamp|player|host|winner|author|artist|driver|manager|"
-                 r"owner|director|captain|coach|singer|leader|president|ceo|founder|contact|person)\b", words):
+    if DATE_WORDS.search(words) or PERSON_WORDS.search(words):
         return []  # dates and people's names (text_value makes them)
     return sorted({f"{rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}" for _ in range(6)})
 

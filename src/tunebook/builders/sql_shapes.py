@@ -115,6 +115,13 @@ def pick(ctx: Ctx, items: list) -> Any:
     return ctx.rng.choice(items) if items else None
 
 
+def pick_column(ctx: Ctx, kinds: tuple[str, ...]) -> tuple[Table, Column] | tuple[None, None]:
+    """A random table with rows and one of its content columns of these kinds (None, None if there is none)."""
+    table = pick(ctx, tables_with_rows(ctx))
+    column = pick(ctx, content(ctx, table, kinds)) if table else None
+    return (table, column) if column is not None else (None, None)
+
+
 def tables_with_rows(ctx: Ctx) -> list[Table]:
     return [t for t in ctx.schema.tables.values()
             if t.columns and ctx.rows(f"SELECT COUNT(*) FROM {q(t.name)}")[0][0] >= 3]
@@ -187,9 +194,7 @@ def shape_where(ctx: Ctx) -> Example | None:
 
 
 def shape_like(ctx: Ctx) -> Example | None:
-    t = pick(ctx, tables_with_rows(ctx))
-    texts = content(ctx, t, ("text",)) if t else []
-    column = pick(ctx, texts)
+    t, column = pick_column(ctx, ("text",))
     if column is None:
         return None
     words_in_data = sorted({w for v in values(ctx, t, column) for w in re.findall(r"[A-Za-z]{4,}", str(v))})
@@ -205,9 +210,7 @@ def shape_like(ctx: Ctx) -> Example | None:
 
 
 def shape_between(ctx: Ctx) -> Example | None:
-    t = pick(ctx, tables_with_rows(ctx))
-    nums = content(ctx, t, ("integer", "real", "date")) if t else []
-    column = pick(ctx, nums)
+    t, column = pick_column(ctx, ("integer", "real", "date"))
     if column is None:
         return None
     vals = values(ctx, t, column)
@@ -223,9 +226,7 @@ def shape_between(ctx: Ctx) -> Example | None:
 
 
 def shape_in(ctx: Ctx) -> Example | None:
-    t = pick(ctx, tables_with_rows(ctx))
-    texts = content(ctx, t, ("text",)) if t else []
-    column = pick(ctx, texts)
+    t, column = pick_column(ctx, ("text",))
     if column is None:
         return None
     vals = values(ctx, t, column)
@@ -280,9 +281,7 @@ AGGS = [("AVG", ["average", "mean"]), ("MAX", ["maximum", "highest", "largest"])
 
 
 def shape_agg(ctx: Ctx) -> Example | None:
-    t = pick(ctx, tables_with_rows(ctx))
-    nums = content(ctx, t, ("integer", "real")) if t else []
-    column = pick(ctx, nums)
+    t, column = pick_column(ctx, ("integer", "real"))
     if column is None:
         return None
     fn, words = ctx.rng.choice(AGGS)
