@@ -115,12 +115,8 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
         results[kind] = {"predictions": preds, "metrics": metrics, "examples_per_s": len(rows) / seconds}
 
     subsets = sql_subsets(recipe, rows, results, data_file) if recipe.task == "sql" else {}
-    by_shape = {
-        shape: {"n_examples": len(idx), **{
-            kind: task_metrics(recipe.task, [r["predictions"][i] for i in idx], [rows[i] for i in idx], data_file)
-            for kind, r in results.items()}}
-        for shape, idx in sorted(group_indices(rows, "shape").items())
-    }
+    by_shape = {shape: score_subset(recipe.task, idx, rows, results, data_file)
+                for shape, idx in sorted(group_indices(rows, "shape").items())}
     return write_report(recipe, rows, results, subsets, data_file, by_shape)
 
 
@@ -143,9 +139,14 @@ def sql_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], data
     real = [i for i in unseen if rows[i].get("source") == "spider"]
     if real:
         groups["unseen_real_schema"] = real
-    return {name: {"n_examples": len(idx), **{
-        kind: task_metrics("sql", [r["predictions"][i] for i in idx], [rows[i] for i in idx], data_file)
-        for kind, r in results.items()}} for name, idx in groups.items()}
+    return {name: score_subset("sql", idx, rows, results, data_file) for name, idx in groups.items()}
+
+
+def score_subset(task: str, indices: list[int], rows: list[dict], results: dict[str, dict], data_file: Path) -> dict:
+    """The task's metrics on some rows, for every model evaluated, with the row count."""
+    return {"n_examples": len(indices), **{
+        kind: task_metrics(task, [r["predictions"][i] for i in indices], [rows[i] for i in indices], data_file)
+        for kind, r in results.items()}}
 
 
 def write_report(recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict, data_file: Path,
