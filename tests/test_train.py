@@ -81,3 +81,36 @@ def test_checkpointing_setting_under_either_name_without_warning(tiny_recipe, tm
             warnings.filterwarnings("error", message=".*checkpointing.*", category=FutureWarning)
             args = sft_config(recipe, tmp_path, use_cuda=False)
         assert args.gradient_checkpointing is value
+
+
+def test_lm_head_scores_trained_positions_only_with_same_loss_and_gradients(tiny_model_dir, monkeypatch):
+    import torch
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+
+    from tunebook.speedups import score_trained_positions_only
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 48))
+    labels = ids.clone()
+    labels[:, :36] = -100  # a prompt: no labels
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    assert not trl_utils._use_triton(torch.device("cpu"))
+    full, full_grads = loss_and_grads()
+    assert score_trained_positions_only() and trl_utils._use_triton(torch.device("cpu"))
+    compact, compact_grads = loss_and_grads()
+    assert torch.allclose(full.loss, compact.loss, rtol=1e-5)
+    assert torch.equal(full.is_top1, compact.is_top1)
+    assert torch.allclose(full.entropy, compact.entropy, atol=1e-5)
+    assert full_grads.keys() == compact_grads.keys() and len(full_grads) > 5
+    for name, grad in full_grads.items():
+        assert torch.allclose(grad, compact_grads[name], atol=1e-6, rtol=1e-4), name

@@ -30,6 +30,7 @@ from tunebook.outputs import (
     timestamp,
 )
 from tunebook.prompts import encode_example
+from tunebook.speedups import score_trained_positions_only
 from tunebook.validate import validate_recipe
 
 # SFTConfig defaults tunebook picks; any of them can be set in the recipe's `training:` section.
@@ -274,6 +275,7 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
 
     from datasets import Dataset
 
+    score_trained_positions_only()
     trainer = SFTTrainer(
         model=model,
         args=args,
