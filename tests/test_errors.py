@@ -201,3 +201,15 @@ def test_overrides_may_follow_options(tiny_recipe, capsys):
     assert "eval.batch_size: 0 is too small" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["eval", str(tiny_recipe()), "--model", "base", "--nope"])
+
+
+def test_data_where_selects_train_and_val_rows_and_names_what_is_wrong(tiny_recipe, sql_data):
+    report = validate_recipe(load_recipe(tiny_recipe(data__where={"source": ["generated", "chinook"]})))
+    assert report.splits["train"] and {r["source"] for r in report.splits["train"]} <= {"generated", "chinook"}
+    assert len(report.splits["test"]) == 24, "the test split is never filtered"
+    message = error_for(tiny_recipe(data__where={"sorce": "spider"}))
+    assert "data.where.sorce" in message and "has a field 'sorce'" in message
+    message = error_for(tiny_recipe(data__where={"source": ["nowhere"]}))
+    assert "data.where.source" in message and "Its rows have source:" in message
+    message = error_for(tiny_recipe(data__where=["source"]))
+    assert "data.where" in message and "expected dict" in message

@@ -60,6 +60,9 @@ class DataConfig:
     system_prompt: str | None = None
     train_limit: int | None = None
     val_limit: int | None = 64
+    # Train and validate only on rows whose fields have these values, e.g. {source: [spider, chinook]}.
+    # The test split is never filtered: the report scores all of it, with its subsets.
+    where: dict[str, list] | None = None
 
 
 @dataclass
@@ -198,6 +201,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     check_choice(model.quantization, QUANTIZATIONS, source, "model.quantization")
     data = build_section(DataConfig, raw["data"], source, "data")
     check_counts(data, source, "data", at_least={"max_length": 16, "train_limit": 1, "val_limit": 0})
+    data.where = where_clause(data.where, source)
     lora = library_section(raw["lora"], lora_fields(), source, "lora", "peft.LoraConfig")
     training = library_section(raw["training"], sft_fields(), source, "training", "trl.SFTConfig")
     for key, where in TRAINING_OWNED.items():
@@ -234,6 +238,23 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
 
 
 # ---------------------------------------------------------------- checks
+
+
+def where_clause(where: Any, source: str) -> dict[str, list] | None:
+    """`data.where` as {field: [allowed values]}; a single value means a list of one."""
+    if where is None:
+        return None
+    if not isinstance(where, dict) or not where:
+        raise RecipeError(source, "data.where", "must map field names to allowed values.",
+                          "Write e.g. `where: {source: [spider, chinook]}`.")
+    out = {}
+    for key, values in where.items():
+        values = values if isinstance(values, list) else [values]
+        if not values or any(isinstance(v, dict | list) or v is None for v in values):
+            raise RecipeError(source, f"data.where.{key}", f"{values!r} is not a list of values.",
+                              f"Write e.g. `{key}: [a, b]`.")
+        out[str(key)] = values
+    return out
 
 
 def did_you_mean(key: str, known: typing.Iterable[str]) -> str:

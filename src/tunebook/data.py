@@ -61,6 +61,21 @@ def read_jsonl(path: str | Path, recipe_source: str = "recipe", field_name: str 
     return examples
 
 
+def select_rows(rows: list[dict], where: dict[str, list], path: str, recipe_source: str) -> list[dict]:
+    """The rows whose fields hold one of the allowed values (`data.where`); an error when none is left."""
+    for key, values in where.items():
+        present = {str(row[key]) for row in rows if key in row}
+        if not present:
+            raise RecipeError(recipe_source, f"data.where.{key}", f"no row of {path} has a field '{key}'.",
+                              "Name a field the rows carry, or remove `data.where`.")
+        wanted = {str(v) for v in values}
+        rows = [row for row in rows if str(row.get(key)) in wanted]
+        if not rows:
+            raise RecipeError(recipe_source, f"data.where.{key}", f"no row of {path} has {key} in {values}.",
+                              f"Its rows have {key}: {', '.join(sorted(present)[:10])}.")
+    return rows
+
+
 def sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import Recipe
-from tunebook.data import read_jsonl
+from tunebook.data import read_jsonl, select_rows
 from tunebook.errors import RecipeError
 from tunebook.generation import generate
 from tunebook.metrics import perplexity, review_metrics, run_sql, sql_metrics, text_metrics
@@ -66,10 +66,14 @@ def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
 
 
 def train_db_ids(recipe: Recipe) -> set[str]:
+    """The databases the recipe trained on (after `data.where`)."""
     try:
-        return {r.get("db_id") for r in read_jsonl(recipe.data.train, recipe.source, "data.train")}
+        rows = read_jsonl(recipe.data.train, recipe.source, "data.train")
+        if recipe.data.where:
+            rows = select_rows(rows, recipe.data.where, recipe.data.train, recipe.source)
     except RecipeError:
         return set()
+    return {r.get("db_id") for r in rows}
 
 
 def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapter_dir: Path | None = None) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import Recipe
-from tunebook.data import read_jsonl
+from tunebook.data import read_jsonl, select_rows
 from tunebook.errors import RecipeError
 from tunebook.models import (
     REGISTRY,
@@ -127,7 +127,10 @@ def validate_recipe(recipe: Recipe, check_model: bool = True) -> ValidationRepor
     """Read and check every split, the model source, LoRA targets and tier; raise RecipeError on the first problem."""
     report = ValidationReport()
     for split in ("train", "val", "test"):
-        report.splits[split] = read_jsonl(getattr(recipe.data, split), recipe.source, f"data.{split}")
+        rows = read_jsonl(getattr(recipe.data, split), recipe.source, f"data.{split}")
+        if recipe.data.where and split != "test":
+            rows = select_rows(rows, recipe.data.where, getattr(recipe.data, split), recipe.source)
+        report.splits[split] = rows
     if check_model:
         check_model_source(recipe, report)
         check_target_modules(recipe, report)
