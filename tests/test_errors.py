@@ -213,3 +213,14 @@ def test_data_where_selects_train_and_val_rows_and_names_what_is_wrong(tiny_reci
     assert "data.where.source" in message and "Its rows have source:" in message
     message = error_for(tiny_recipe(data__where=["source"]))
     assert "data.where" in message and "expected dict" in message
+
+
+def test_eval_where_is_checked_before_generation(tiny_recipe):
+    from tunebook.evaluate import evaluate, load_eval_rows
+
+    recipe = load_recipe(tiny_recipe(eval__where={"source": "generated"}, eval__limit=None))
+    rows, _ = load_eval_rows(recipe, None)
+    assert rows and {r["source"] for r in rows} == {"generated"}
+    recipe = load_recipe(tiny_recipe(eval__where={"sourse": "spider"}))
+    with pytest.raises(RecipeError, match=r"eval\.where\.sourse: no row of .*test\.jsonl has a field 'sourse'"):
+        evaluate(recipe, which="base")

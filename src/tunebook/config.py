@@ -73,6 +73,7 @@ class EvalConfig:
     batch_size: int = 16
     limit: int | None = None
     metrics: list[str] = field(default_factory=list)
+    where: dict[str, list] | None = None  # evaluate only rows with these field values (before `limit`)
 
 
 @dataclass
@@ -201,7 +202,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     check_choice(model.quantization, QUANTIZATIONS, source, "model.quantization")
     data = build_section(DataConfig, raw["data"], source, "data")
     check_counts(data, source, "data", at_least={"max_length": 16, "train_limit": 1, "val_limit": 0})
-    data.where = where_clause(data.where, source)
+    data.where = where_clause(data.where, source, "data.where")
     lora = library_section(raw["lora"], lora_fields(), source, "lora", "peft.LoraConfig")
     training = library_section(raw["training"], sft_fields(), source, "training", "trl.SFTConfig")
     for key, where in TRAINING_OWNED.items():
@@ -215,6 +216,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
         )
     eval_cfg = build_section(EvalConfig, raw.get("eval") or {}, source, "eval")
     check_counts(eval_cfg, source, "eval", at_least={"max_new_tokens": 1, "batch_size": 1, "limit": 1})
+    eval_cfg.where = where_clause(eval_cfg.where, source, "eval.where")
     export = build_section(ExportConfig, raw.get("export") or {}, source, "export")
     if isinstance(export.gguf, str):
         export.gguf = [export.gguf]  # `gguf: q8_0` means one type
@@ -240,18 +242,18 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
 # ---------------------------------------------------------------- checks
 
 
-def where_clause(where: Any, source: str) -> dict[str, list] | None:
-    """`data.where` as {field: [allowed values]}; a single value means a list of one."""
+def where_clause(where: Any, source: str, name: str) -> dict[str, list] | None:
+    """`data.where`/`eval.where` as {field: [allowed values]}; a single value means a list of one."""
     if where is None:
         return None
     if not isinstance(where, dict) or not where:
-        raise RecipeError(source, "data.where", "must map field names to allowed values.",
+        raise RecipeError(source, name, "must map field names to allowed values.",
                           "Write e.g. `where: {source: [spider, chinook]}`.")
     out = {}
     for key, values in where.items():
         values = values if isinstance(values, list) else [values]
         if not values or any(isinstance(v, dict | list) or v is None for v in values):
-            raise RecipeError(source, f"data.where.{key}", f"{values!r} is not a list of values.",
+            raise RecipeError(source, f"{name}.{key}", f"{values!r} is not a list of values.",
                               f"Write e.g. `{key}: [a, b]`.")
         out[str(key)] = values
     return out

@@ -61,17 +61,18 @@ def read_jsonl(path: str | Path, recipe_source: str = "recipe", field_name: str 
     return examples
 
 
-def select_rows(rows: list[dict], where: dict[str, list], path: str, recipe_source: str) -> list[dict]:
-    """The rows whose fields hold one of the allowed values (`data.where`); an error when none is left."""
+def select_rows(rows: list[dict], where: dict[str, list], path: str | Path, recipe_source: str,
+                name: str = "data.where") -> list[dict]:
+    """The rows whose fields hold one of the allowed values (`data.where`, `eval.where`); an error when none is left."""
     for key, values in where.items():
         present = {str(row[key]) for row in rows if key in row}
         if not present:
-            raise RecipeError(recipe_source, f"data.where.{key}", f"no row of {path} has a field '{key}'.",
-                              "Name a field the rows carry, or remove `data.where`.")
+            raise RecipeError(recipe_source, f"{name}.{key}", f"no row of {path} has a field '{key}'.",
+                              f"Name a field the rows carry, or remove `{name}`.")
         wanted = {str(v) for v in values}
         rows = [row for row in rows if str(row.get(key)) in wanted]
         if not rows:
-            raise RecipeError(recipe_source, f"data.where.{key}", f"no row of {path} has {key} in {values}.",
+            raise RecipeError(recipe_source, f"{name}.{key}", f"no row of {path} has {key} in {values}.",
                               f"Its rows have {key}: {', '.join(sorted(present)[:10])}.")
     return rows
 

@@ -45,6 +45,8 @@ def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
     data_file = Path(data or recipe.data.test)
     field = "--data" if data else "data.test"
     rows = read_jsonl(data_file, recipe.source, field)
+    if recipe.eval.where:
+        rows = select_rows(rows, recipe.eval.where, data_file, recipe.source, "eval.where")
     if recipe.eval.limit:
         rows = rows[: recipe.eval.limit]
     if recipe.task == "sql":
