@@ -21,7 +21,7 @@ import yaml
 from tunebook.errors import RecipeError
 
 TASKS = ("sql", "review", "qa", "summarize")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 RECIPES_DIR = Path("recipes")
 # GGUF types `tunebook export` writes: the converter's own outtypes, then llama.cpp's quantiser's (LLAMA_FTYPE_*).

@@ -201,8 +201,12 @@ def resolve_model_path(name: str) -> str:
 
 
 def torch_dtype(name: str):
+    """The torch dtype for a recipe's `model.dtype` (`auto` resolved for this machine, see precision.py)."""
     import torch
 
+    from tunebook.precision import resolve
+
+    name = resolve(name).dtype
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

@@ -29,6 +29,7 @@ from tunebook.outputs import (
     is_main_process,
     timestamp,
 )
+from tunebook.precision import as_dict, resolve
 from tunebook.prompts import encode_example
 from tunebook.speedups import score_trained_positions_only
 from tunebook.validate import validate_recipe
@@ -183,10 +184,11 @@ def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
 
     kwargs = dict(TRAINING_DEFAULTS)
     kwargs.update({k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"})
-    # TRL turns bf16 on by default; mixed precision follows the model's dtype instead, because bf16 autocast
-    # on a CPU without AMX is ~25x slower than fp32 (measured on these 2-core EPYC machines, see README).
-    kwargs.setdefault("bf16", recipe.model.dtype == "bfloat16")
-    kwargs.setdefault("fp16", recipe.model.dtype == "float16" and use_cuda)
+    # TRL turns bf16 on by default; mixed precision follows the model's (resolved) dtype instead, because bf16
+    # autocast on a CPU without AMX is ~25x slower than fp32 (measured on these 2-core EPYC machines, see README).
+    dtype = resolve(recipe.model.dtype).dtype
+    kwargs.setdefault("bf16", dtype == "bfloat16")
+    kwargs.setdefault("fp16", dtype == "float16" and use_cuda)
     if kwargs.get("eval_strategy") != "no":
         kwargs.setdefault("eval_steps", kwargs["save_steps"])
     kwargs["use_cpu"] = not use_cuda
@@ -299,6 +301,7 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         "model": recipe.model.name,
         "model_path": model_path,
         "seed": seed,
+        "dtype": as_dict(resolve(recipe.model.dtype)),
         "git_sha": git_sha(),
         "versions": versions(),
         "device": "cuda:" + torch.cuda.get_device_name(0) if use_cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",

@@ -63,10 +63,10 @@ def check_tier(recipe: Recipe, report: ValidationReport) -> None:
             recipe.source, "model.quantization", f"'{recipe.model.quantization}' needs bitsandbytes.",
             "Install it (`pip install bitsandbytes`) or set model.quantization: none.",
         )
-    if not torch.cuda.is_available() and recipe.model.dtype != "float32":
+    if not torch.cuda.is_available() and recipe.model.dtype not in ("float32", "auto"):
         report.notes.append(
             f"no GPU here: model.dtype={recipe.model.dtype} on CPU is much slower than float32 on CPUs without "
-            "AMX (override with model.dtype=float32)"
+            "AMX (override with model.dtype=float32, or model.dtype=auto to measure)"
         )
 
 
