@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunebook.outputs
 from tunebook.config import load_recipe
@@ -52,6 +52,18 @@ def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeyp
     for entry in by_shape.values():
         assert 0 <= entry["fine_tuned"]["exec_accuracy"] <= 100 and "exec_accuracy" in entry["base"]
     assert "## By shape (exec_accuracy)" in (out / "report.md").read_text()
+
+    # eval folds the adapter into the weights for the fine-tuned pass: same answers as the adapter kept apart
+    from peft import PeftModel
+
+    from tunebook.outputs import fine_tuned_dir
+
+    rows = read_jsonl(recipe.data.test)[:6]
+    tokenizer = AutoTokenizer.from_pretrained(fine_tuned_dir(recipe.name), padding_side="left")
+    unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.model.name),
+                                         fine_tuned_dir(recipe.name)).eval()
+    texts = generate(unmerged, tokenizer, rows, recipe.data.system_prompt, recipe.eval.max_new_tokens, 6)
+    assert [p["fine_tuned_prediction"] for p in predictions] == texts
 
 
 def test_eval_on_user_data_with_db_path(tiny_recipe, tmp_path, monkeypatch, sql_data):
