@@ -100,7 +100,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 bench: setup data/sql/test.jsonl
-	$(PY) scripts/bench.py $(RECIPE)
+	$(TB) bench $(RECIPE) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests scripts

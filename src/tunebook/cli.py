@@ -96,6 +96,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tunebook.bench import RESULTS, TABLE, markdown, run
+
+    results = run(args.recipe, steps=args.steps, eval_examples=args.eval_examples, quick=args.quick)
+    print(markdown(results))
+    where = (RESULTS, TABLE) if not args.quick else (RESULTS.with_name("quick.json"), TABLE.with_name("quick.md"))
+    print(f"results: {where[0]}  table: {where[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunebook", description=__doc__)
     verbose = argparse.ArgumentParser(add_help=False)
@@ -122,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex = recipe_command("export", "merged model, GGUF files and an Ollama Modelfile", cmd_export)
     ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="compare GGUF greedy outputs with the merged model (needs llama-cpp-python)")
+    bench = sub.add_parser("bench", help="training and eval speed vs plain baselines on this machine",
+                           parents=[verbose])
+    bench.add_argument("recipe", nargs="?", default="smollm2-sql")
+    bench.add_argument("--steps", type=int, default=12, help="training steps per timed run")
+    bench.add_argument("--eval-examples", type=int, default=48)
+    bench.add_argument("--quick", action="store_true", help="a smoke run (writes bench/quick.*, not results)")
+    bench.set_defaults(func=cmd_bench, overrides=[])
     data = sub.add_parser("data", help="build datasets into data/<task>/", parents=[verbose])
     data.add_argument("tasks", nargs="+")
     data.add_argument("--out", default="data")
@@ -143,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    name = "data" if args.command == "data" else Path(args.recipe).stem
+    name = args.command if args.command in ("data", "bench") else Path(args.recipe).stem
     setup_console(log_file(name, args.command), args.verbose)
     try:
         return args.func(args)

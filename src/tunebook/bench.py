@@ -1,0 +1,193 @@
+"""`tunebook bench`: side-by-side speed and memory on this machine, written to bench/results.json and bench/results.md.
+
+Every comparison runs in one invocation on the same machine, model and rows; each training figure runs in its
+own process (so peak RSS is that run's alone). Timings are medians over steps or repeats, with min and max.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunebook.config import load_recipe, recipe_path
+from tunebook.precision import BF16_FLAGS, cpu_description
+
+RESULTS = Path("bench/results.json")
+TABLE = Path("bench/results.md")
+FLAGS = ("avx2", "avx512f", *BF16_FLAGS, "amx_tile")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers depend on: CPU model and flags, cores, threads, library versions."""
+    import torch
+
+    name, flags = cpu_description()
+    versions = {}
+    for package in ("torch", "transformers", "trl", "peft"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return {"cpu": name, "flags": [f for f in FLAGS if f in flags], "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+            else None, "python": platform.python_version(), "versions": versions}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def bench_recipe(recipe: str, workdir: Path, name: str, overrides: dict[str, Any]) -> Path:
+    """A copy of `recipe` named `name` with `overrides` (dotted keys) applied, in `workdir`."""
+    raw = yaml.safe_load(recipe_path(recipe).read_text())
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        (raw.setdefault(section, {}) or {})[key] = value
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def run_tunebook_train(recipe_file: Path) -> dict[str, Any]:
+    """`tunebook train` in its own process, with outputs under the recipe's folder; its run_info.json figures."""
+    from tunebook import outputs
+
+    models = recipe_file.parent / "models"
+    models.mkdir(exist_ok=True)
+    if not (models / "base").exists() and (outputs.MODELS_DIR / "base").is_dir():
+        (models / "base").symlink_to((outputs.MODELS_DIR / "base").resolve())  # the base model is not copied
+    code = ("import sys, tunebook.outputs as o; from pathlib import Path; "
+            f"o.MODELS_DIR = Path({str(models)!r}); o.LOGS_DIR = Path({str(recipe_file.parent / 'logs')!r}); "
+            "from tunebook.cli import main; sys.exit(main(sys.argv[1:]))")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code, "train", str(recipe_file), "--force"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"tunebook train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    info = json.loads((models / "fine-tuned" / recipe_file.stem / "run_info.json").read_text())
+    return {"tokens": info["tokens_seen"], "train_seconds": info["train_runtime_s"],
+            "tokens_per_s": info["train_tokens_per_s"], "peak_rss_mb": info["peak_memory_mb"],
+            "dtype": info.get("dtype"), "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def run_baseline_train(recipe_file: Path, steps: int, tokens_per_step: int) -> dict[str, Any]:
+    script = Path(__file__).resolve().parents[2] / "bench" / "baseline_train.py"
+    done = subprocess.run([sys.executable, str(script), str(recipe_file), str(steps), str(tokens_per_step)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"baseline failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_training(recipe: str, steps: int, workdir: Path) -> dict[str, Any]:
+    """Plain Trainer + PEFT (padded, fp32) vs tunebook's path as the recipe runs it; same rows, rank and steps."""
+    common = {"training.max_steps": steps, "training.save_steps": 10_000, "training.logging_steps": 1,
+              "data.val_limit": 0, "training.report_to": "none"}
+    tunebook_run = run_tunebook_train(bench_recipe(recipe, workdir, "bench-tunebook", common))
+    # The baseline's batches hold as many tokens as tunebook's packed steps did, on average.
+    per_step = round(tunebook_run["tokens"] / steps)
+    baseline = run_baseline_train(bench_recipe(recipe, workdir, "bench-baseline", common), steps, per_step)
+    return {"steps": steps, "baseline": baseline,
+            "tunebook": tunebook_run,
+            "speedup": round(tunebook_run["tokens_per_s"] / baseline["tokens_per_s"], 2)}
+
+
+def bench_memory(recipe: str, workdir: Path) -> dict[str, Any]:
+    """Peak RSS of a 2-step `tunebook train` in fp32, bf16 and QLoRA (4-bit), each in its own process."""
+    out = {}
+    for label, model in (("fp32", {"model.dtype": "float32"}), ("bf16", {"model.dtype": "bfloat16"}),
+                         ("qlora_4bit", {"model.dtype": "float32", "model.quantization": "4bit"})):
+        run = run_tunebook_train(bench_recipe(recipe, workdir, f"bench-mem-{label}", {
+            **model, "training.max_steps": 2, "training.save_steps": 10_000, "data.val_limit": 0,
+            "training.report_to": "none"}))
+        out[label] = {"peak_rss_mb": run["peak_rss_mb"], "tokens_per_s": run["tokens_per_s"]}
+    return out
+
+
+def bench_eval(recipe_name: str, n: int) -> dict[str, Any]:
+    """Fine-tuned generation: adapter kept apart (the old path) vs merged into the weights (today's eval)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tunebook.data import read_jsonl, select_rows
+    from tunebook.generation import generate_ids
+    from tunebook.models import load_model, load_tokenizer, resolve_model_path
+    from tunebook.outputs import fine_tuned_dir
+
+    recipe = load_recipe(recipe_name)
+    path = resolve_model_path(recipe.model.name)
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = "left"
+    rows = read_jsonl(recipe.data.test)
+    if recipe.eval.where:
+        rows = select_rows(rows, recipe.eval.where, recipe.data.test, recipe.source, "eval.where")
+    rows = rows[:n]
+    model = load_model(path, recipe.model, for_training=False)
+    adapter = fine_tuned_dir(recipe.name)
+    if (adapter / "adapter_config.json").exists():
+        model, source = PeftModel.from_pretrained(model, adapter), str(adapter)
+    else:
+        model, source = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora)), "untrained LoRA"
+    model.eval()
+    args = (tokenizer, rows, recipe.data.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    started = time.perf_counter()
+    unmerged = generate_ids(model, *args)
+    t_unmerged = time.perf_counter() - started
+    model.merge_adapter()
+    started = time.perf_counter()
+    merged = generate_ids(model, *args)
+    t_merged = time.perf_counter() - started
+    return {"examples": len(rows), "adapter": source, "max_new_tokens": recipe.eval.max_new_tokens,
+            "batch_size": recipe.eval.batch_size,
+            "adapter_apart_examples_per_s": round(len(rows) / t_unmerged, 3),
+            "merged_examples_per_s": round(len(rows) / t_merged, 3),
+            "speedup": round(t_unmerged / t_merged, 2), "identical_outputs": merged == unmerged}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, flags {', '.join(m['flags']) or '-'};"
+             f" torch {m['versions'].get('torch')}, transformers {m['versions'].get('transformers')}, "
+             f"trl {m['versions'].get('trl')}. Recipe `{results['recipe']}`.", "",
+             "| measure | baseline | tunebook | ratio |", "|---|---:|---:|---:|"]
+    t = results.get("training")
+    if t:
+        lines.append(f"| training tokens/s ({t['steps']} steps) | {t['baseline']['tokens_per_s']} "
+                     f"(Trainer+PEFT, padded, fp32) | {t['tunebook']['tokens_per_s']} "
+                     f"({(t['tunebook'].get('dtype') or {}).get('dtype', '?')}) | **{t['speedup']}x** |")
+        lines.append(f"| training peak RSS | {t['baseline']['peak_rss_mb']:.0f} MB | "
+                     f"{t['tunebook']['peak_rss_mb']:.0f} MB | |")
+    e = results.get("eval")
+    if e:
+        lines.append(f"| fine-tuned eval examples/s ({e['examples']} rows) | {e['adapter_apart_examples_per_s']} "
+                     f"(adapter apart) | {e['merged_examples_per_s']} (merged) | **{e['speedup']}x** "
+                     f"(identical: {e['identical_outputs']}) |")
+    for label, entry in (results.get("memory") or {}).items():
+        lines.append(f"| peak RSS, 2-step train, {label} | | {entry['peak_rss_mb']:.0f} MB | |")
+    return "\n".join(lines) + "\n"
+
+
+def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, quick: bool = False) -> dict:
+    """Run the benchmark and write bench/results.json and bench/results.md (atomically)."""
+    results: dict[str, Any] = {"recipe": recipe, "machine": machine(), "quick": quick}
+    with tempfile.TemporaryDirectory() as tmp:
+        results["training"] = bench_training(recipe, steps, Path(tmp))
+        results["eval"] = bench_eval(recipe, eval_examples)
+        if not quick:
+            results["memory"] = bench_memory(recipe, Path(tmp))
+    out_json, out_md = (RESULTS, TABLE) if not quick else (RESULTS.with_name("quick.json"), TABLE.with_name("quick.md"))
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out_json, json.dumps(results, indent=2)), (out_md, markdown(results))):
+        tmp_path = path.with_name(f".{path.name}.tmp")
+        tmp_path.write_text(text)
+        tmp_path.replace(path)
+    return results

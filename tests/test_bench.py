@@ -1,0 +1,25 @@
+"""`tunebook bench --quick` runs every comparison on the tiny model and writes its files (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from tunebook import bench
+
+
+def test_bench_quick_on_tiny_model(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "bench" / "results.json")
+    monkeypatch.setattr(bench, "TABLE", tmp_path / "bench" / "results.md")
+    recipe = tiny_recipe(name="tiny-bench", training__packing=True)
+    results = bench.run(str(recipe), steps=2, eval_examples=4, quick=True)
+    written = json.loads((tmp_path / "bench" / "quick.json").read_text())
+    assert written == json.loads(json.dumps(results))
+    assert written["machine"]["cores"] >= 1 and "torch" in written["machine"]["versions"]
+    training = written["training"]
+    for run in (training["baseline"], training["tunebook"]):
+        assert run["tokens"] > 0 and run["tokens_per_s"] > 0 and run["peak_rss_mb"] > 0
+    assert training["speedup"] > 0 and training["tunebook"]["dtype"]["dtype"] == "float32"
+    assert written["eval"]["examples"] == 4 and written["eval"]["adapter"] == "untrained LoRA"
+    assert written["eval"]["identical_outputs"] is True
+    assert "| training tokens/s (2 steps) |" in (tmp_path / "bench" / "quick.md").read_text()
+    assert not (tmp_path / "models").exists(), "bench runs keep their outputs in a temp folder"
