@@ -90,7 +90,9 @@ def test_lm_head_scores_trained_positions_only_with_same_loss_and_gradients(tiny
 
     from tunebook.speedups import score_trained_positions_only
 
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored after the test
+    from trl.kernels.chunked_logprob import _use_triton as original
+
+    monkeypatch.setattr(trl_utils, "_use_triton", original)  # TRL's own rule; restored after the test
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     torch.manual_seed(0)
@@ -114,3 +116,34 @@ def test_lm_head_scores_trained_positions_only_with_same_loss_and_gradients(tiny
     assert full_grads.keys() == compact_grads.keys() and len(full_grads) > 5
     for name, grad in full_grads.items():
         assert torch.allclose(grad, compact_grads[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_packed_attention_equals_each_example_alone_with_same_gradients(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tunebook.speedups import register_packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    examples = [{"input_ids": list(range(50 + n, 50 + 2 * n)), "labels": list(range(50 + n, 50 + 2 * n))}
+                for n in (7, 12, 5)]
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+
+    def run():
+        model.zero_grad()
+        out = model(**batch, use_cache=False)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    dense, dense_grads = run()  # transformers' SDPA with a block-diagonal mask over the packed row
+    model.set_attn_implementation(register_packed_attention())
+    packed, packed_grads = run()
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([e["input_ids"]]), use_cache=False).logits
+                           for e in examples], dim=1)
+    assert torch.allclose(packed.logits, alone, atol=1e-5)
+    assert torch.allclose(packed.logits, dense.logits, atol=1e-5)
+    assert torch.allclose(packed.loss, dense.loss, rtol=1e-6)
+    for name, grad in dense_grads.items():
+        assert torch.allclose(grad, packed_grads[name], atol=1e-6, rtol=1e-4), name

@@ -31,7 +31,7 @@ from tunebook.outputs import (
 )
 from tunebook.precision import as_dict, resolve
 from tunebook.prompts import encode_example
-from tunebook.speedups import score_trained_positions_only
+from tunebook.speedups import register_packed_attention, score_trained_positions_only
 from tunebook.validate import validate_recipe
 
 # SFTConfig defaults tunebook picks; any of them can be set in the recipe's `training:` section.
@@ -267,6 +267,8 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     # or the recipe's `gradient_checkpointing` / `activation_checkpointing` (its transformers 5.2x name).
     args = sft_config(recipe, ckpt_dir, use_cuda)
     model = load_model(model_path, recipe.model, for_training=True)
+    if (args.packing or args.padding_free) and not use_cuda and not recipe.model.attn_implementation:
+        model.set_attn_implementation(register_packed_attention())  # one packed example at a time (speedups.py)
     if recipe.model.quantization != "none":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(args.gradient_checkpointing)
