@@ -87,10 +87,9 @@ def test_lm_head_scores_trained_positions_only_with_same_loss_and_gradients(tiny
     import torch
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
+    from trl.kernels.chunked_logprob import _use_triton as original
 
     from tunebook.speedups import score_trained_positions_only
-
-    from trl.kernels.chunked_logprob import _use_triton as original
 
     monkeypatch.setattr(trl_utils, "_use_triton", original)  # TRL's own rule; restored after the test
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
