@@ -158,12 +158,16 @@ def text_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
 
 def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None = None,
                batch_size: int = 8) -> float:
-    """exp(mean negative log-likelihood of the reference answer tokens, each conditioned on its prompt)."""
+    """exp(mean negative log-likelihood of the reference answer tokens, each conditioned on its prompt).
+
+    Examples are batched by length, and the LM head runs only from the earliest answer position of a batch on
+    (`logits_to_keep`): a 16 x 900-token batch of full logits over a 49k vocabulary would take ~3 GB.
+    """
     import torch
 
     from tunebook.prompts import encode_example
 
-    encoded = [encode_example(tokenizer, ex, system_prompt) for ex in examples]
+    encoded = sorted((encode_example(tokenizer, ex, system_prompt) for ex in examples), key=lambda e: len(e["input_ids"]))
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
@@ -177,9 +181,11 @@ def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: 
             ids[i, :n] = torch.tensor(e["input_ids"])
             labels[i, :n] = torch.tensor(e["labels"])
             mask[i, :n] = 1
+        first_answer = min(next(i for i, t in enumerate(e["labels"]) if t != -100) for e in batch)
+        keep = width - first_answer + 1  # logits from the position that predicts the first answer token
         with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(device)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
+        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, width - keep + 1:].to(device)
         nll = torch.nn.functional.cross_entropy(
             shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
         )
