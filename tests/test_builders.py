@@ -48,6 +48,8 @@ def test_sql_splits_sizes_leakage_and_unseen_schemas(sql_data):
     train_dbs = {r["db_id"] for r in splits["train"] + splits["val"]}
     unseen = {r["db_id"] for r in splits["test"]} - train_dbs
     assert len(unseen) >= 4
+    for name, rows in splits.items():
+        assert all(r["unseen_schema"] == (name == "test" and r["db_id"] in unseen) for r in rows), name
     for row in splits["train"][:50]:
         assert row["input"].startswith("Schema:\nCREATE TABLE") and set(row) >= {"instruction", "input", "output", "db_id"}
 

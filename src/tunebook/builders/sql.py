@@ -517,14 +517,15 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
     taken = {normalise(e["question"]) for e in splits["train"] + splits["val"]}
     splits["test"].extend(e for e in unseen if normalise(e["question"]) not in taken)
     dropped = drop_cross_split_duplicates(splits, input_of=lambda e: e["question"])
+    held = {e["db_id"] for e in splits["test"]} - {e["db_id"] for e in splits["train"] + splits["val"]}
     for name, rows in splits.items():
         rows.sort(key=lambda e: (e["db_id"], e["question"]))
         random.Random(f"{seed}-{name}").shuffle(rows)
         for row in rows:
             row.pop("question")
             row["shape"] = shape_of(row["output"])
+            row["unseen_schema"] = row["db_id"] in held  # a test-only database (for `eval.where`)
         write_jsonl(out_dir / f"{name}.jsonl", rows)
-    held = {e["db_id"] for e in splits["test"]} - {e["db_id"] for e in splits["train"] + splits["val"]}
     return {
         "sizes": {name: len(rows) for name, rows in splits.items()},
         "databases": len(list(db_dir.glob("*.sqlite"))),
