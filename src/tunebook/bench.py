@@ -70,10 +70,12 @@ def run_tunebook_train(recipe_file: Path) -> dict[str, Any]:
             f"o.MODELS_DIR = Path({str(models)!r}); o.LOGS_DIR = Path({str(recipe_file.parent / 'logs')!r}); "
             "from tunebook.cli import main; sys.exit(main(sys.argv[1:]))")
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, "train", str(recipe_file), "--force"],
-                          capture_output=True, text=True)
+    log = recipe_file.with_suffix(".log")
+    with log.open("w") as out:  # a file, not a pipe: nothing the child leaves running can hold the bench up
+        done = subprocess.run([sys.executable, "-c", code, "train", str(recipe_file), "--force"],
+                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
-        raise RuntimeError(f"tunebook train failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"tunebook train failed:\n{log.read_text()[-3000:]}")
     info = json.loads((models / "fine-tuned" / recipe_file.stem / "run_info.json").read_text())
     return {"tokens": info["tokens_seen"], "train_seconds": info["train_runtime_s"],
             "tokens_per_s": info["train_tokens_per_s"], "peak_rss_mb": info["peak_memory_mb"],

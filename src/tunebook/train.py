@@ -51,7 +51,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 def encode_split(tokenizer: Any, rows: list[dict], recipe: Recipe, limit: int | None) -> tuple[list[dict], int]:
     """Token ids + labels for each row; rows longer than `data.max_length` are dropped and counted."""
     encoded, dropped = [], 0
-    for row in rows[:limit] if limit else rows:
+    for row in rows[:limit] if limit is not None else rows:  # val_limit: 0 means no validation
         item = encode_example(tokenizer, row, recipe.data.system_prompt, recipe.data.max_length)
         if item is None:
             dropped += 1
