@@ -12,7 +12,7 @@ from tunebook.config import load_recipe
 from tunebook.data import read_jsonl
 from tunebook.errors import RecipeError
 from tunebook.evaluate import evaluate
-from tunebook.generation import generate, generate_ids
+from tunebook.generation import generate, generate_ids, shared_prefix_batches
 from tunebook.train import train
 
 
@@ -26,6 +26,22 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_
     assert all(len(tokens) > 0 for tokens in batched)
     texts = generate(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=4)
     assert texts == [tokenizer.decode(t, skip_special_tokens=True).strip() for t in single]
+
+
+def test_shared_prefix_batches_equal_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
+    """Questions on one schema are generated from a cached schema prefix: same tokens as each prompt alone."""
+    from tunebook.prompts import encode_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    test = read_jsonl(sql_data / "test.jsonl")
+    db = next(r["db_id"] for r in test if sum(x["db_id"] == r["db_id"] for x in test) >= 4)
+    rows = [r for r in test if r["db_id"] == db][:4] + [r for r in test if r["db_id"] != db][:2]
+    batches, rest = shared_prefix_batches([encode_prompt(tokenizer, r, "sys") for r in rows], batch_size=8)
+    assert batches and sorted(batches[0][1]) == [0, 1, 2, 3] and batches[0][0] > 48
+    batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=8)
+    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
+    assert batched == single
 
 
 def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeypatch):

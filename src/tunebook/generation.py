@@ -6,6 +6,10 @@ from typing import Any
 
 from tunebook.prompts import encode_prompt, stop_token_ids
 
+# Prompts that share at least this many leading tokens (an SQL schema, a long document) are generated together
+# from one cached prefix. Below it, recomputing the prefix costs less than the bookkeeping.
+MIN_SHARED_PREFIX = 48
+
 
 def generate(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
              batch_size: int, progress: Any = None) -> list[str]:
@@ -16,35 +20,99 @@ def generate(model: Any, tokenizer: Any, examples: list[dict], system_prompt: st
 
 def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
                  batch_size: int, progress: Any = None) -> list[list[int]]:
-    """Greedy answer token ids, batched with left padding and the KV cache, up to the trained end-of-turn token.
+    """Greedy answer token ids, batched with the KV cache, up to the trained end-of-turn token.
 
-    Prompts are sorted by length so each batch pads little; answers come back in the input order.
+    Prompts that share a long prefix (test questions on the same database schema) form one batch whose prefix is
+    computed once: most of a text-to-SQL prompt is the schema, so this removes most of the prefill. The other
+    prompts are sorted by length and left-padded so each batch pads little. Answers come back in the input order.
+    """
+    prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
+    stops = stop_token_ids(tokenizer, system_prompt)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    shared, rest = shared_prefix_batches(prompts, batch_size)
+    rest.sort(key=lambda i: len(prompts[i]))
+    batches = [(prefix, idx) for prefix, idx in shared]
+    batches += [(0, rest[start:start + batch_size]) for start in range(0, len(rest), batch_size)]
+    for prefix, idx in batches:
+        answers = _generate_batch(model, tokenizer, [prompts[i] for i in idx], prefix, max_new_tokens, stops)
+        for i, tokens in zip(idx, answers, strict=True):
+            outputs[i] = tokens
+        if progress is not None:
+            progress(len(idx))
+    return outputs
+
+
+def shared_prefix_batches(prompts: list[list[int]], batch_size: int) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Batches of prompt indices that share a prefix of at least MIN_SHARED_PREFIX tokens, with that prefix length
+    (always shorter than every member, so each has a token left to feed); and the indices in no such batch."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    batches: list[tuple[int, list[int]]] = []
+    rest: list[int] = []
+    group: list[int] = []
+    common = 0
+
+    def close() -> None:
+        if len(group) > 1 and common >= MIN_SHARED_PREFIX:
+            batches.append((common, list(group)))
+        else:
+            rest.extend(group)
+
+    for i in order:
+        if group:
+            shared = min(common, _common_prefix(prompts[group[-1]], prompts[i]), len(prompts[i]) - 1)
+            if shared >= MIN_SHARED_PREFIX and len(group) < batch_size:
+                group.append(i)
+                common = shared
+                continue
+            close()
+        group, common = [i], len(prompts[i]) - 1
+    if group:
+        close()
+    return batches, rest
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], prefix: int, max_new_tokens: int,
+                    stops: list[int]) -> list[list[int]]:
+    """One batch: [shared prefix][padding][rest of the prompt], the prefix's KV cache computed once and repeated.
+
+    Padding sits between the prefix and each prompt's own tail, masked out; position ids follow the mask, so every
+    row sees exactly its own prompt at its own positions.
     """
     import torch
 
     device = next(model.parameters()).device
-    prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    stops = stop_token_ids(tokenizer, system_prompt)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-                temperature=None, top_p=None, top_k=None,
-            )
-        for row, i in enumerate(idx):
-            tokens = out[row, width:].tolist()
-            cut = next((n for n, t in enumerate(tokens) if t in stops), None)  # drop the stop and padding after it
-            outputs[i] = tokens if cut is None else tokens[: cut + 1]
-        if progress is not None:
-            progress(len(idx))
-    return outputs
+    tails = [p[prefix:] for p in prompts]
+    width = max(len(t) for t in tails)
+    ids = torch.full((len(prompts), prefix + width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[:, :prefix] = torch.tensor(prompts[0][:prefix])
+    mask[:, :prefix] = 1
+    for row, tail in enumerate(tails):
+        ids[row, prefix + width - len(tail):] = torch.tensor(tail)
+        mask[row, prefix + width - len(tail):] = 1
+    extra: dict[str, Any] = {}
+    with torch.no_grad():
+        if prefix:
+            cache = model(input_ids=ids[:1, :prefix].to(device), use_cache=True).cache
+            cache.batch_repeat_interleave(len(prompts))
+            extra["cache"] = cache
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, use_cache=True, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+            temperature=None, top_p=None, top_k=None, **extra,
+        )
+    answers = []
+    for row in range(len(prompts)):
+        tokens = out[row, prefix + width:].tolist()
+        cut = next((n for n, t in enumerate(tokens) if t in stops), None)  # drop the stop and padding after it
+        answers.append(tokens if cut is None else tokens[: cut + 1])
+    return answers
