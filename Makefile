@@ -87,11 +87,7 @@ export: setup $(CONVERTER) $(LLAMA_STAMP)
 	$(TB) export $(RECIPE) $(ARGS)
 
 demo: setup data/$(TASK)/test.jsonl $(CONVERTER) $(LLAMA_STAMP)
-	@start=$$(date +%s); \
-	$(TB) train $(RECIPE) $(ARGS) && \
-	$(TB) eval $(RECIPE) && \
-	$(TB) export $(RECIPE) && \
-	echo "demo finished in $$(( $$(date +%s) - start ))s (install and data build not counted)"
+	$(TB) demo $(RECIPE) $(ARGS)
 
 test: setup $(SQL_SOURCES) $(CONVERTER) $(LLAMA_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -58,3 +58,8 @@ def test_real_smollm2_trains_reloads_evaluates_and_exports(smol_recipe, base_mod
         assert "smollm2-sql-q4_k_m.gguf" in files
         f16 = result["checked"]["f16"]["agreement"]
         assert f16["confident_agreement"] >= 0.99 and f16["top1_agreement"] >= 0.9
+        # the shipped files on the eval rows: the f16 GGUF answers as the fine-tuned HF model does
+        out = evaluate(smol_recipe, which="fine_tuned", gguf=["f16", "q4_k_m"])
+        rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        same = sum(r["gguf_f16_prediction"] == r["fine_tuned_prediction"] for r in rows)
+        assert same >= len(rows) - 1, [(r["gguf_f16_prediction"], r["fine_tuned_prediction"]) for r in rows]

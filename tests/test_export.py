@@ -87,3 +87,55 @@ def test_export_refuses_without_adapter(tiny_recipe):
 
     with pytest.raises(RecipeError, match="no trained adapter"):
         export(load_recipe(tiny_recipe(name="never-trained")))
+
+
+def test_eval_gguf_adds_a_column_per_exported_file(trained, tmp_path, monkeypatch):
+    """`tunebook eval --gguf` runs the exported files through llama.cpp on the eval rows; missing or stale files
+    are refused before any model loads."""
+    import os
+
+    import tunebook.outputs
+    from tunebook.errors import RecipeError
+    from tunebook.evaluate import evaluate
+
+    pytest.importorskip("llama_cpp")
+    monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
+    with pytest.raises(RecipeError, match="--gguf.*does not exist.*tunebook export"):
+        evaluate(trained, which="fine_tuned", gguf=["q8_0"])
+    export(trained, verify=False)
+    first = json.loads((evaluate(trained, which="fine_tuned") / "report.json").read_text())
+    out = evaluate(trained, which="fine_tuned", gguf=["f16", "q8_0"])
+    report = json.loads((out / "report.json").read_text())
+    # the transformers pass is reused from the report just written (same rows, settings, adapter), not rerun
+    assert report["timing"]["fine_tuned"] == first["timing"]["fine_tuned"]
+    assert report["fine_tuned"] == first["fine_tuned"]
+    assert set(report["gguf"]) == {"f16", "q8_0"}
+    assert set(report["gguf"]["q8_0"]) == set(report["fine_tuned"]) - {"perplexity"}
+    assert report["timing"]["gguf_q8_0"]["examples_per_s"] > 0
+    assert all("gguf_f16" in entry for entry in report["by_shape"].values())
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == report["n_examples"] and all(isinstance(r["gguf_q8_0_prediction"], str) for r in rows)
+    assert "| GGUF f16 | GGUF q8_0 |" in (out / "report.md").read_text()
+
+    adapter = fine_tuned_dir(trained.name) / "adapter_model.safetensors"
+    later = adapter.stat().st_mtime + 60
+    os.utime(adapter, (later, later))
+    with pytest.raises(RecipeError, match="older than the adapter"):
+        evaluate(trained, which="fine_tuned", gguf=["q8_0"])
+
+
+def test_demo_runs_every_stage_and_records_their_times(tiny_recipe, capsys):
+    """`tunebook demo` (what `make demo` runs): train, eval, export, then eval of the quantised GGUF files."""
+    from tunebook.cli import DEMO_STAGES, main
+    from tunebook.outputs import demo_times_file, report_dir
+
+    pytest.importorskip("llama_cpp")
+    path = tiny_recipe(name="tiny-demo", training__max_steps=2, export__gguf=["f16", "q8_0"], export__verify_prompts=1)
+    assert main(["demo", str(path)]) == 0
+    times = json.loads(demo_times_file("tiny-demo").read_text())
+    assert list(times["stage_seconds"]) == list(DEMO_STAGES) and all(v > 0 for v in times["stage_seconds"].values())
+    assert times["machine"]["cores"] >= 1
+    report = json.loads((report_dir("tiny-demo") / "report.json").read_text())
+    assert list(report["gguf"]) == ["q8_0"] and report["base"] and report["fine_tuned"]
+    out = capsys.readouterr().out
+    assert "reusing" in out and "demo stages: train" in out

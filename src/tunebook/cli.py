@@ -1,4 +1,4 @@
-"""The `tunebook` command: validate, data, train, eval, export — each takes a recipe and dotted overrides."""
+"""The `tunebook` command: validate, data, train, eval, export, demo, bench — each takes a recipe and dotted overrides."""
 
 from __future__ import annotations
 
@@ -58,13 +58,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tunebook.reporting import metrics_table, shape_table
 
     recipe = load_recipe(args.recipe, args.overrides)
-    out = evaluate(recipe, which=args.model, data=args.data)
+    gguf = None
+    if args.gguf:
+        gguf = recipe.export.gguf if args.gguf == "exported" else [t.strip() for t in args.gguf.split(",") if t.strip()]
+    out = evaluate(recipe, which=args.model, data=args.data, gguf=gguf)
     report = json.loads((out / "report.json").read_text())
     print(metrics_table(report))
     for name, subset in report["subsets"].items():
         tuned = subset.get("fine_tuned", subset.get("base", {}))
         base = subset.get("base", {}) if "fine_tuned" in subset else {}
-        shown = (f"{k} {base[k]:.1f} -> {v:.1f}" if k in base else f"{k} {v:.1f}" for k, v in tuned.items())
+        shown = [f"{k} {base[k]:.1f} -> {v:.1f}" if k in base else f"{k} {v:.1f}" for k, v in tuned.items()]
+        main = report["main_metric"]
+        shown += [f"GGUF {k.removeprefix('gguf_')} {main} {v[main]:.1f}" for k, v in subset.items()
+                  if k.startswith("gguf_")]
         print(f"{name} ({subset['n_examples']} examples): " + ", ".join(shown))
     if report.get("by_shape"):
         print(f"\nby shape ({report['main_metric']}):\n" + shape_table(report))
@@ -93,6 +99,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     for note in result.get("notes", []):
         print(f"note: {note}")
     print(f"Modelfile: {gguf_dir(recipe.name)}/Modelfile   verification: {gguf_dir(recipe.name)}/verify.json")
+    return 0
+
+
+DEMO_STAGES = ("train", "eval", "export", "eval_gguf")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """train -> eval -> export -> eval of the quantised GGUF files, each stage timed (reports/demo-times/)."""
+    import time
+
+    from tunebook.bench import machine
+    from tunebook.config import load_recipe
+    from tunebook.outputs import demo_times_file, write_text_atomic
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    quantised = [t for t in recipe.export.gguf if t not in ("f16", "bf16", "f32")] or recipe.export.gguf
+    common = {"recipe": args.recipe, "overrides": args.overrides, "verbose": args.verbose}
+    stages = {
+        "train": (cmd_train, {"force": False, "force_resume": False}),
+        "eval": (cmd_eval, {"model": "both", "data": None, "gguf": None}),
+        "export": (cmd_export, {"verify": True}),
+        "eval_gguf": (cmd_eval, {"model": "both", "data": None, "gguf": ",".join(quantised)}),
+    }
+    seconds: dict[str, float] = {}
+    for stage in DEMO_STAGES:
+        func, extra = stages[stage]
+        print(f"\n== {stage.replace('_', ' ')} ==")
+        started = time.perf_counter()
+        code = func(argparse.Namespace(**common, **extra))
+        seconds[stage] = round(time.perf_counter() - started, 1)
+        if code:
+            return code
+    total = round(sum(seconds.values()), 1)
+    write_text_atomic(demo_times_file(recipe.name), json.dumps(
+        {"recipe": recipe.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stage_seconds": seconds,
+         "total_seconds": total, "machine": machine()}, indent=2))
+    print("\ndemo stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())
+          + f"; total {total:.0f}s (install and data build not counted)")
     return 0
 
 
@@ -129,9 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev = recipe_command("eval", "base vs fine-tuned report on the test split", cmd_eval)
     ev.add_argument("--data", help="evaluate on this JSONL instead of data.test (SQL rows may carry db_path)")
     ev.add_argument("--model", choices=["base", "fine_tuned", "both"], default="both")
+    ev.add_argument("--gguf", nargs="?", const="exported", metavar="TYPES",
+                    help="also run the exported GGUF files through llama.cpp on the same rows: every type in "
+                         "export.gguf, or a comma list (e.g. q8_0,q4_k_m)")
     ex = recipe_command("export", "merged model, GGUF files and an Ollama Modelfile", cmd_export)
     ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="compare GGUF greedy outputs with the merged model (needs llama-cpp-python)")
+    recipe_command("demo", "train, eval, export, then eval the quantised GGUF files; stage times recorded", cmd_demo)
     bench = sub.add_parser("bench", help="training and eval speed vs plain baselines on this machine",
                            parents=[verbose])
     bench.add_argument("recipe", nargs="?", default="smollm2-sql")

@@ -22,6 +22,7 @@ from typing import Any
 from tunebook.config import GGUF_DIRECT_TYPES, Recipe
 from tunebook.console import native_output_to_log
 from tunebook.errors import RecipeError
+from tunebook.llamacpp import greedy_ids, load_gguf
 from tunebook.models import load_tokenizer, local_model_dir, resolve_model_path
 from tunebook.outputs import (
     clean_leftovers,
@@ -188,20 +189,6 @@ def modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None, num_ctx
 # ---------------------------------------------------------------- verification
 
 
-def llama_cpp_model(path: Path, n_ctx: int):
-    """llama.cpp model for checking, or None without llama-cpp-python. Extra buffer types are off: on some
-    VMs the CPU advertises AMX but faults in it (crashes on quantised GGUFs); the plain CPU path is safe."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return None
-    kwargs = dict(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count())
-    try:
-        return llama_cpp.Llama(use_extra_bufts=False, **kwargs)
-    except TypeError:  # older llama-cpp-python without that switch
-        return llama_cpp.Llama(**kwargs)
-
-
 def agreement(llm: Any, hf_sequences: list[tuple[list[int], list[int], list[float]]], stops: list[int],
               max_new: int) -> dict:
     """Top-1 agreement on the HF model's greedy continuations (all positions, and those where HF's margin is
@@ -221,12 +208,7 @@ def agreement(llm: Any, hf_sequences: list[tuple[list[int], list[int], list[floa
                 confident += 1
                 confident_agree += same
         llm.reset()
-        generated = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            generated.append(token)
-            if token in stops or len(generated) >= max_new:
-                break
-        exact += int(generated == answer)
+        exact += int(greedy_ids(llm, prompt, stops, max_new) == answer)
     return {"positions": positions, "top1_agree": agree, "top1_agreement": agree / max(positions, 1),
             "confident_positions": confident, "confident_agree": confident_agree,
             "confident_agreement": confident_agree / max(confident, 1),
@@ -369,7 +351,7 @@ def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verif
         max_new = min(recipe.eval.max_new_tokens, 48)
         sequences = hf_greedy(merged, tokenizer, rows, system, max_new)
         for qtype in files:
-            llm = llama_cpp_model(ggufs / f"{recipe.name}-{qtype}.gguf", n_ctx=2 * recipe.data.max_length)
+            llm = load_gguf(ggufs / f"{recipe.name}-{qtype}.gguf", n_ctx=2 * recipe.data.max_length, logits_all=True)
             if llm is None:
                 verification["runtime"] = "llama-cpp-python not installed: read-back checks only"
                 break
@@ -402,7 +384,7 @@ def control_check(recipe: Recipe, ggufs: Path, sequences: list[tuple], stops: li
     control = ggufs / ".control-base-f16.gguf"
     try:
         convert(base, control, "f16")
-        llm = llama_cpp_model(control, n_ctx=2 * recipe.data.max_length)
+        llm = load_gguf(control, n_ctx=2 * recipe.data.max_length, logits_all=True)
         verification["control_base_without_adapter"] = agreement(llm, sequences, stops, max_new)
         del llm
     except Exception as exc:  # the control is a diagnostic: its failure must not throw away a checked export

@@ -44,6 +44,19 @@ def report_dir(recipe_name: str) -> Path:
     return REPORTS_DIR / recipe_name
 
 
+def demo_times_file(recipe_name: str) -> Path:
+    """Wall time of each stage of the last `tunebook demo` (read by `tunebook bench`)."""
+    return REPORTS_DIR / "demo-times" / f"{recipe_name}.json"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a temp file beside it, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def log_file(recipe_name: str, command: str) -> Path:
     return LOGS_DIR / recipe_name / f"{command}.log"
 
