@@ -17,9 +17,16 @@ def test_bench_quick_on_tiny_model(tiny_recipe, tmp_path, monkeypatch):
     assert written["machine"]["cores"] >= 1 and "torch" in written["machine"]["versions"]
     training = written["training"]
     for run in (training["baseline"], training["tunebook"]):
-        assert run["tokens"] > 0 and run["tokens_per_s"] > 0 and run["peak_rss_mb"] > 0
+        assert run["tokens"] > 0 and len(run["runs"]) == training["repeats"] == 1
+        for key in ("tokens_per_s", "peak_rss_mb"):
+            assert 0 < run[key]["min"] <= run[key]["median"] <= run[key]["max"]
     assert training["speedup"] > 0 and training["tunebook"]["dtype"]["dtype"] == "float32"
     assert written["eval"]["examples"] == 4 and written["eval"]["adapter"] == "untrained LoRA"
     assert written["eval"]["identical_outputs"] is True
-    assert "| training tokens/s (2 steps) |" in (tmp_path / "bench" / "quick.md").read_text()
+    assert written["eval"]["new_examples_per_s"]["median"] > 0
+    assert set(written["targets"]) >= {"eval_speedup", "training_peak_rss_gib", "demo_minutes_after_install"}
+    rss = written["targets"]["training_peak_rss_gib"]
+    assert rss["measured"] == round(training["tunebook"]["peak_rss_mb"]["median"] / 1024, 2)
+    assert rss["met"] == (rss["measured"] <= 3.0) and (rss["met"] or rss["missed_by_percent"] > 0)
+    assert "| training tokens/s (2 steps × 1) |" in (tmp_path / "bench" / "quick.md").read_text()
     assert not (tmp_path / "models").exists(), "bench runs keep their outputs in a temp folder"

@@ -91,17 +91,27 @@ def run_baseline_train(recipe_file: Path, steps: int, tokens_per_step: int) -> d
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench_training(recipe: str, steps: int, workdir: Path) -> dict[str, Any]:
-    """Plain Trainer + PEFT (padded, fp32) vs tunebook's path as the recipe runs it; same rows, rank and steps."""
+def bench_training(recipe: str, steps: int, workdir: Path, repeats: int) -> dict[str, Any]:
+    """Plain Trainer + PEFT (padded, fp32) vs tunebook's path as the recipe runs it; same rows, rank and steps.
+
+    The two alternate, `repeats` times each, so a slow spell on a shared machine hits both."""
     common = {"training.max_steps": steps, "training.save_steps": 10_000, "training.logging_steps": 1,
               "data.val_limit": 0, "training.report_to": "none"}
-    tunebook_run = run_tunebook_train(bench_recipe(recipe, workdir, "bench-tunebook", common))
-    # The baseline's batches hold as many tokens as tunebook's packed steps did, on average.
-    per_step = round(tunebook_run["tokens"] / steps)
-    baseline = run_baseline_train(bench_recipe(recipe, workdir, "bench-baseline", common), steps, per_step)
-    return {"steps": steps, "baseline": baseline,
-            "tunebook": tunebook_run,
-            "speedup": round(tunebook_run["tokens_per_s"] / baseline["tokens_per_s"], 2)}
+    runs: dict[str, list[dict]] = {"tunebook": [], "baseline": []}
+    for _ in range(repeats):
+        runs["tunebook"].append(run_tunebook_train(bench_recipe(recipe, workdir, "bench-tunebook", common)))
+        # The baseline's batches hold as many tokens as tunebook's packed steps did, on average.
+        per_step = round(runs["tunebook"][0]["tokens"] / steps)
+        runs["baseline"].append(run_baseline_train(bench_recipe(recipe, workdir, "bench-baseline", common), steps,
+                                                   per_step))
+    summary = {name: {**{k: v for k, v in found[0].items() if not isinstance(v, (int, float)) or k == "tokens"},
+                      **{k: spread([r[k] for r in found]) for k in ("tokens_per_s", "peak_rss_mb")}, "runs": found}
+               for name, found in runs.items()}
+    ratios = [t["tokens_per_s"] / b["tokens_per_s"] for t, b in zip(runs["tunebook"], runs["baseline"], strict=True)]
+    return {"steps": steps, "repeats": repeats, **summary,
+            "speedup": round(summary["tunebook"]["tokens_per_s"]["median"]
+                             / summary["baseline"]["tokens_per_s"]["median"], 2),
+            "speedup_per_pair": spread(ratios)}
 
 
 def bench_memory(recipe: str, workdir: Path) -> dict[str, Any]:
@@ -116,8 +126,9 @@ def bench_memory(recipe: str, workdir: Path) -> dict[str, Any]:
     return out
 
 
-def bench_eval(recipe_name: str, n: int) -> dict[str, Any]:
-    """Fine-tuned generation: adapter kept apart (the old path) vs merged into the weights (today's eval)."""
+def bench_eval(recipe_name: str, n: int, repeats: int) -> dict[str, Any]:
+    """Fine-tuned generation on the recipe's eval rows: the old path (adapter kept apart, every prompt prefilled in
+    full) vs today's `tunebook eval` (adapter merged, prompts that share a schema generated from one cached prefix)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from tunebook.data import read_jsonl, select_rows
@@ -137,59 +148,112 @@ def bench_eval(recipe_name: str, n: int) -> dict[str, Any]:
     adapter = fine_tuned_dir(recipe.name)
     if (adapter / "adapter_config.json").exists():
         model, source = PeftModel.from_pretrained(model, adapter), str(adapter)
-    else:
+    else:  # a fresh clone: LoRA as initialised (B = 0), so the answers are the base model's, which run longer
         model, source = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora)), "untrained LoRA"
     model.eval()
     args = (tokenizer, rows, recipe.data.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size)
-    started = time.perf_counter()
-    unmerged = generate_ids(model, *args)
-    t_unmerged = time.perf_counter() - started
+
+    def timed(**kwargs: Any) -> tuple[list[float], list[list[int]]]:
+        rates, outputs = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            outputs = generate_ids(model, *args, **kwargs)
+            rates.append(len(rows) / (time.perf_counter() - started))
+        return rates, outputs
+
+    old_rates, old = timed(share_prefixes=False)
     model.merge_adapter()
-    started = time.perf_counter()
-    merged = generate_ids(model, *args)
-    t_merged = time.perf_counter() - started
-    return {"examples": len(rows), "adapter": source, "max_new_tokens": recipe.eval.max_new_tokens,
-            "batch_size": recipe.eval.batch_size,
-            "adapter_apart_examples_per_s": round(len(rows) / t_unmerged, 3),
-            "merged_examples_per_s": round(len(rows) / t_merged, 3),
-            "speedup": round(t_unmerged / t_merged, 2), "identical_outputs": merged == unmerged}
+    new_rates, new = timed()
+    old_s, new_s = spread(old_rates), spread(new_rates)
+    return {"examples": len(rows), "repeats": repeats, "adapter": source, "max_new_tokens": recipe.eval.max_new_tokens,
+            "batch_size": recipe.eval.batch_size, "old_examples_per_s": old_s, "new_examples_per_s": new_s,
+            "speedup": round(new_s["median"] / old_s["median"], 2), "identical_outputs": new == old,
+            "same_outputs": sum(a == b for a, b in zip(new, old, strict=True))}
+
+
+def demo_stages(recipe: str) -> dict[str, Any] | None:
+    """The stage times of the last `tunebook demo` of this recipe (make demo), if one ran here."""
+    from tunebook.outputs import demo_times_file
+
+    path = demo_times_file(Path(recipe).stem)
+    if not path.exists():
+        return None
+    recorded = json.loads(path.read_text())
+    same = recorded.get("machine", {}).get("cpu") == machine()["cpu"]
+    return {**{k: recorded[k] for k in ("finished", "stage_seconds", "total_seconds")}, "same_cpu_model": same}
+
+
+def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The issue's targets, each with what was measured, whether it was met and by how much it was missed."""
+    amx = "amx_bf16" in results["machine"]["flags"]
+    out: dict[str, dict[str, Any]] = {}
+
+    def check(name: str, measured: float | None, goal: float, higher_is_better: bool = True) -> None:
+        if measured is None:
+            out[name] = {"target": goal, "measured": None, "met": None}
+            return
+        met = measured >= goal if higher_is_better else measured <= goal
+        short = 0.0 if met else round(abs(goal - measured) / goal * 100, 1)
+        out[name] = {"target": goal, "measured": round(measured, 2), "met": met, "missed_by_percent": short}
+
+    t, e, d = results.get("training"), results.get("eval"), results.get("demo")
+    check("training_speedup" + ("_amx" if amx else "_no_amx"), t and t["speedup"], 2.0 if amx else 1.5)
+    check("eval_speedup", e and e["speedup"], 3.0)
+    check("training_peak_rss_gib", t and t["tunebook"]["peak_rss_mb"]["median"] / 1024, 3.0, higher_is_better=False)
+    check("demo_minutes_after_install", d and d["total_seconds"] / 60, 10.0, higher_is_better=False)
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, flags {', '.join(m['flags']) or '-'};"
              f" torch {m['versions'].get('torch')}, transformers {m['versions'].get('transformers')}, "
-             f"trl {m['versions'].get('trl')}. Recipe `{results['recipe']}`.", "",
+             f"trl {m['versions'].get('trl')}. Recipe `{results['recipe']}`. Medians of the repeats [min–max].", "",
              "| measure | baseline | tunebook | ratio |", "|---|---:|---:|---:|"]
+
+    def fmt(s: dict[str, float], unit: str = "") -> str:
+        return f"{s['median']:g}{unit} [{s['min']:g}–{s['max']:g}]"
+
     t = results.get("training")
     if t:
-        lines.append(f"| training tokens/s ({t['steps']} steps) | {t['baseline']['tokens_per_s']} "
-                     f"(Trainer+PEFT, padded, fp32) | {t['tunebook']['tokens_per_s']} "
+        lines.append(f"| training tokens/s ({t['steps']} steps × {t['repeats']}) | {fmt(t['baseline']['tokens_per_s'])} "
+                     f"(Trainer+PEFT, padded, fp32) | {fmt(t['tunebook']['tokens_per_s'])} "
                      f"({(t['tunebook'].get('dtype') or {}).get('dtype', '?')}) | **{t['speedup']}x** |")
-        lines.append(f"| training peak RSS | {t['baseline']['peak_rss_mb']:.0f} MB | "
-                     f"{t['tunebook']['peak_rss_mb']:.0f} MB | |")
+        lines.append(f"| training peak RSS (MB) | {fmt(t['baseline']['peak_rss_mb'])} | "
+                     f"{fmt(t['tunebook']['peak_rss_mb'])} | |")
     e = results.get("eval")
     if e:
-        lines.append(f"| fine-tuned eval examples/s ({e['examples']} rows) | {e['adapter_apart_examples_per_s']} "
-                     f"(adapter apart) | {e['merged_examples_per_s']} (merged) | **{e['speedup']}x** "
-                     f"(identical: {e['identical_outputs']}) |")
+        lines.append(f"| fine-tuned eval examples/s ({e['examples']} rows × {e['repeats']}) | "
+                     f"{fmt(e['old_examples_per_s'])} (adapter apart, full prefill) | {fmt(e['new_examples_per_s'])} "
+                     f"(merged, shared prefixes) | **{e['speedup']}x** (same outputs {e['same_outputs']}/{e['examples']}) |")
     for label, entry in (results.get("memory") or {}).items():
         lines.append(f"| peak RSS, 2-step train, {label} | | {entry['peak_rss_mb']:.0f} MB | |")
+    d = results.get("demo")
+    if d:
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in d["stage_seconds"].items())
+        lines.append(f"| `make demo` stages (run {d['finished']}) | | {stages} | total {d['total_seconds']:.0f} s |")
+    lines += ["", "| target | measured | met |", "|---|---:|---|"]
+    for name, entry in results.get("targets", {}).items():
+        verdict = "–" if entry["met"] is None else ("yes" if entry["met"] else f"no (by {entry['missed_by_percent']}%)")
+        lines.append(f"| {name} ≤/≥ {entry['target']} | {entry['measured']} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
-def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, quick: bool = False) -> dict:
+def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, quick: bool = False,
+        repeats: int = 3) -> dict:
     """Run the benchmark and write bench/results.json and bench/results.md (atomically)."""
+    from tunebook.outputs import write_text_atomic
+
+    repeats = 1 if quick else repeats
     results: dict[str, Any] = {"recipe": recipe, "machine": machine(), "quick": quick}
     with tempfile.TemporaryDirectory() as tmp:
-        results["training"] = bench_training(recipe, steps, Path(tmp))
-        results["eval"] = bench_eval(recipe, eval_examples)
+        results["training"] = bench_training(recipe, steps, Path(tmp), repeats)
+        results["eval"] = bench_eval(recipe, eval_examples, repeats)
         if not quick:
             results["memory"] = bench_memory(recipe, Path(tmp))
+    results["demo"] = demo_stages(recipe)
+    results["targets"] = targets(results)
     out_json, out_md = (RESULTS, TABLE) if not quick else (RESULTS.with_name("quick.json"), TABLE.with_name("quick.md"))
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out_json, json.dumps(results, indent=2)), (out_md, markdown(results))):
-        tmp_path = path.with_name(f".{path.name}.tmp")
-        tmp_path.write_text(text)
-        tmp_path.replace(path)
+    write_text_atomic(out_json, json.dumps(results, indent=2))
+    write_text_atomic(out_md, markdown(results))
     return results

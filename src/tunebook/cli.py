@@ -143,7 +143,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tunebook.bench import RESULTS, TABLE, markdown, run
 
-    results = run(args.recipe, steps=args.steps, eval_examples=args.eval_examples, quick=args.quick)
+    results = run(args.recipe, steps=args.steps, eval_examples=args.eval_examples, quick=args.quick,
+                  repeats=args.repeats)
     print(markdown(results))
     where = (RESULTS, TABLE) if not args.quick else (RESULTS.with_name("quick.json"), TABLE.with_name("quick.md"))
     print(f"results: {where[0]}  table: {where[1]}")
@@ -185,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("recipe", nargs="?", default="smollm2-sql")
     bench.add_argument("--steps", type=int, default=12, help="training steps per timed run")
     bench.add_argument("--eval-examples", type=int, default=48)
+    bench.add_argument("--repeats", type=int, default=3, help="runs of each measurement (medians, min and max)")
     bench.add_argument("--quick", action="store_true", help="a smoke run (writes bench/quick.*, not results)")
     bench.set_defaults(func=cmd_bench, overrides=[])
     data = sub.add_parser("data", help="build datasets into data/<task>/", parents=[verbose])

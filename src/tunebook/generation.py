@@ -19,17 +19,18 @@ def generate(model: Any, tokenizer: Any, examples: list[dict], system_prompt: st
 
 
 def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
-                 batch_size: int, progress: Any = None) -> list[list[int]]:
+                 batch_size: int, progress: Any = None, share_prefixes: bool = True) -> list[list[int]]:
     """Greedy answer token ids, batched with the KV cache, up to the trained end-of-turn token.
 
     Prompts that share a long prefix (test questions on the same database schema) form one batch whose prefix is
     computed once: most of a text-to-SQL prompt is the schema, so this removes most of the prefill. The other
     prompts are sorted by length and left-padded so each batch pads little. Answers come back in the input order.
+    `share_prefixes=False` batches every prompt that way (the benchmark's "before").
     """
     prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
     stops = stop_token_ids(tokenizer, system_prompt)
     outputs: list[list[int]] = [[] for _ in prompts]
-    shared, rest = shared_prefix_batches(prompts, batch_size)
+    shared, rest = shared_prefix_batches(prompts, batch_size) if share_prefixes else ([], list(range(len(prompts))))
     rest.sort(key=lambda i: len(prompts[i]))
     batches = [(prefix, idx) for prefix, idx in shared]
     batches += [(0, rest[start:start + batch_size]) for start in range(0, len(rest), batch_size)]
