@@ -28,10 +28,6 @@ def test_train_writes_outputs_and_same_seed_is_identical(tiny_recipe):
     assert info["tokens_seen"] > 0 and info["train_tokens_per_s"] > 0 and info["peak_memory_mb"] > 0
     assert set(info["data"]) == {"train", "val", "test"} and len(info["data"]["train"]["sha256"]) == 64
     assert info["eval_loss_after"] < info["eval_loss_before"]
-    import platform
-
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert info["allocator"] == ("glibc, mmap threshold 64 KiB" if glibc else "default")
     first = losses(out)
     assert len(first) == 4
     assert not list(out.parent.glob(".*tmp*")), "no temp dirs left behind"

@@ -1,38 +1,10 @@
-"""Training speed and memory adjustments to the libraries and the C allocator, each measured in `make bench`."""
+"""Training-speed adjustments to the libraries, each measured in `make bench`."""
 
 from __future__ import annotations
 
 import logging
 
 log = logging.getLogger(__name__)
-
-
-# Allocations at least this large get their own mmap and go back to the OS when freed.
-MMAP_THRESHOLD = 64 * 1024
-
-
-def return_freed_memory_promptly() -> bool:
-    """Stop glibc from keeping freed activation buffers in the heap; True when applied.
-
-    glibc raises its mmap threshold (up to 32 MB) each time a large mmap'd block is freed, so after the first
-    training step most of a step's activations (each 0.1–10 MB) come from the heap, whose free space is kept and
-    fragments: smollm2-sql's peak RSS was 4.7 GB. A fixed 64 KB threshold (`mallopt`, the same as setting
-    MALLOC_MMAP_THRESHOLD_) gives every such buffer its own mapping, returned when freed: peak RSS 3.2 GB in the
-    same 4-step run (Intel Xeon, 2 cores; `make bench` has the current figures and the speed beside them).
-    A no-op off glibc (macOS, musl).
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
 
 
 def score_trained_positions_only() -> bool:

@@ -31,12 +31,7 @@ from tunebook.outputs import (
 )
 from tunebook.precision import as_dict, resolve
 from tunebook.prompts import encode_example
-from tunebook.speedups import (
-    MMAP_THRESHOLD,
-    register_packed_attention,
-    return_freed_memory_promptly,
-    score_trained_positions_only,
-)
+from tunebook.speedups import register_packed_attention, score_trained_positions_only
 from tunebook.validate import validate_recipe
 
 # SFTConfig defaults tunebook picks; any of them can be set in the recipe's `training:` section.
@@ -275,7 +270,6 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     # Built before the model so k-bit preparation follows the resolved checkpointing setting: TRL's default,
     # or the recipe's `gradient_checkpointing` / `activation_checkpointing` (its transformers 5.2x name).
     args = sft_config(recipe, ckpt_dir, use_cuda)
-    prompt_free = return_freed_memory_promptly()  # before the first large allocation (speedups.py)
     model = load_model(model_path, recipe.model, for_training=True)
     if (args.packing or args.padding_free) and not use_cuda and not recipe.model.attn_implementation:
         model.set_attn_implementation(register_packed_attention())  # one packed example at a time (speedups.py)
@@ -330,7 +324,6 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         "tokens_seen": tokens,
         "train_tokens_per_s": round(tokens / result.metrics["train_runtime"], 1) if tokens else None,
         "peak_memory_mb": peak_memory_mb(use_cuda),
-        "allocator": f"glibc, mmap threshold {MMAP_THRESHOLD // 1024} KiB" if prompt_free else "default",
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "fingerprint": fingerprint,
     }
