@@ -235,7 +235,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
     for name, entry in results.get("targets", {}).items():
         verdict = "–" if entry["met"] is None else ("yes" if entry["met"] else f"no (by {entry['missed_by_percent']}%)")
-        lines.append(f"| {name} ≤/≥ {entry['target']} | {entry['measured']} | {verdict} |")
+        lines.append(f"| {name}: {entry['target']} | {entry['measured']} | {verdict} |")
     return "\n".join(lines) + "\n"
 
 
