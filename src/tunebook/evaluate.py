@@ -11,7 +11,7 @@ from typing import Any
 from tunebook.config import Recipe
 from tunebook.data import read_jsonl, select_rows
 from tunebook.errors import RecipeError
-from tunebook.generation import generate
+from tunebook.generation import decode_answers, generate
 from tunebook.metrics import perplexity, review_metrics, run_sql, sql_metrics, text_metrics
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import atomic_dir, clean_leftovers, fine_tuned_dir, gguf_dir, report_dir
@@ -227,7 +227,7 @@ def run_gguf(recipe: Recipe, path: Path, tokenizer: Any, rows: list[dict], data_
                                     rate_updater(bar, task_id, started))
         seconds = time.perf_counter() - started
     del llm
-    preds = [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
+    preds = decode_answers(tokenizer, ids)
     return {"predictions": preds, "metrics": task_metrics(recipe.task, preds, rows, data_file),
             "examples_per_s": len(rows) / seconds}
 

@@ -14,7 +14,12 @@ MIN_SHARED_PREFIX = 48
 def generate(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
              batch_size: int, progress: Any = None) -> list[str]:
     """Greedy answers as text (special tokens dropped), in the input order."""
-    ids = generate_ids(model, tokenizer, examples, system_prompt, max_new_tokens, batch_size, progress)
+    return decode_answers(tokenizer, generate_ids(model, tokenizer, examples, system_prompt, max_new_tokens,
+                                                  batch_size, progress))
+
+
+def decode_answers(tokenizer: Any, ids: list[list[int]]) -> list[str]:
+    """Answer token ids as the text that is scored (special tokens dropped, whitespace stripped)."""
     return [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
 
 
