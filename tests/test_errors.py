@@ -215,6 +215,25 @@ def test_data_where_selects_train_and_val_rows_and_names_what_is_wrong(tiny_reci
     assert "data.where" in message and "expected dict" in message
 
 
+def test_data_repeat_shows_rows_more_often_and_names_what_is_wrong(tiny_recipe, sql_data):
+    from tunebook.data import repeat_rows
+
+    recipe = load_recipe(tiny_recipe(data__repeat={"source": {"spider": 3}}))
+    rows = validate_recipe(recipe).splits["train"]
+    repeated = repeat_rows(rows, recipe.data.repeat)
+    spider = sum(r["source"] == "spider" for r in rows)
+    assert spider and len(repeated) == len(rows) + 2 * spider
+    assert [r for r in repeated if r["source"] != "spider"] == [r for r in rows if r["source"] != "spider"]
+    first = next(i for i, r in enumerate(repeated) if r["source"] == "spider")
+    assert repeated[first:first + 3] == [repeated[first]] * 3
+    message = error_for(tiny_recipe(data__repeat={"source": {"chinok": 2}}))
+    assert "data.repeat.source.chinok" in message and "Its rows have source:" in message
+    message = error_for(tiny_recipe(data__repeat={"source": {"chinook": 0}}))
+    assert "data.repeat.source.chinook" in message and "whole number" in message
+    message = error_for(tiny_recipe(data__repeat={"source": 2}))
+    assert "data.repeat.source" in message
+
+
 def test_eval_where_is_checked_before_generation(tiny_recipe):
     from tunebook.evaluate import evaluate, load_eval_rows
 

@@ -63,6 +63,8 @@ class DataConfig:
     # Train and validate only on rows whose fields have these values, e.g. {source: [spider, chinook]}.
     # The test split is never filtered: the report scores all of it, with its subsets.
     where: dict[str, list] | None = None
+    # Show matching training rows this many times per epoch, e.g. {shape: {join1: 2}}: a mix chosen by measuring.
+    repeat: dict[str, dict] | None = None
 
 
 @dataclass
@@ -203,6 +205,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     data = build_section(DataConfig, raw["data"], source, "data")
     check_counts(data, source, "data", at_least={"max_length": 16, "train_limit": 1, "val_limit": 0})
     data.where = where_clause(data.where, source, "data.where")
+    data.repeat = repeat_clause(data.repeat, source)
     lora = library_section(raw["lora"], lora_fields(), source, "lora", "peft.LoraConfig")
     training = library_section(raw["training"], sft_fields(), source, "training", "trl.SFTConfig")
     for key, where in TRAINING_OWNED.items():
@@ -256,6 +259,25 @@ def where_clause(where: Any, source: str, name: str) -> dict[str, list] | None:
             raise RecipeError(source, f"{name}.{key}", f"{values!r} is not a list of values.",
                               f"Write e.g. `{key}: [a, b]`.")
         out[str(key)] = values
+    return out
+
+
+def repeat_clause(repeat: Any, source: str) -> dict[str, dict[str, int]] | None:
+    """`data.repeat` as {field: {value: times}} with whole times >= 1."""
+    if repeat is None:
+        return None
+    example = "Write e.g. `repeat: {shape: {join1: 2}}` (rows with shape join1 appear twice)."
+    if not isinstance(repeat, dict) or not repeat:
+        raise RecipeError(source, "data.repeat", "must map a field to {value: times}.", example)
+    out: dict[str, dict[str, int]] = {}
+    for key, times_by_value in repeat.items():
+        if not isinstance(times_by_value, dict) or not times_by_value:
+            raise RecipeError(source, f"data.repeat.{key}", "must map values to whole numbers.", example)
+        for value, times in times_by_value.items():
+            if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+                raise RecipeError(source, f"data.repeat.{key}.{value}", f"{times!r} is not a whole number >= 1.",
+                                  example)
+        out[str(key)] = {str(v): t for v, t in times_by_value.items()}
     return out
 
 

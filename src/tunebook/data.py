@@ -77,6 +77,17 @@ def select_rows(rows: list[dict], where: dict[str, list], path: str | Path, reci
     return rows
 
 
+def repeat_rows(rows: list[dict], repeat: dict[str, dict[str, int]] | None) -> list[dict]:
+    """Each row as many times as `data.repeat` says (the largest factor of the fields it matches), in order."""
+    if not repeat:
+        return rows
+    out = []
+    for row in rows:
+        times = max((by_value.get(str(row.get(key)), 1) for key, by_value in repeat.items()), default=1)
+        out.extend([row] * times)
+    return out
+
+
 def sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:

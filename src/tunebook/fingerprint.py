@@ -64,6 +64,8 @@ def run_fingerprint(recipe: Recipe) -> dict[str, Any]:
     out.update({f"data.{k}": getattr(recipe.data, k) for k in DATA_FIELDS})
     if recipe.data.where:  # only when set, so fingerprints written before `where` existed still match
         out["data.where"] = recipe.data.where
+    if recipe.data.repeat:
+        out["data.repeat"] = recipe.data.repeat
     if best:
         out["data.val (sha256)"] = sha256(recipe.data.val)
         out["data.val_limit"] = recipe.data.val_limit

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from tunebook.config import Recipe
-from tunebook.data import sha256
+from tunebook.data import repeat_rows, sha256
 from tunebook.errors import RecipeError
 from tunebook.fingerprint import fingerprint_diff, read_fingerprint, run_fingerprint, write_fingerprint
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
@@ -256,7 +256,7 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
 
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
-    train_rows, val_rows = report.splits["train"], report.splits["val"]
+    train_rows, val_rows = repeat_rows(report.splits["train"], recipe.data.repeat), report.splits["val"]
     train_set, dropped_train = encode_split(tokenizer, train_rows, recipe, recipe.data.train_limit)
     val_set, dropped_val = encode_split(tokenizer, val_rows, recipe, recipe.data.val_limit)
     if not train_set:

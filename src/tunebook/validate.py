@@ -123,6 +123,17 @@ def check_adapter(adapter_dir: Path, recipe: Recipe) -> None:
         raise RecipeError(str(weights), None, f"is truncated or corrupt ({exc}).", retrain) from None
 
 
+def check_repeat(recipe: Recipe, rows: list[dict]) -> None:
+    """Every `data.repeat` value must match some training row: a typo would silently change nothing."""
+    for key, by_value in (recipe.data.repeat or {}).items():
+        present = {str(row[key]) for row in rows if key in row}
+        for value in by_value:
+            if value not in present:
+                raise RecipeError(recipe.source, f"data.repeat.{key}.{value}",
+                                  f"no training row of {recipe.data.train} has {key}: {value}.",
+                                  f"Its rows have {key}: {', '.join(sorted(present)[:12]) or 'nothing'}.")
+
+
 def validate_recipe(recipe: Recipe, check_model: bool = True) -> ValidationReport:
     """Read and check every split, the model source, LoRA targets and tier; raise RecipeError on the first problem."""
     report = ValidationReport()
@@ -131,6 +142,7 @@ def validate_recipe(recipe: Recipe, check_model: bool = True) -> ValidationRepor
         if recipe.data.where and split != "test":
             rows = select_rows(rows, recipe.data.where, getattr(recipe.data, split), recipe.source)
         report.splits[split] = rows
+    check_repeat(recipe, report.splits["train"])
     if check_model:
         check_model_source(recipe, report)
         check_target_modules(recipe, report)
