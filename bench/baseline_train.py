@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from tunebook.config import load_recipe
-from tunebook.data import read_jsonl, select_rows
+from tunebook.data import read_split, select_rows
 from tunebook.models import load_tokenizer, resolve_model_path
 from tunebook.prompts import encode_example
 
@@ -55,7 +55,7 @@ def main(recipe_name: str, steps: int, tokens_per_step: int) -> dict:
     recipe = load_recipe(recipe_name)
     path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(path)
-    rows = read_jsonl(recipe.data.train)
+    rows = read_split(recipe.data.train)
     if recipe.data.where:
         rows = select_rows(rows, recipe.data.where, recipe.data.train, recipe.source)
     encoded = [e for r in rows[: steps * 64]

@@ -52,7 +52,8 @@ def test_numbers_written_as_yaml_strings_are_accepted(tiny_recipe):
 
 def test_missing_data_file(tiny_recipe, tmp_path):
     message = error_for(tiny_recipe(data__val=str(tmp_path / "nope.jsonl")))
-    assert "data.val" in message and "nope.jsonl' does not exist" in message and "make data" in message
+    assert "still missing: data.val (" in message and "nope.jsonl)" in message and "data.train" not in message
+    assert "tunebook data sql" in message and '{"messages": [' in message
 
 
 def test_malformed_jsonl_line(tiny_recipe, tmp_path):
@@ -83,8 +84,11 @@ def test_target_modules_missing_from_architecture(tiny_recipe):
 
 
 def test_unknown_task_and_choice(tiny_recipe):
-    with pytest.raises(RecipeError, match="task: 'poetry' is not a task"):
-        load_recipe(tiny_recipe(), ["task=poetry"])
+    recipe = load_recipe(tiny_recipe(), ["task=poetry", "eval.metrics=[]"])  # any name: generic defaults
+    assert recipe.eval.metrics == ["rouge", "bleu", "chrf", "exact_match", "perplexity"]
+    assert recipe.eval.main_metric == "rougeL"
+    with pytest.raises(RecipeError, match="task: 'my task!' is not a task name"):
+        load_recipe(tiny_recipe(), ["task=my task!"])
     with pytest.raises(RecipeError, match="model.quantization: '3bit' is not allowed"):
         load_recipe(tiny_recipe(), ["model.quantization=3bit"])
 
@@ -182,10 +186,10 @@ def test_incomplete_adapter(tiny_recipe, tmp_path):
 
 
 def test_gold_sql_that_fails_in_user_data_is_found_before_generation(tiny_recipe, tmp_path, sql_data):
-    from tunebook.data import read_jsonl
+    from tunebook.data import read_split
     from tunebook.evaluate import evaluate
 
-    row = read_jsonl(sql_data / "test.jsonl")[0]
+    row = read_split(sql_data / "test.jsonl")[0]
     own = tmp_path / "mine.jsonl"
     rows = [{**row, "db_path": str((sql_data / "databases" / f"{row['db_id']}.sqlite").resolve())}]
     rows.append({**rows[0], "output": "SELECT nope FROM nowhere"})

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tunebook.outputs
 from tunebook.config import load_recipe
-from tunebook.data import read_jsonl
+from tunebook.data import read_split
 from tunebook.errors import RecipeError
 from tunebook.evaluate import evaluate
 from tunebook.generation import generate, generate_ids, shared_prefix_batches
@@ -19,7 +19,7 @@ from tunebook.train import train
 def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer.padding_side = "left"
-    rows = read_jsonl(sql_data / "test.jsonl")[:6]
+    rows = read_split(sql_data / "test.jsonl")[:6]
     batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=6)
     single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
     assert batched == single
@@ -34,7 +34,7 @@ def test_shared_prefix_batches_equal_one_at_a_time(tiny_model_dir, tokenizer, sq
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer.padding_side = "left"
-    test = read_jsonl(sql_data / "test.jsonl")
+    test = read_split(sql_data / "test.jsonl")
     db = next(r["db_id"] for r in test if sum(x["db_id"] == r["db_id"] for x in test) >= 4)
     rows = [r for r in test if r["db_id"] == db][:4] + [r for r in test if r["db_id"] != db][:2]
     batches, rest = shared_prefix_batches([encode_prompt(tokenizer, r, "sys") for r in rows], batch_size=8)
@@ -74,7 +74,7 @@ def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeyp
 
     from tunebook.outputs import fine_tuned_dir
 
-    rows = read_jsonl(recipe.data.test)[:6]
+    rows = read_split(recipe.data.test)[:6]
     tokenizer = AutoTokenizer.from_pretrained(fine_tuned_dir(recipe.name), padding_side="left")
     unmerged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(recipe.model.name),
                                          fine_tuned_dir(recipe.name)).eval()
@@ -84,7 +84,7 @@ def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeyp
 
 def test_eval_on_user_data_with_db_path(tiny_recipe, tmp_path, monkeypatch, sql_data):
     monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
-    row = read_jsonl(sql_data / "test.jsonl")[0]
+    row = read_split(sql_data / "test.jsonl")[0]
     own = tmp_path / "mine.jsonl"
     db = (sql_data / "databases" / f"{row['db_id']}.sqlite").resolve()
     own.write_text(json.dumps({"instruction": row["instruction"], "input": row["input"], "output": row["output"],

@@ -142,6 +142,14 @@ def test_review_metric_on_good_and_bad_fixes():
     assert scores["fix_matches_reference"] == pytest.approx(20)  # good only: spacing does not matter
     assert scores["fix_unchanged"] == pytest.approx(20)  # still_bad hands the snippet back
     assert scores["rule_named"] == pytest.approx(60)  # good, still_bad and broken name E713
+    assert scores["rule_checked"] == pytest.approx(100)
+    assert scores["code_fixed"] == pytest.approx(20)  # good only: rewritten is not an edit of the snippet
+    # A rule ruff does not know (another linter's code) cannot be checked, so nothing counts as fixed by it.
+    other = review_metrics(answers, [reference] * 5, [snippet] * 5, ["W0611"] * 5)
+    assert other["rule_checked"] == 0 and other["rule_fixed"] == 0
+    assert other["code_fixed"] == pytest.approx(20), "the reference fix still counts"
+    edited = "```python\nif x not in y:\n    pass\n```"
+    assert review_metrics([edited], ["no reference code"], [snippet], ["E713"])["code_fixed"] == 100
 
 
 def test_code_tokens_see_token_level_fixes_that_keep_the_ast():

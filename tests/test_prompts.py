@@ -45,7 +45,7 @@ def test_plain_format_without_chat_template(tokenizer):
     plain = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     plain.chat_template = None
     prompt = render_prompt(plain, EXAMPLE)
-    assert prompt == "### Instruction:\nWrite a SQLite query.\n\n### Input:\nQuestion: How many cats?\n\n### Response:\n"
+    assert prompt == "### Instruction:\nWrite a SQLite query.\n\nQuestion: How many cats?\n\n### Response:\n"
     item = encode_example(plain, EXAMPLE)
     trained = [t for t in item["labels"] if t != -100]
     assert plain.decode(trained) == "SELECT COUNT(*) FROM cats" + plain.eos_token

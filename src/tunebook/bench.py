@@ -131,7 +131,7 @@ def bench_eval(recipe_name: str, n: int, repeats: int) -> dict[str, Any]:
     full) vs today's `tunebook eval` (adapter merged, prompts that share a schema generated from one cached prefix)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from tunebook.data import read_jsonl, select_rows
+    from tunebook.data import read_split, select_rows
     from tunebook.generation import generate_ids
     from tunebook.models import load_model, load_tokenizer, resolve_model_path
     from tunebook.outputs import fine_tuned_dir
@@ -140,7 +140,7 @@ def bench_eval(recipe_name: str, n: int, repeats: int) -> dict[str, Any]:
     path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(path)
     tokenizer.padding_side = "left"
-    rows = read_jsonl(recipe.data.test)
+    rows = read_split(recipe.data.test)
     if recipe.eval.where:
         rows = select_rows(rows, recipe.eval.where, recipe.data.test, recipe.source, "eval.where")
     rows = rows[:n]

@@ -10,8 +10,6 @@ from pathlib import Path
 
 from tunebook.errors import RecipeError, SourceMissing
 
-BUILT_IN_DATASETS = ("sql", "review", "qa", "summarize")
-
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from tunebook.config import load_recipe
@@ -28,15 +26,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from tunebook.builders import build_task
+    from tunebook.tasks import dataset_builders
 
-    unknown = [t for t in args.tasks if t not in BUILT_IN_DATASETS]
+    known = dataset_builders()
+    unknown = [t for t in args.tasks if t not in known]
     if unknown:
         raise RecipeError("tunebook data", None, f"no dataset builder for {', '.join(map(repr, unknown))}.",
-                          f"Built-in datasets: {', '.join(BUILT_IN_DATASETS)}. For your own task, point a recipe's "
-                          "data.train/val/test at your JSONL files instead.")
+                          f"Built-in datasets: {', '.join(known)}. For your own task, point a recipe's "
+                          "data.train/val/test at your files instead (`tunebook new` writes such a recipe).")
     for task in args.tasks:
         stats = build_task(task, Path(args.out), Path(args.sources), args.seed)
         print(f"{task}: {stats['sizes']} -> {args.out}/{task}/")
+    return 0
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from tunebook.scaffold import new_recipe, next_steps
+
+    out = new_recipe(args.name, args.template, args.task, force=args.force)
+    print(f"wrote {out} (from {args.template}, task {args.task})")
+    print(next_steps(args.name, args.task))
     return 0
 
 
@@ -189,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3, help="runs of each measurement (medians, min and max)")
     bench.add_argument("--quick", action="store_true", help="a smoke run (writes bench/quick.*, not results)")
     bench.set_defaults(func=cmd_bench, overrides=[])
+    new = sub.add_parser("new", help="a new recipe for your own task, copied from an existing recipe",
+                         parents=[verbose])
+    new.add_argument("name", help="the new recipe's name (written to recipes/NAME.yaml)")
+    new.add_argument("--from", dest="template", default="smollm2-qa", help="the recipe to copy (default smollm2-qa)")
+    new.add_argument("--task", required=True, help="your task's name; data goes to data/TASK/")
+    new.add_argument("--force", action="store_true", help="replace recipes/NAME.yaml if it exists")
+    new.set_defaults(func=cmd_new, overrides=[])
     data = sub.add_parser("data", help="build datasets into data/<task>/", parents=[verbose])
     data.add_argument("tasks", nargs="+")
     data.add_argument("--out", default="data")
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    name = args.command if args.command in ("data", "bench") else Path(args.recipe).stem
+    name = args.command if args.command in ("data", "bench", "new") else Path(args.recipe).stem
     setup_console(log_file(name, args.command), args.verbose)
     try:
         return args.func(args)

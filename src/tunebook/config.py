@@ -20,7 +20,6 @@ import yaml
 
 from tunebook.errors import RecipeError
 
-TASKS = ("sql", "review", "qa", "summarize")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 RECIPES_DIR = Path("recipes")
@@ -74,7 +73,8 @@ class EvalConfig:
     max_new_tokens: int = 128
     batch_size: int = 16
     limit: int | None = None
-    metrics: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)  # names in metrics.METRICS; empty: the task's defaults
+    main_metric: str | None = None  # the report column that headlines; None: the task's, else the first column
     where: dict[str, list] | None = None  # evaluate only rows with these field values (before `limit`)
 
 
@@ -197,8 +197,9 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
         if required not in raw:
             raise RecipeError(source, required, "is missing.", f"Every recipe needs the sections {', '.join(SECTIONS)}.")
     task = raw["task"]
-    if task not in TASKS:
-        raise RecipeError(source, "task", f"'{task}' is not a task.", f"Use one of {', '.join(TASKS)}.")
+    if not isinstance(task, str) or not task.strip() or not task.replace("_", "").replace("-", "").isalnum():
+        raise RecipeError(source, "task", f"{task!r} is not a task name.",
+                          "Name the task in letters, digits, '-' or '_' (e.g. `task: translate`).")
     model = build_section(ModelConfig, raw["model"], source, "model")
     check_choice(model.dtype, DTYPES, source, "model.dtype")
     check_choice(model.quantization, QUANTIZATIONS, source, "model.quantization")
@@ -220,6 +221,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     eval_cfg = build_section(EvalConfig, raw.get("eval") or {}, source, "eval")
     check_counts(eval_cfg, source, "eval", at_least={"max_new_tokens": 1, "batch_size": 1, "limit": 1})
     eval_cfg.where = where_clause(eval_cfg.where, source, "eval.where")
+    eval_cfg.metrics, eval_cfg.main_metric = chosen_metrics(eval_cfg, task, source)
     export = build_section(ExportConfig, raw.get("export") or {}, source, "export")
     if isinstance(export.gguf, str):
         export.gguf = [export.gguf]  # `gguf: q8_0` means one type
@@ -279,6 +281,36 @@ def repeat_clause(repeat: Any, source: str) -> dict[str, dict[str, int]] | None:
                                   example)
         out[str(key)] = {str(v): t for v, t in times_by_value.items()}
     return out
+
+
+def chosen_metrics(eval_cfg: EvalConfig, task: str, source: str) -> tuple[list[str], str]:
+    """`eval.metrics` (or the task's defaults) checked against the named metrics, and the headline column."""
+    from tunebook.metrics import METRICS
+    from tunebook.tasks import get_task
+
+    defaults = get_task(task)
+    chosen = [eval_cfg.metrics] if isinstance(eval_cfg.metrics, str) else eval_cfg.metrics
+    metrics = list(chosen) if chosen else list(defaults.metrics)
+    columns: dict[str, str] = {}
+    for name in metrics:
+        if name not in METRICS:
+            hint = difflib.get_close_matches(str(name), list(METRICS), n=1)
+            raise RecipeError(source, "eval.metrics", f"'{name}' is not a metric.",
+                              (f"Did you mean '{hint[0]}'? " if hint else "") + f"Metrics: {', '.join(METRICS)}.")
+        for column in METRICS[name].columns:
+            if column in columns:
+                raise RecipeError(source, "eval.metrics", f"'{columns[column]}' and '{name}' both write the "
+                                  f"column '{column}'.", "Keep one of them.")
+            columns[column] = name
+    main = eval_cfg.main_metric
+    if main is None:
+        main = defaults.main_metric if defaults.main_metric in columns else next(iter(columns), "perplexity")
+    elif main not in columns:
+        hint = difflib.get_close_matches(str(main), list(columns), n=1)
+        raise RecipeError(source, "eval.main_metric", f"'{main}' is not a column of eval.metrics "
+                          f"({', '.join(metrics)}).", f"Did you mean '{hint[0]}'?" if hint else
+                          f"Use one of {', '.join(columns)}, or add the metric that writes it to eval.metrics.")
+    return metrics, main
 
 
 def did_you_mean(key: str, known: typing.Iterable[str]) -> str:

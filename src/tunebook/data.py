@@ -1,4 +1,11 @@
-"""Reading and checking the JSONL splits (`{"instruction", "input", "output"}` per line)."""
+"""Reading and checking the splits.
+
+A split is JSONL (the documented default: one example per line), a `.json` list, or a `.parquet`/`.csv` table
+read through `datasets`. Each example is either an instruction row, `{"instruction", "input", "output"}`
+("input" optional), or a chat row, `{"messages": [{"role": ..., "content": ...}, ...]}` (system/user/assistant,
+ending with the assistant turn that is the answer). One file holds one format. Errors name the file, the line
+(the row, for tables) and the field, with the fix.
+"""
 
 from __future__ import annotations
 
@@ -11,54 +18,140 @@ from tunebook.errors import RecipeError
 
 REQUIRED_FIELDS = ("instruction", "output")
 TEXT_FIELDS = ("instruction", "input", "output")
+ROLES = ("system", "user", "assistant")
+SPLIT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+INSTRUCTION_EXAMPLE = '{"instruction": "...", "input": "...", "output": "..."}'
+CHAT_EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
 
 
-def read_jsonl(path: str | Path, recipe_source: str = "recipe", field_name: str = "data") -> list[dict[str, Any]]:
-    """Every example of a split, checked line by line; errors name the file, the line and the field."""
+def read_split(path: str | Path, recipe_source: str = "recipe", field_name: str = "data") -> list[dict[str, Any]]:
+    """Every example of a split, checked one by one; errors name the file, the line or row, and the field."""
     path = Path(path)
     if not path.exists():
         raise RecipeError(
             recipe_source, field_name, f"data file '{path}' does not exist.",
             "Run `make data` to build the datasets, or fix the path.",
         )
-    examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RecipeError(
-                    str(path), f"line {number}", f"is not valid JSON ({exc.msg} at column {exc.colno}).",
-                    "Each line must be one JSON object.",
-                ) from None
-            if not isinstance(example, dict):
-                raise RecipeError(str(path), f"line {number}", "is not a JSON object.", "Write one object per line.")
-            for key in REQUIRED_FIELDS:
-                if key not in example:
-                    raise RecipeError(
-                        str(path), f"line {number}: field '{key}'", "is missing.",
-                        'Every example needs "instruction" and "output" ("input" is optional).',
-                    )
-            for key in REQUIRED_FIELDS:
-                if example[key] is None:
-                    raise RecipeError(
-                        str(path), f"line {number}: field '{key}'", "is null.",
-                        f'Give "{key}" a string, or remove the line.',
-                    )
-            for key in TEXT_FIELDS:
-                if key in example and example[key] is not None and not isinstance(example[key], str):
-                    raise RecipeError(
-                        str(path), f"line {number}: field '{key}'", f"is a {type(example[key]).__name__}.",
-                        "It must be a string.",
-                    )
-            if not example["output"].strip():
-                raise RecipeError(str(path), f"line {number}: field 'output'", "is empty.", "Give every example an answer.")
-            examples.append(example)
+    if path.suffix not in SPLIT_SUFFIXES:
+        raise RecipeError(recipe_source, field_name, f"'{path}' is not a split tunebook reads.",
+                          f"Use one of {', '.join(SPLIT_SUFFIXES)} (JSONL is the default: one example per line).")
+    examples, first_format = [], None
+    for where, example in raw_examples(path):
+        if not isinstance(example, dict):
+            raise RecipeError(str(path), where, "is not a JSON object.", "Write one object per example.")
+        kind = "chat" if "messages" in example else "instruction"
+        if first_format is None:
+            first_format = (kind, where)
+        elif kind != first_format[0]:
+            raise RecipeError(str(path), where, f"is a {kind} row, but {first_format[1]} is a {first_format[0]} row.",
+                              f"Use one format per file: all {first_format[0]} rows "
+                              f"({CHAT_EXAMPLE if first_format[0] == 'chat' else INSTRUCTION_EXAMPLE}).")
+        (check_chat_row if kind == "chat" else check_instruction_row)(example, str(path), where)
+        examples.append(example)
     if not examples:
         raise RecipeError(recipe_source, field_name, f"'{path}' has no examples.", "Build or fill the split.")
     return examples
+
+
+def raw_examples(path: Path) -> list[tuple[str, Any]]:
+    """(where, example) for each example of a file: `line N` for JSONL, `example N`/`row N` otherwise."""
+    if path.suffix == ".jsonl":
+        out = []
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append((f"line {number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise RecipeError(str(path), f"line {number}", f"is not valid JSON ({exc.msg} at column "
+                                      f"{exc.colno}).", "Each line must be one JSON object.") from None
+        return out
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RecipeError(str(path), f"line {exc.lineno}", f"is not valid JSON ({exc.msg}).",
+                              "A .json split is one JSON list of examples (or use JSONL).") from None
+        if not isinstance(rows, list):
+            raise RecipeError(str(path), None, "is not a JSON list.", "A .json split is a list of examples.")
+        return [(f"example {i}", row) for i, row in enumerate(rows, start=1)]
+    from datasets import Dataset
+
+    try:
+        table = Dataset.from_parquet(str(path)) if path.suffix == ".parquet" else Dataset.from_csv(str(path))
+    except Exception as exc:  # pyarrow/pandas errors: name the file, not the library's internals
+        raise RecipeError(str(path), None, f"cannot be read as {path.suffix[1:]} ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}).", "Check the file, or convert it to JSONL.") from None
+    rows = []
+    for i, row in enumerate(table.to_list(), start=1):
+        row = {k: v for k, v in row.items() if v is not None}
+        if isinstance(row.get("messages"), str):  # a CSV cell holds the conversation as JSON text
+            try:
+                row["messages"] = json.loads(row["messages"])
+            except json.JSONDecodeError:
+                raise RecipeError(str(path), f"row {i}: field 'messages'", "is not JSON.",
+                                  f"Write the conversation as a JSON list, e.g. {CHAT_EXAMPLE}.") from None
+        rows.append((f"row {i}", row))
+    return rows
+
+
+def check_instruction_row(example: dict[str, Any], path: str, where: str) -> None:
+    for key in REQUIRED_FIELDS:
+        if key not in example:
+            raise RecipeError(path, f"{where}: field '{key}'", "is missing.",
+                              f'Every example needs "instruction" and "output" ("input" is optional): '
+                              f"{INSTRUCTION_EXAMPLE}, or a chat row: {CHAT_EXAMPLE}.")
+        if example[key] is None:
+            raise RecipeError(path, f"{where}: field '{key}'", "is null.", f'Give "{key}" a string, or remove the row.')
+    for key in TEXT_FIELDS:
+        if key in example and example[key] is not None and not isinstance(example[key], str):
+            raise RecipeError(path, f"{where}: field '{key}'", f"is a {type(example[key]).__name__}.",
+                              "It must be a string.")
+    if not example["output"].strip():
+        raise RecipeError(path, f"{where}: field 'output'", "is empty.", "Give every example an answer.")
+
+
+def check_chat_row(example: dict[str, Any], path: str, where: str) -> None:
+    """A conversation: known roles, non-empty text turns, a system turn only first, ending with the answer."""
+    messages = example["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RecipeError(path, f"{where}: field 'messages'", "is not a non-empty list of turns.",
+                          f"Write e.g. {CHAT_EXAMPLE}.")
+    for n, message in enumerate(messages, start=1):
+        at = f"{where}: messages[{n}]"
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise RecipeError(path, at, "is not a turn.", 'Each turn is {"role": ..., "content": ...}.')
+        if message["role"] not in ROLES:
+            raise RecipeError(path, f"{at}: role", f"{message['role']!r} is not a role tunebook trains.",
+                              f"Use one of {', '.join(ROLES)} (rename e.g. 'human' to 'user', 'gpt' to 'assistant').")
+        if not isinstance(message["content"], str) or not message["content"].strip():
+            raise RecipeError(path, f"{at}: content", "is empty." if isinstance(message["content"], str) else
+                              f"is a {type(message['content']).__name__}.", "Give every turn its text, or remove the turn.")
+        if message["role"] == "system" and n != 1:
+            raise RecipeError(path, f"{at}: role", "a system turn comes after other turns.",
+                              "Put the system turn first, or fold it into the user turn.")
+    if not any(m["role"] == "user" for m in messages):
+        raise RecipeError(path, f"{where}: field 'messages'", "has no user turn.", "Add the user's question.")
+    if messages[-1]["role"] != "assistant":
+        raise RecipeError(path, f"{where}: field 'messages'",
+                          f"ends with a {messages[-1]['role']} turn, not an assistant turn.",
+                          "End each conversation with the assistant's answer: it is what the model learns and is "
+                          "scored on.")
+
+
+def example_location(path: str | Path, index: int) -> str:
+    """Where the index-th example (0-based) of a split is, in the words `read_split` uses (`line N`, `row N`)."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return f"{'example' if path.suffix == '.json' else 'row'} {index + 1}"
+    seen = -1
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            seen += bool(line.strip())
+            if seen == index:
+                return f"line {number}"
+    return f"example {index + 1}"
 
 
 def select_rows(rows: list[dict], where: dict[str, list], path: str | Path, recipe_source: str,

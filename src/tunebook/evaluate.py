@@ -9,57 +9,41 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import Recipe
-from tunebook.data import read_jsonl, select_rows
+from tunebook.data import read_split, select_rows
 from tunebook.errors import RecipeError
 from tunebook.generation import decode_answers, generate
-from tunebook.metrics import perplexity, review_metrics, run_sql, sql_metrics, text_metrics
+from tunebook.metrics import db_path_for, perplexity, run_sql, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import atomic_dir, clean_leftovers, fine_tuned_dir, gguf_dir, report_dir
+from tunebook.prompts import reference_answer, user_message
 from tunebook.reporting import metrics_table, shape_table
-from tunebook.validate import check_adapter, validate_recipe
+from tunebook.validate import check_adapter, check_metric_rows, validate_recipe
 
-MAIN_METRIC = {"sql": "exec_accuracy", "review": "rougeL", "qa": "rougeL", "summarize": "rougeL"}
 N_REPORT_EXAMPLES = 5
 
 
-def db_path_for(row: dict, data_file: Path) -> Path:
-    """A row's SQLite file: its `db_path` (relative to the data file) or databases/<db_id>.sqlite beside it."""
-    if row.get("db_path"):
-        path = Path(row["db_path"])
-        return path if path.is_absolute() else data_file.parent / path
-    return data_file.parent / "databases" / f"{row['db_id']}.sqlite"
-
-
-def task_metrics(task: str, predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
-    references = [r["output"] for r in rows]
-    if task == "sql":
-        return sql_metrics(predictions, references, [db_path_for(r, data_file) for r in rows])
-    scores = text_metrics(predictions, references)
-    if task == "review":
-        scores.update(review_metrics(predictions, references, [r.get("input", "") for r in rows],
-                                     [r.get("rule") for r in rows]))
-    return scores
+def task_metrics(recipe: Recipe, predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
+    """The recipe's `eval.metrics` on these predictions (perplexity, which needs the model, apart)."""
+    return score(recipe.eval.metrics, predictions, rows, data_file)
 
 
 def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
     data_file = Path(data or recipe.data.test)
     field = "--data" if data else "data.test"
-    rows = read_jsonl(data_file, recipe.source, field)
+    rows = read_split(data_file, recipe.source, field)
     if recipe.eval.where:
         rows = select_rows(rows, recipe.eval.where, data_file, recipe.source, "eval.where")
     if recipe.eval.limit:
         rows = rows[: recipe.eval.limit]
-    if recipe.task == "sql":
+    check_metric_rows(recipe, rows, data_file, located=not recipe.eval.where)
+    if "sql_execution" in recipe.eval.metrics:
         for number, row in enumerate(rows, start=1):
-            if not row.get("db_id") and not row.get("db_path"):
-                raise RecipeError(str(data_file), f"example {number}", "has neither 'db_id' nor 'db_path'.",
-                                  "SQL examples need the database to execute against.")
             db_path = db_path_for(row, data_file)
             if not db_path.exists():
                 raise RecipeError(str(data_file), f"example {number}", f"database {db_path} "
                                   "does not exist.", "Run `make data` or fix db_path.")
             # A gold query that fails would make the example unscoreable: found now, not after generation.
-            _, error = run_sql(db_path, row["output"])
+            _, error = run_sql(db_path, row["output"] if "output" in row else reference_answer(row))
             if error is not None:
                 raise RecipeError(str(data_file), f"example {number}: field 'output'",
                                   f"the gold SQL fails on {db_path.name} ({error}).",
@@ -70,7 +54,7 @@ def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
 def train_db_ids(recipe: Recipe) -> set[str]:
     """The databases the recipe trained on (after `data.where`)."""
     try:
-        rows = read_jsonl(recipe.data.train, recipe.source, "data.train")
+        rows = read_split(recipe.data.train, recipe.source, "data.train")
         if recipe.data.where:
             rows = select_rows(rows, recipe.data.where, recipe.data.train, recipe.source)
     except RecipeError:
@@ -127,8 +111,8 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
     for qtype, path in ggufs.items():
         results[f"gguf_{qtype}"] = run_gguf(recipe, path, tokenizer, rows, data_file)
 
-    subsets = sql_subsets(recipe, rows, results, data_file) if recipe.task == "sql" else {}
-    by_shape = {shape: score_subset(recipe.task, idx, rows, results, data_file)
+    subsets = schema_subsets(recipe, rows, results, data_file)
+    by_shape = {shape: score_subset(recipe, idx, rows, results, data_file)
                 for shape, idx in sorted(group_indices(rows, "shape").items())}
     return write_report(recipe, rows, results, subsets, data_file, by_shape, key)
 
@@ -159,8 +143,9 @@ def hf_passes(recipe: Recipe, kinds: list[str], rows: list[dict], data_file: Pat
             preds = generate(model, tokenizer, rows, system, recipe.eval.max_new_tokens, recipe.eval.batch_size,
                              rate_updater(bar, task_id, started))
             seconds = time.perf_counter() - started
-            metrics = task_metrics(recipe.task, preds, rows, data_file)
-            metrics["perplexity"] = perplexity(model, tokenizer, rows, system, batch_size=recipe.eval.batch_size)
+            metrics = task_metrics(recipe, preds, rows, data_file)
+            if "perplexity" in recipe.eval.metrics:
+                metrics["perplexity"] = perplexity(model, tokenizer, rows, system, batch_size=recipe.eval.batch_size)
         results[kind] = {"predictions": preds, "metrics": metrics, "examples_per_s": len(rows) / seconds}
     return results
 
@@ -188,6 +173,7 @@ def eval_key(recipe: Recipe, rows: list[dict], kinds: list[str], adapter_dir: Pa
     import hashlib
 
     digest = hashlib.sha256(json.dumps([rows, kinds, recipe.data.system_prompt, recipe.eval.max_new_tokens,
+                                        recipe.eval.metrics,
                                         recipe.model.name, recipe.model.dtype, recipe.model.quantization],
                                        sort_keys=True, default=str).encode())
     adapter = adapter_dir / "adapter_model.safetensors"
@@ -228,7 +214,7 @@ def run_gguf(recipe: Recipe, path: Path, tokenizer: Any, rows: list[dict], data_
         seconds = time.perf_counter() - started
     del llm
     preds = decode_answers(tokenizer, ids)
-    return {"predictions": preds, "metrics": task_metrics(recipe.task, preds, rows, data_file),
+    return {"predictions": preds, "metrics": task_metrics(recipe, preds, rows, data_file),
             "examples_per_s": len(rows) / seconds}
 
 
@@ -241,8 +227,11 @@ def group_indices(rows: list[dict], key: str) -> dict[str, list[int]]:
     return groups
 
 
-def sql_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], data_file: Path) -> dict[str, dict]:
-    """Databases never seen in training, and among them the real (Spider) schemas, scored on their own."""
+def schema_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], data_file: Path) -> dict[str, dict]:
+    """For rows that name their database (`db_id`): those whose database was never seen in training, and among
+    them the real (Spider) schemas, scored on their own."""
+    if not any(r.get("db_id") for r in rows):
+        return {}
     seen = train_db_ids(recipe)
     unseen = [i for i, r in enumerate(rows) if r.get("db_id") not in seen]
     groups = {}
@@ -251,13 +240,14 @@ def sql_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], data
     real = [i for i in unseen if rows[i].get("source") == "spider"]
     if real:
         groups["unseen_real_schema"] = real
-    return {name: score_subset("sql", idx, rows, results, data_file) for name, idx in groups.items()}
+    return {name: score_subset(recipe, idx, rows, results, data_file) for name, idx in groups.items()}
 
 
-def score_subset(task: str, indices: list[int], rows: list[dict], results: dict[str, dict], data_file: Path) -> dict:
-    """The task's metrics on some rows, for every model evaluated, with the row count."""
+def score_subset(recipe: Recipe, indices: list[int], rows: list[dict], results: dict[str, dict],
+                 data_file: Path) -> dict:
+    """The recipe's metrics on some rows, for every model evaluated, with the row count."""
     return {"n_examples": len(indices), **{
-        kind: task_metrics(task, [r["predictions"][i] for i in indices], [rows[i] for i in indices], data_file)
+        kind: task_metrics(recipe, [r["predictions"][i] for i in indices], [rows[i] for i in indices], data_file)
         for kind, r in results.items()}}
 
 
@@ -279,7 +269,8 @@ def write_report_files(tmp: Path, recipe: Recipe, rows: list[dict], results: dic
         "task": recipe.task,
         "data": str(data_file),
         "n_examples": len(rows),
-        "main_metric": MAIN_METRIC[recipe.task],
+        "main_metric": recipe.eval.main_metric,
+        "metrics": recipe.eval.metrics,
         "base": base,
         "fine_tuned": tuned,
         "delta": {k: tuned[k] - base[k] for k in tuned if k in base},
@@ -289,7 +280,7 @@ def write_report_files(tmp: Path, recipe: Recipe, rows: list[dict], results: dic
         "timing": {kind: {"examples_per_s": round(r["examples_per_s"], 3)} for kind, r in results.items()},
         "eval_key": key,
         "examples": [
-            {"prompt": _user_turn(rows[i]), "reference": rows[i]["output"],
+            {"prompt": user_message(rows[i]), "reference": reference_answer(rows[i]),
              **{kind: results[kind]["predictions"][i] for kind in results}}
             for i in range(min(N_REPORT_EXAMPLES, len(rows)))
         ],
@@ -302,12 +293,6 @@ def write_report_files(tmp: Path, recipe: Recipe, rows: list[dict], results: dic
     (tmp / "report.md").write_text(markdown_report(report))
     if base and tuned:
         chart(report, tmp / "chart.png")
-
-
-def _user_turn(row: dict) -> str:
-    from tunebook.prompts import user_message
-
-    return user_message(row)
 
 
 def markdown_report(report: dict) -> str:

@@ -286,7 +286,7 @@ def export(recipe: Recipe, verify: bool = True) -> dict[str, Any]:
 
 def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verify: bool) -> dict[str, Any]:
     """Merge, convert, quantise, write the Modelfile and check every file; raise on the first failed check."""
-    from tunebook.data import read_jsonl
+    from tunebook.data import read_split
     from tunebook.prompts import stop_token_ids
 
     started = time.perf_counter()
@@ -346,7 +346,7 @@ def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verif
 
     if verify and files:
         print("checking the GGUF files against the merged model …")
-        rows = read_jsonl(recipe.data.test, recipe.source, "data.test")[: recipe.export.verify_prompts]
+        rows = read_split(recipe.data.test, recipe.source, "data.test")[: recipe.export.verify_prompts]
         system = recipe.data.system_prompt
         max_new = min(recipe.eval.max_new_tokens, 48)
         sequences = hf_greedy(merged, tokenizer, rows, system, max_new)

@@ -6,11 +6,15 @@ reading, and cuts any query off after a time limit.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import re
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,18 +142,9 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
     """ROUGE-1/2/L F1 (rouge-score, stemmed), corpus BLEU and chrF (sacrebleu), exact match."""
     import sacrebleu
-    from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = Counter()
-    for pred, ref in zip(predictions, references, strict=True):
-        for key, score in scorer.score(ref, pred).items():
-            totals[key] += score.fmeasure
-    n = max(len(predictions), 1)
     return {
-        "rouge1": 100 * totals["rouge1"] / n,
-        "rouge2": 100 * totals["rouge2"] / n,
-        "rougeL": 100 * totals["rougeL"] / n,
+        **_rouge(predictions, references),
         "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
         "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
         "exact_match": exact_match(predictions, references),
@@ -224,17 +219,46 @@ def code_tokens(code: str | None) -> tuple[tuple[int, str], ...] | None:
         return None
 
 
+def kept_ratio(before: tuple, after: tuple) -> float:
+    """How much of the code's words (names, operators, literals; layout tokens aside) an edit kept, in order."""
+    def words(tokens: tuple) -> list:
+        return [t for t in tokens if t[1]]
+
+    return difflib.SequenceMatcher(None, words(before), words(after), autojunk=False).ratio()
+
+
+@functools.cache
+def ruff_rule_codes() -> frozenset[str]:
+    """The rule codes this ruff knows (`ruff rule --all`); empty when ruff is not installed."""
+    import json
+    import subprocess
+
+    from tunebook.builders.review import ruff_binary
+
+    ruff = ruff_binary()
+    if not ruff:
+        return frozenset()
+    done = subprocess.run([ruff, "rule", "--all", "--output-format", "json"], capture_output=True, text=True)
+    try:
+        return frozenset(rule["code"] for rule in json.loads(done.stdout or "[]"))
+    except (ValueError, KeyError, TypeError):
+        return frozenset()
+
+
 def review_metrics(
     predictions: list[str], references: list[str], inputs: list[str], rules: list[str | None]
 ) -> dict[str, float]:
-    """Review-specific checks on the improved code in each answer (its last fenced block).
+    """Review checks on the improved code in each answer (its last fenced block); percentages of all examples.
 
+    - `code_fixed` (the headline): the improved code equals the reference fix (formatting aside), or it is an
+      edit of the input (changed, yet at least half its tokens kept in order) that parses and that ruff no longer
+      reports the example's rule on. Handing the code back unchanged, replacing it with unrelated code, or code
+      whose rule cannot be checked and that differs from the reference, is not a fix.
     - `fix_parses`: the improved code parses (`ast.parse`).
-    - `rule_fixed`: it parses and ruff, run on it with only the example's rule selected, no longer reports that
-      rule (examples without a `rule` count as fixed if they parse). Replacing the snippet with unrelated code
-      also passes this check, hence the two below.
-    - `fix_matches_reference`: its tokens equal the reference fix's (formatting aside): the edit the rule asks
-      for, nothing else.
+    - `rule_checked`: the example names a rule this ruff knows, so the rule could be checked at all.
+    - `rule_fixed`: the rule was checked on the improved code and is no longer reported (an unchecked example
+      never counts). Replacing the snippet with unrelated code also passes this check, hence `code_fixed`.
+    - `fix_matches_reference`: its tokens equal the reference fix's: the edit the rule asks for, nothing else.
     - `fix_unchanged`: its tokens equal the input snippet's: the answer hands the code back as it was.
     - `rule_named`: the answer names the example's rule code (e.g. `FURB132`).
     One ruff run covers all answers.
@@ -248,30 +272,169 @@ def review_metrics(
     codes = [last_code_block(p) for p in predictions]
     tokens = [code_tokens(c) for c in codes]
     codes = [c if t is not None else None for c, t in zip(codes, tokens, strict=True)]
+    known = ruff_rule_codes()
+    checkable = [bool(rule) and rule in known for rule in rules]
     flagged: set[tuple[str, str]] = set()
-    ruff = ruff_binary()
-    selected = sorted({r for r, c in zip(rules, codes, strict=True) if r and c is not None})
-    if ruff and selected:
+    selected = sorted({r for r, c, ok in zip(rules, codes, checkable, strict=True) if ok and c is not None})
+    if selected:
         with tempfile.TemporaryDirectory() as tmp:
             for i, code in enumerate(codes):
                 if code is not None:
                     Path(tmp, f"p{i}.py").write_text(code)
-            done = subprocess.run([ruff, "check", "--isolated", "--no-cache", "--preview", "--exit-zero",
+            done = subprocess.run([ruff_binary(), "check", "--isolated", "--no-cache", "--preview", "--exit-zero",
                                    "--output-format", "json", "--select", ",".join(selected), tmp],
                                   capture_output=True, text=True)
+            if done.returncode != 0:  # ruff refused the run: nothing was checked
+                checkable = [False] * len(rules)
             flagged = {(Path(f["filename"]).stem, f["code"]) for f in json.loads(done.stdout or "[]")}
-    n = max(len(predictions), 1)
-    fixed = sum(code is not None and (not rule or (f"p{i}", rule) not in flagged)
-                for i, (code, rule) in enumerate(zip(codes, rules, strict=True)))
     ref_tokens = [code_tokens(last_code_block(r)) for r in references]
     input_tokens = [code_tokens(last_code_block(t) or t) for t in inputs]
     same = [t is not None and t == r for t, r in zip(tokens, ref_tokens, strict=True)]
     unchanged = [t is not None and t == i for t, i in zip(tokens, input_tokens, strict=True)]
+    rule_fixed = [codes[i] is not None and checkable[i] and (f"p{i}", rules[i]) not in flagged
+                  for i in range(len(rules))]
+    edit = [t is not None and i is not None and not u and kept_ratio(i, t) >= 0.5
+            for t, i, u in zip(tokens, input_tokens, unchanged, strict=True)]
+    fixed = [same[i] or (rule_fixed[i] and edit[i]) for i in range(len(rules))]
+    n = max(len(predictions), 1)
     return {
+        "code_fixed": 100 * sum(fixed) / n,
         "fix_parses": 100 * sum(t is not None for t in tokens) / n,
-        "rule_fixed": 100 * fixed / n,
+        "rule_checked": 100 * sum(checkable) / n,
+        "rule_fixed": 100 * sum(rule_fixed) / n,
         "fix_matches_reference": 100 * sum(same) / n,
         "fix_unchanged": 100 * sum(unchanged) / n,
         "rule_named": 100 * sum(bool(rule) and re.search(rf"\b{re.escape(rule)}\b", p) is not None
                                 for p, rule in zip(predictions, rules, strict=True)) / n,
     }
+
+
+_JSON_FENCE = re.compile(r"```(?:json)?\s*\n(.*?)```", re.S | re.I)
+
+
+def parse_json_answer(text: str) -> tuple[bool, Any]:
+    """(parsed, value) of an answer that should be JSON: the whole answer, or its first fenced block."""
+    import json
+
+    match = _JSON_FENCE.search(text)
+    try:
+        return True, json.loads(match.group(1) if match else text)
+    except (ValueError, TypeError):
+        return False, None
+
+
+def json_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """`json_match`: the answer parses as JSON and equals the reference as a JSON value (key order, spacing and
+    number spelling aside); `json_valid`: it parses at all."""
+    matches = valid = 0
+    for pred, ref in zip(predictions, references, strict=True):
+        ok, value = parse_json_answer(pred)
+        valid += ok
+        matches += ok and value == parse_json_answer(ref)[1]
+    n = max(len(predictions), 1)
+    return {"json_match": 100 * matches / n, "json_valid": 100 * valid / n}
+
+
+def db_path_for(row: dict, data_file: Path) -> Path:
+    """A row's SQLite file: its `db_path` (relative to the data file) or databases/<db_id>.sqlite beside it."""
+    if row.get("db_path"):
+        path = Path(row["db_path"])
+        return path if path.is_absolute() else data_file.parent / path
+    return data_file.parent / "databases" / f"{row['db_id']}.sqlite"
+
+
+# ---------------------------------------------------------------- the named metrics a recipe chooses from
+
+Scorer = Callable[[list[str], list[dict], Path], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric a recipe names in `eval.metrics`: the report columns it writes and how they are scored.
+
+    `score` gets the predictions, the rows and the data file; None means the evaluator computes it with the
+    model (perplexity). `row_problem` says what is wrong with a row this metric cannot score (None: fine).
+    """
+
+    columns: tuple[str, ...]
+    score: Scorer | None
+    row_problem: Callable[[dict], str | None] = lambda row: None
+    row_fix: str = ""
+    about: str = ""
+
+
+def _refs(rows: list[dict]) -> list[str]:
+    from tunebook.prompts import reference_answer
+
+    return [reference_answer(r) for r in rows]
+
+
+def _rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals: Counter = Counter()
+    for pred, ref in zip(predictions, references, strict=True):
+        for key, score in scorer.score(ref, pred).items():
+            totals[key] += score.fmeasure
+    n = max(len(predictions), 1)
+    return {key: 100 * totals[key] / n for key in ("rouge1", "rouge2", "rougeL")}
+
+
+def _sacrebleu(kind: str) -> Scorer:
+    def score(predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
+        import sacrebleu
+
+        corpus = sacrebleu.corpus_bleu if kind == "bleu" else sacrebleu.corpus_chrf
+        return {kind: corpus(predictions, [_refs(rows)]).score}
+
+    return score
+
+
+def _sql_problem(row: dict) -> str | None:
+    return None if row.get("db_id") or row.get("db_path") else "has neither 'db_id' nor 'db_path'"
+
+
+def _json_problem(row: dict) -> str | None:
+    from tunebook.prompts import reference_answer
+
+    return None if parse_json_answer(reference_answer(row))[0] else "has a reference answer that is not JSON"
+
+
+def _code_fixed(predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
+    from tunebook.prompts import user_message
+
+    return review_metrics(predictions, _refs(rows), [user_message(r) for r in rows], [r.get("rule") for r in rows])
+
+
+METRICS: dict[str, Metric] = {
+    "exact_match": Metric(("exact_match",), lambda p, rows, f: {"exact_match": exact_match(p, _refs(rows))},
+                          about="the answer equals the reference, whitespace aside"),
+    "rouge": Metric(("rouge1", "rouge2", "rougeL"), lambda p, rows, f: _rouge(p, _refs(rows)),
+                    about="ROUGE-1/2/L F1 (rouge-score, stemmed)"),
+    "bleu": Metric(("bleu",), _sacrebleu("bleu"), about="corpus BLEU (sacrebleu)"),
+    "chrf": Metric(("chrf",), _sacrebleu("chrf"), about="corpus chrF (sacrebleu)"),
+    "perplexity": Metric(("perplexity",), None, about="of the reference answers under the model (lower is better)"),
+    "sql_execution": Metric(
+        ("exec_accuracy", "exact_match", "sql_error_rate"),
+        lambda p, rows, f: sql_metrics(p, _refs(rows), [db_path_for(r, f) for r in rows]),
+        row_problem=_sql_problem,
+        row_fix="Give each row its database: 'db_id' (databases/<db_id>.sqlite beside the split) or 'db_path'",
+        about="runs the SQL on the row's database: same result set as the gold query; sqlglot exact match; errors",
+    ),
+    "code_fixed": Metric(("code_fixed", "fix_parses", "rule_checked", "rule_fixed", "fix_matches_reference",
+                          "fix_unchanged", "rule_named"), _code_fixed,
+                         about="the improved code fixes the row's `rule` (ruff) or equals the reference fix"),
+    "json_match": Metric(("json_match", "json_valid"), lambda p, rows, f: json_metrics(p, _refs(rows)),
+                         row_problem=_json_problem, row_fix="Make each reference answer valid JSON",
+                         about="the answer parses as JSON and equals the reference"),
+}
+
+
+def score(names: list[str], predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
+    """The named metrics' columns, in order (perplexity, which needs the model, is left to the caller)."""
+    out: dict[str, float] = {}
+    for name in names:
+        if METRICS[name].score is not None:
+            out.update(METRICS[name].score(predictions, rows, data_file))
+    return out

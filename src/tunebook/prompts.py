@@ -4,31 +4,63 @@ Training, evaluation, the Gradio app and the exported Modelfile all go through t
 prompt a model is trained on is byte for byte the prompt it is asked at inference, and it stops where it
 learned to stop.
 
-Instruct models (those whose tokenizer carries a chat template) see instruction + input as the user turn and
-the output as the assistant turn, rendered by the model's own template. Models without a template use the
-`### Instruction / ### Input / ### Response` format below, ended by the EOS token.
+An example is either an `{"instruction", "input", "output"}` row or a `{"messages": [...]}` conversation
+(system/user/assistant turns, OpenAI style, ending with an assistant turn). Both become one conversation
+(`conversation`): an instruction row is one user turn (instruction, then the input after a blank line) and one
+assistant turn. Instruct models (those whose tokenizer carries a chat template) render it with their own
+template; models without a template use the `### Instruction / ### Response` format below, each answer ended by
+the EOS token. The prompt is the conversation before its last assistant turn; the answer is that turn. Training
+puts loss on every assistant turn and its end-of-turn marker; evaluation generates the last one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-PLAIN_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+PLAIN_USER = "### Instruction:\n{content}\n\n### Response:\n"
+PLAIN_SYSTEM = "{content}\n\n"
+ROLES = ("system", "user", "assistant")
+
+
+def is_chat(example: dict[str, Any]) -> bool:
+    """Whether a row is a `{"messages": [...]}` conversation rather than an instruction row."""
+    return "messages" in example
 
 
 def user_message(example: dict[str, Any]) -> str:
-    """The user turn: the instruction, then the input (if any) after a blank line."""
+    """The last user turn: for an instruction row, the instruction, then the input (if any) after a blank line."""
+    if is_chat(example):
+        return next(m["content"] for m in reversed(example["messages"]) if m["role"] == "user")
     instruction = example["instruction"].strip()
     extra = (example.get("input") or "").strip()
     return f"{instruction}\n\n{extra}" if extra else instruction
 
 
-def chat_messages(example: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
-    """The conversation up to (not including) the assistant's answer."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": user_message(example)})
+def reference_answer(example: dict[str, Any]) -> str:
+    """The answer a model is scored against: the last assistant turn (an instruction row's `output`)."""
+    return example["messages"][-1]["content"] if is_chat(example) else example["output"]
+
+
+def conversation(example: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The whole conversation, answer included; `system_prompt` opens it unless it has a system turn already."""
+    if is_chat(example):
+        messages = [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+    else:
+        messages = [{"role": "user", "content": user_message(example)}]
+        if example.get("output") is not None:
+            messages.append({"role": "assistant", "content": example["output"]})
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+def chat_messages(example: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The conversation up to (not including) the answer: what the model sees before it answers.
+
+    An example without an answer (a question asked in the app, a Modelfile probe) is all prompt.
+    """
+    messages = conversation(example, system_prompt)
+    return messages[:-1] if messages[-1]["role"] == "assistant" else messages
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -37,13 +69,46 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 def render_prompt(tokenizer: Any, example: dict[str, Any], system_prompt: str | None = None) -> str:
     """The text the model sees before it answers (ends with the assistant header)."""
+    return render_messages(tokenizer, chat_messages(example, system_prompt), add_generation_prompt=True)
+
+
+def render_messages(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+    """A conversation as text: the model's chat template, or the plain format where it has none."""
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(
-            chat_messages(example, system_prompt), tokenize=False, add_generation_prompt=True
-        )
-    extra = (example.get("input") or "").strip()
-    template = PLAIN_PROMPT if extra else PLAIN_PROMPT_NO_INPUT
-    return template.format(instruction=example["instruction"].strip(), input=extra)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    parts = []
+    for message in messages:
+        if message["role"] == "assistant":
+            parts.append(message["content"] + tokenizer.eos_token + "\n\n")
+        else:
+            parts.append((PLAIN_USER if message["role"] == "user" else PLAIN_SYSTEM).format(content=message["content"]))
+    return "".join(parts)
+
+
+def turn_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """The conversation as (text, trained) pieces: each assistant turn through its end-of-turn marker is trained.
+
+    Rendered prefix by prefix with the template itself, so whatever the template writes around a turn is kept
+    exactly; a template that rewrites earlier turns (so a prefix is not a prefix) is refused.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render_messages(tokenizer, messages[:i], add_generation_prompt=True)
+        full = render_messages(tokenizer, messages[: i + 1])
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ValueError(
+                "The tokenizer's chat template renders a conversation that does not start with its own generation "
+                "prompt, so training and inference prompts would differ. Use a tokenizer with a consistent template."
+            )
+        answer = full[len(prompt):].rstrip()
+        if not any(stop in answer[len(message["content"].rstrip()):] for stop in end_markers(tokenizer)):
+            answer += tokenizer.eos_token  # a template that writes no end marker: train EOS so the model stops
+        segments += [(prompt[len(done):], False), (answer, True)]
+        done = prompt + answer
+    return segments
 
 
 def render_completion(tokenizer: Any, example: dict[str, Any], system_prompt: str | None = None) -> str:
@@ -53,22 +118,7 @@ def render_completion(tokenizer: Any, example: dict[str, Any], system_prompt: st
     closes an assistant turn (`<|im_end|>`, `<|eot_id|>`, `<|end|>`, `</s>`) is trained exactly as the
     template writes it. Trailing whitespace after the marker is dropped: generation stops at the marker.
     """
-    answer = example["output"]
-    if not has_chat_template(tokenizer):
-        return answer + tokenizer.eos_token
-    prompt = render_prompt(tokenizer, example, system_prompt)
-    full = tokenizer.apply_chat_template(
-        [*chat_messages(example, system_prompt), {"role": "assistant", "content": answer}], tokenize=False
-    )
-    if not full.startswith(prompt):
-        raise ValueError(
-            "The tokenizer's chat template renders a conversation that does not start with its own generation "
-            "prompt, so training and inference prompts would differ. Use a tokenizer with a consistent template."
-        )
-    completion = full[len(prompt):].rstrip()
-    if not any(stop in completion[len(answer.rstrip()):] for stop in end_markers(tokenizer)):
-        completion += tokenizer.eos_token  # a template that writes no end marker: train EOS so the model stops
-    return completion
+    return turn_segments(tokenizer, conversation(example, system_prompt))[-1][0]
 
 
 def end_markers(tokenizer: Any) -> list[str]:
@@ -110,18 +160,28 @@ def encode_prompt(tokenizer: Any, example: dict[str, Any], system_prompt: str | 
 
 
 def encode_example(
-    tokenizer: Any, example: dict[str, Any], system_prompt: str | None = None, max_length: int | None = None
+    tokenizer: Any, example: dict[str, Any], system_prompt: str | None = None, max_length: int | None = None,
+    all_turns: bool = True,
 ) -> dict[str, list[int]] | None:
-    """Training tokens and labels: loss on the answer and its end-of-turn marker only (-100 elsewhere).
+    """Training tokens and labels: loss on the assistant turns and their end-of-turn markers only (-100 elsewhere).
 
-    Returns None when prompt + answer exceed `max_length`: truncating would silently cut the answer or the
-    schema, so the caller drops the example and reports how many it dropped.
+    `all_turns=False` trains (scores) the last answer only, as perplexity on the reference does. The prompt
+    before the last answer is tokenized as `encode_prompt` does, so these ids are the ones evaluation feeds.
+    Returns None when the whole exceeds `max_length`: truncating would silently cut the answer or the schema, so
+    the caller drops the example and reports how many it dropped.
     """
-    prompt_ids = encode_prompt(tokenizer, example, system_prompt)
-    completion_ids = tokenizer(render_completion(tokenizer, example, system_prompt), add_special_tokens=False)[
-        "input_ids"
-    ]
-    input_ids = prompt_ids + completion_ids
+    segments = turn_segments(tokenizer, conversation(example, system_prompt))
+    input_ids = encode_prompt(tokenizer, example, system_prompt)
+    last_prompt_len = len(input_ids)
+    labels = [-100] * last_prompt_len
+    if all_turns and len(segments) > 2:
+        input_ids, labels = [], []
+        for n, (text, trained) in enumerate(segments[:-1]):
+            ids = tokenizer(text, add_special_tokens=n == 0 and not has_chat_template(tokenizer))["input_ids"]
+            input_ids += ids
+            labels += ids if trained else [-100] * len(ids)
+    completion_ids = tokenizer(segments[-1][0], add_special_tokens=False)["input_ids"]
+    input_ids = input_ids + completion_ids
     if max_length is not None and len(input_ids) > max_length:
         return None
-    return {"input_ids": input_ids, "labels": [-100] * len(prompt_ids) + completion_ids}
+    return {"input_ids": input_ids, "labels": labels + completion_ids}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import Recipe
-from tunebook.data import read_jsonl, select_rows
+from tunebook.data import CHAT_EXAMPLE, INSTRUCTION_EXAMPLE, read_split, select_rows
 from tunebook.errors import RecipeError
 from tunebook.models import (
     REGISTRY,
@@ -123,6 +123,24 @@ def check_adapter(adapter_dir: Path, recipe: Recipe) -> None:
         raise RecipeError(str(weights), None, f"is truncated or corrupt ({exc}).", retrain) from None
 
 
+def check_metric_rows(recipe: Recipe, rows: list[dict], path: str | Path, located: bool = True) -> None:
+    """Every row must be scoreable by every chosen metric (e.g. `sql_execution` needs a database per row).
+
+    `located`: the rows are the file's, in order, so the error can name the line.
+    """
+    from tunebook.data import example_location
+    from tunebook.metrics import METRICS
+
+    for name in recipe.eval.metrics:
+        metric = METRICS[name]
+        for i, row in enumerate(rows):
+            problem = metric.row_problem(row)
+            if problem:
+                where = example_location(path, i) if located else f"example {i + 1}"
+                raise RecipeError(str(path), where, f"{problem}, which eval.metrics '{name}' needs.",
+                                  f"{metric.row_fix}, or remove '{name}' from eval.metrics in {recipe.source}.")
+
+
 def check_repeat(recipe: Recipe, rows: list[dict]) -> None:
     """Every `data.repeat` value must match some training row: a typo would silently change nothing."""
     for key, by_value in (recipe.data.repeat or {}).items():
@@ -137,12 +155,20 @@ def check_repeat(recipe: Recipe, rows: list[dict]) -> None:
 def validate_recipe(recipe: Recipe, check_model: bool = True) -> ValidationReport:
     """Read and check every split, the model source, LoRA targets and tier; raise RecipeError on the first problem."""
     report = ValidationReport()
+    missing = [f"data.{split} ({getattr(recipe.data, split)})" for split in ("train", "val", "test")
+               if not Path(getattr(recipe.data, split)).exists()]
+    if missing:
+        raise RecipeError(recipe.source, "data", f"still missing: {', '.join(missing)}.",
+                          f"Build them (`tunebook data {recipe.task}` where tunebook has a builder for it) or write your "
+                          "examples there: one JSON object per line, "
+                          f"{INSTRUCTION_EXAMPLE} or {CHAT_EXAMPLE} (README: Add your own task).")
     for split in ("train", "val", "test"):
-        rows = read_jsonl(getattr(recipe.data, split), recipe.source, f"data.{split}")
+        rows = read_split(getattr(recipe.data, split), recipe.source, f"data.{split}")
         if recipe.data.where and split != "test":
             rows = select_rows(rows, recipe.data.where, getattr(recipe.data, split), recipe.source)
         report.splits[split] = rows
     check_repeat(recipe, report.splits["train"])
+    check_metric_rows(recipe, report.splits["test"], recipe.data.test)
     if check_model:
         check_model_source(recipe, report)
         check_target_modules(recipe, report)

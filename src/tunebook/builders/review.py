@@ -22,12 +22,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tunebook import tasks
 from tunebook.builders.splits import drop_cross_split_duplicates
 from tunebook.builders.stdlib_docs import SKIP_PARTS, stdlib_dir
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
 
-INSTRUCTION = "Review this Python code. Name the problem, explain why it matters, and give the improved code."
+INSTRUCTION = tasks.REVIEW.instruction
 # Formatting, docs, typing-annotation and naming rules make poor review examples; everything else may be used.
 SKIP_PREFIXES = ("D", "I0", "COM", "Q0", "W", "E1", "E2", "E3", "E5", "ERA", "ANN", "CPY", "T20", "INP", "TD", "FIX",
                  "EM", "FBT", "ARG", "N8", "S", "PLR2004", "RUF100", "UP009", "EXE", "CPY", "TC", "FA", "PYI")

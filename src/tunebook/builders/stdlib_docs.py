@@ -16,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tunebook import tasks
 from tunebook.builders.splits import drop_cross_split_duplicates
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
 
-QA_INSTRUCTION = "Answer the question about Python and its standard library."
-SUMMARIZE_INSTRUCTION = "Summarize the following Python documentation in one sentence."
+QA_INSTRUCTION = tasks.QA.instruction
+SUMMARIZE_INSTRUCTION = tasks.SUMMARIZE.instruction
 SKIP_PARTS = {"test", "tests", "idlelib", "lib2to3", "ensurepip", "turtledemo", "site-packages", "__phello__"}
 BUILTIN_TYPES = (str, bytes, bytearray, list, dict, set, frozenset, tuple, int, float, complex, range, memoryview)
 
