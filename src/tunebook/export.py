@@ -410,7 +410,8 @@ def write_model_card(recipe: Recipe, out: Path) -> None:
         f"# {recipe.name}", "",
         f"`{recipe.model.name}` fine-tuned with LoRA by [tunebook](../../../README.md) on the `{recipe.task}` task "
         "and merged into the base weights.", "",
-        f"- data card: `datasets_cards/{recipe.task}.md`",
+        *([f"- data card: `datasets_cards/{recipe.task}.md`"] if Path("datasets_cards", f"{recipe.task}.md").exists()
+          else []),
         f"- train split: `{recipe.data.train}`",
         f"- prompt format: the base model's chat template; system prompt: {recipe.data.system_prompt!r}", "",
     ]
