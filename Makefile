@@ -7,7 +7,7 @@ PY       := $(VENV)/bin/python
 TB       := $(VENV)/bin/tunebook
 RECIPE   ?= smollm2-$(TASK)
 TASK     ?= sql
-TASKS    ?= sql review qa summarize
+TASKS    ?= sql review qa summarize extract
 SOURCES  := build/sources
 STAMP    := $(VENV)/.installed
 

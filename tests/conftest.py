@@ -35,7 +35,7 @@ def all_data(sql_data) -> Path:
     """data/<task> for every task, built once per session where `make data` has not run."""
     from tunebook.builders import build_task
 
-    for task in ("review", "qa", "summarize"):
+    for task in ("review", "qa", "summarize", "extract"):
         if not (ROOT / "data" / task / "test.jsonl").exists():
             build_task(task, ROOT / "data", SOURCES)
     return ROOT / "data"

@@ -222,3 +222,38 @@ def test_shape_labels_read_from_sql():
     assert shape_of("SELECT a FROM t ORDER BY b DESC LIMIT 1") == "superlative"
     assert shape_of("SELECT a FROM t WHERE b LIKE '%x%'") == "like"
     assert shape_of("SELECT COUNT(DISTINCT a) FROM t") == "count"
+
+
+def test_extract_targets_describe_their_headers_and_modules_stay_in_one_split(tmp_path, all_data):
+    """The worked example's data: every target is the parsed header's description, JSON, modules held out whole."""
+    import ast
+
+    from tunebook.builders.extract import build_extract, describe
+    from tunebook.metrics import json_metrics
+
+    splits = {name: read_split(all_data / "extract" / f"{name}.jsonl") for name in ("train", "val", "test")}
+    assert all(len(rows) >= 100 for rows in splits.values())
+    modules = {name: {r["module"] for r in rows} for name, rows in splits.items()}
+    assert not (modules["test"] & modules["train"]) and not (modules["val"] & modules["train"])
+    for row in splits["test"]:
+        header = row["input"].removeprefix("```python\n").removesuffix("\n```")
+        assert describe(ast.parse(header + "\n    ...").body[0]) == json.loads(row["output"])
+    outputs = [r["output"] for r in splits["test"]]
+    assert json_metrics(outputs, outputs) == {"json_match": 100.0, "json_valid": 100.0}
+    assert json.loads(splits["test"][0]["output"]).keys() == {"name", "params", "returns"}
+    stats = build_extract(tmp_path / "again")
+    assert stats["sizes"] == {name: len(rows) for name, rows in splits.items()}
+    assert (tmp_path / "again" / "test.jsonl").read_bytes() == (all_data / "extract" / "test.jsonl").read_bytes()
+
+
+def test_extract_describes_every_parameter_kind():
+    import ast
+
+    from tunebook.builders.extract import describe
+
+    node = ast.parse("def f(a, /, b: int = 1, *args, c, d='x', **kw) -> str:\n    ...").body[0]
+    assert describe(node) == {"name": "f", "returns": "str", "params": [
+        {"name": "a", "kind": "positional_only"},
+        {"name": "b", "kind": "positional_or_keyword", "default": "1", "annotation": "int"},
+        {"name": "args", "kind": "var_positional"}, {"name": "c", "kind": "keyword_only"},
+        {"name": "d", "kind": "keyword_only", "default": "'x'"}, {"name": "kw", "kind": "var_keyword"}]}
