@@ -149,6 +149,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    from tunebook.app import AppError, launch
+
+    try:
+        launch(args.recipes, host=args.host, port=args.port, share=args.share)
+    except AppError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tunebook.bench import RESULTS, TABLE, markdown, run
 
@@ -190,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="compare GGUF greedy outputs with the merged model (needs llama-cpp-python)")
     recipe_command("demo", "train, eval, export, then eval the quantised GGUF files; stage times recorded", cmd_demo)
+    app = sub.add_parser("app", help="base vs fine-tuned side by side in the browser (Gradio)", parents=[verbose])
+    app.add_argument("recipes", nargs="*", help="recipes to offer (default: every recipe in recipes/)")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    app.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
+    app.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    app.set_defaults(func=cmd_app, overrides=[])
     bench = sub.add_parser("bench", help="training and eval speed vs plain baselines on this machine",
                            parents=[verbose])
     bench.add_argument("recipe", nargs="?", default="smollm2-sql")
@@ -226,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    name = args.command if args.command in ("data", "bench", "new") else Path(args.recipe).stem
+    name = args.command if args.command in ("data", "bench", "new", "app") else Path(args.recipe).stem
     setup_console(log_file(name, args.command), args.verbose)
     try:
         return args.func(args)

@@ -122,3 +122,65 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], prefix
         cut = next((n for n, t in enumerate(tokens) if t in stops), None)  # drop the stop and padding after it
         answers.append(tokens if cut is None else tokens[: cut + 1])
     return answers
+
+
+def stream_side_by_side(model: Any, tokenizer: Any, example: dict, system_prompt: str | None, max_new_tokens: int,
+                        sides: tuple[str, ...] = ("base", "fine_tuned"), temperature: float = 0.0,
+                        top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0) -> Any:
+    """Yield {side: answer so far} after each new token, every side advancing one token per round.
+
+    `model` is a PeftModel (the base side runs with its adapter switched off, as in eval) or a plain model (base
+    only). Each side keeps its own KV cache and stops at the trained end-of-turn token. Temperature 0 is greedy,
+    token for token what `generate` answers; otherwise transformers' own logits processors do the sampling.
+    """
+    import contextlib
+
+    import torch
+    from transformers import (
+        DynamicCache,
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    if temperature > 0:
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    prompt = torch.tensor([encode_prompt(tokenizer, example, system_prompt)], device=device)
+    stops = set(stop_token_ids(tokenizer, system_prompt))
+    state = {side: {"ids": prompt, "cache": DynamicCache(), "answer": [], "done": False, "fed": prompt}
+             for side in sides}
+
+    def adapter(side: str) -> Any:
+        off = side == "base" and hasattr(model, "disable_adapter")
+        return model.disable_adapter() if off else contextlib.nullcontext()
+
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            for side in sides:
+                s = state[side]
+                if s["done"]:
+                    continue
+                with adapter(side):
+                    out = model(input_ids=s["fed"], cache=s["cache"], use_cache=True)
+                logits = processors(s["ids"], out.logits[:, -1, :].float())
+                if temperature > 0:
+                    token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+                else:
+                    token = logits.argmax(-1, keepdim=True)
+                s["cache"], s["fed"] = out.cache, token.to(device)
+                s["ids"] = torch.cat([s["ids"], s["fed"]], dim=-1)
+                if int(token) in stops:
+                    s["done"] = True
+                else:
+                    s["answer"].append(int(token))
+            yield {side: tokenizer.decode(state[side]["answer"], skip_special_tokens=True).strip() for side in sides}
+            if all(state[side]["done"] for side in sides):
+                return

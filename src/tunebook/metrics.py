@@ -35,11 +35,18 @@ def _authorizer(action: int, arg1: Any, arg2: Any, db_name: Any, trigger: Any) -
 
 def run_sql(db_path: str | Path, sql: str, time_limit_s: float = SQL_TIME_LIMIT_S) -> tuple[list[tuple] | None, str | None]:
     """Execute one untrusted query; return (rows, None) or (None, error). Never writes, never hangs."""
+    _, rows, error = query_table(db_path, sql, time_limit_s)
+    return rows, error
+
+
+def query_table(db_path: str | Path, sql: str, time_limit_s: float = SQL_TIME_LIMIT_S
+                ) -> tuple[list[str], list[tuple] | None, str | None]:
+    """`run_sql` with the result's column names: (columns, rows, None) or ([], None, error)."""
     uri = f"file:{Path(db_path).resolve()}?mode=ro"
     try:
         con = sqlite3.connect(uri, uri=True, check_same_thread=False)
     except sqlite3.Error as exc:
-        return None, f"cannot open database: {exc}"
+        return [], None, f"cannot open database: {exc}"
     deadline = time.monotonic() + time_limit_s
     con.set_authorizer(_authorizer)
     con.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
@@ -47,12 +54,12 @@ def run_sql(db_path: str | Path, sql: str, time_limit_s: float = SQL_TIME_LIMIT_
         cursor = con.execute(sql)
         rows = cursor.fetchmany(MAX_ROWS + 1)
         if len(rows) > MAX_ROWS:
-            return None, f"more than {MAX_ROWS} rows"
-        return rows, None
+            return [], None, f"more than {MAX_ROWS} rows"
+        return [d[0] for d in cursor.description or []], rows, None
     except sqlite3.OperationalError as exc:
-        return None, "time limit exceeded" if "interrupted" in str(exc) else str(exc)
+        return [], None, "time limit exceeded" if "interrupted" in str(exc) else str(exc)
     except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as exc:
-        return None, str(exc)
+        return [], None, str(exc)
     finally:
         con.close()
 

@@ -1,0 +1,407 @@
+"""`tunebook app`: base vs fine-tuned, side by side and streaming, in the browser (Gradio).
+
+A thin layer over what eval already has: prompts from `prompts.py` (the training template and stop tokens),
+generation from `generation.py`, SQL through eval's sandbox (`metrics.query_table`), the report, chart and loss
+curve that `tunebook eval`/`train` wrote. The functions below do the work and are tested on their own;
+`build_ui` only lays them out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunebook.config import RECIPES_DIR, Recipe, load_recipe
+from tunebook.errors import RecipeError
+from tunebook.outputs import fine_tuned_dir, gguf_dir, report_dir
+
+N_EXAMPLES = 6
+SIDES = ("base", "fine_tuned")
+
+
+class AppError(Exception):
+    """A problem the page shows as a message (bad input, a missing model)."""
+
+
+@dataclass
+class Loaded:
+    """One recipe's model, loaded once: the fine-tuned side is the adapter switched on, the base side off."""
+
+    recipe: Recipe
+    tokenizer: Any
+    model: Any
+    has_adapter: bool
+
+
+@dataclass
+class Settings:
+    """Generation settings; the recipe's eval settings are the defaults."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class AppSession:
+    """The recipes the app offers and the one model it holds (loaded lazily, on first use)."""
+
+    names: list[str] = field(default_factory=list)
+    loaded: Loaded | None = None
+    loaded_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            self.names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+    def recipe(self, name: str) -> Recipe:
+        if name not in self.names:
+            raise AppError(f"'{name}' is not one of this app's recipes ({', '.join(self.names)}).")
+        try:
+            return load_recipe(name)
+        except RecipeError as exc:
+            raise AppError(str(exc)) from None
+
+    def load(self, name: str) -> Loaded:
+        """The recipe's model, loading it (and dropping the previous one) only when it changes."""
+        if self.loaded is not None and self.loaded_name == name:
+            return self.loaded
+        recipe = self.recipe(name)
+        self.loaded, self.loaded_name = None, None  # the previous model goes before the next one loads
+        self.loaded, self.loaded_name = load_pair(recipe), name
+        return self.loaded
+
+
+def recipe_status(recipe: Recipe) -> dict[str, Any]:
+    """What exists for a recipe: the adapter, exported GGUF files, the report; and what to run when it is missing."""
+    adapter = fine_tuned_dir(recipe.name) / "adapter_model.safetensors"
+    ggufs = sorted(p.name for p in gguf_dir(recipe.name).glob("*.gguf")) if gguf_dir(recipe.name).exists() else []
+    return {"adapter": adapter.exists(), "gguf": ggufs, "report": (report_dir(recipe.name) / "report.json").exists(),
+            "train_command": f"make train RECIPE={recipe.command_name}"}
+
+
+def status_line(recipe: Recipe) -> str:
+    status = recipe_status(recipe)
+    parts = [f"**{recipe.name}** — {recipe.model.name}, task `{recipe.task}`."]
+    if status["adapter"]:
+        parts.append(f"Adapter: `{fine_tuned_dir(recipe.name)}`.")
+    else:
+        parts.append(f"No adapter yet: only the base model answers. Train one with `{status['train_command']}`.")
+    if status["gguf"]:
+        parts.append(f"Exported GGUF: {', '.join(status['gguf'])} in `{gguf_dir(recipe.name)}`.")
+    return " ".join(parts)
+
+
+def load_pair(recipe: Recipe) -> Loaded:
+    """Base model (+ the adapter when trained), as eval loads them."""
+    from tunebook.models import load_model, load_tokenizer, resolve_model_path
+    from tunebook.validate import check_adapter
+
+    adapter_dir = fine_tuned_dir(recipe.name)
+    has_adapter = (adapter_dir / "adapter_model.safetensors").exists()
+    try:
+        if has_adapter:
+            check_adapter(adapter_dir, recipe)
+        model_path = resolve_model_path(recipe.model.name)
+        tokenizer = load_tokenizer(str(adapter_dir) if has_adapter else model_path, recipe.model.trust_remote_code)
+        model = load_model(model_path, recipe.model, for_training=False)
+    except RecipeError as exc:
+        raise AppError(str(exc)) from None
+    except OSError as exc:
+        raise AppError(f"cannot load {recipe.model.name}: {exc}. Run `make setup`, or check model.name in "
+                       f"{recipe.source}.") from None
+    if has_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return Loaded(recipe, tokenizer, model, has_adapter)
+
+
+def eval_examples(recipe: Recipe, n: int = N_EXAMPLES) -> list[dict]:
+    """The first rows eval scores (after `eval.where`), to click; none when the test split is not built."""
+    from tunebook.evaluate import load_eval_rows
+
+    try:
+        rows, data_file = load_eval_rows(recipe, None)
+    except RecipeError:
+        return []
+    return [{**row, "_data_file": str(data_file)} for row in rows[:n]]
+
+
+def example_label(row: dict) -> str:
+    from tunebook.prompts import user_message
+
+    text = user_message(row).strip().splitlines()[-1]
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def build_request(instruction: str, input_text: str, conversation: str) -> dict:
+    """The example to answer: a chat conversation (JSON list of turns) when one is given, else instruction + input."""
+    from tunebook.data import check_chat_row
+
+    if conversation and conversation.strip():
+        try:
+            messages = json.loads(conversation)
+        except json.JSONDecodeError as exc:
+            raise AppError(f"The conversation is not valid JSON ({exc.msg}, line {exc.lineno}). Write a list of "
+                           '{"role": ..., "content": ...} turns.') from None
+        if isinstance(messages, dict) and "messages" in messages:
+            messages = messages["messages"]
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]  # a pasted example with its answer: ask for the answer instead
+        probe = {"messages": [*messages, {"role": "assistant", "content": "?"}]} if isinstance(messages, list) \
+            else {"messages": messages}
+        try:
+            check_chat_row(probe, "the conversation", "turns")
+        except RecipeError as exc:
+            raise AppError(str(exc).replace("the conversation: turns: ", "The conversation: ")) from None
+        if messages[-1]["role"] != "user":
+            raise AppError("The conversation must end with a user turn: the models answer it.")
+        return {"messages": messages}
+    if not instruction.strip() and not input_text.strip():
+        raise AppError("Write an instruction (and an input if the task has one), or pick a test example.")
+    return {"instruction": instruction.strip() or input_text.strip(),
+            "input": input_text.strip() if instruction.strip() else ""}
+
+
+def stream_answers(loaded: Loaded, request: dict, settings: Settings) -> Iterator[dict[str, str]]:
+    """{side: answer so far} after each token, base and fine-tuned side by side (base only without an adapter)."""
+    from tunebook.generation import stream_side_by_side
+
+    sides = SIDES if loaded.has_adapter else ("base",)
+    yield from stream_side_by_side(
+        loaded.model, loaded.tokenizer, request, loaded.recipe.data.system_prompt, settings.max_new_tokens, sides,
+        temperature=settings.temperature, top_p=settings.top_p, repetition_penalty=settings.repetition_penalty)
+
+
+def sql_database(recipe: Recipe, db_id: str | None, data_file: str | None = None) -> Path | None:
+    """The SQLite file of a database id, beside the recipe's test split (as eval finds it)."""
+    from tunebook.metrics import db_path_for
+
+    if not db_id:
+        return None
+    path = db_path_for({"db_id": db_id}, Path(data_file or recipe.data.test))
+    if not path.exists():
+        raise AppError(f"There is no database '{db_id}' at {path}. Run `make data`, or pick another database.")
+    return path
+
+
+def sql_databases(recipe: Recipe) -> list[str]:
+    folder = Path(recipe.data.test).parent / "databases"
+    return sorted(p.stem for p in folder.glob("*.sqlite")) if "sql_execution" in recipe.eval.metrics else []
+
+
+def sql_result(db_path: Path, answer: str, gold: str | None) -> dict[str, Any]:
+    """One answer's query run in eval's sandbox: columns, rows, error, and whether it matches the gold result."""
+    from tunebook.metrics import extract_sql, is_ordered, query_table, same_result
+
+    sql = extract_sql(answer)
+    if not sql:
+        return {"sql": sql, "columns": [], "rows": [], "error": "no query: the answer is empty", "matches_gold": None}
+    columns, rows, error = query_table(db_path, sql)
+    verdict = None
+    if gold and error is None:
+        _, gold_rows, gold_error = query_table(db_path, gold)
+        verdict = None if gold_error else same_result(rows, gold_rows, is_ordered(gold))
+    return {"sql": sql, "columns": columns, "rows": rows or [], "error": error, "matches_gold": verdict}
+
+
+def sql_verdict(result: dict[str, Any]) -> str:
+    if result["error"] == "not authorized":
+        return "The sandbox refused the query: it allows only reading (no writes, no schema changes, no ATTACH)."
+    if result["error"]:
+        return f"The query does not run: {result['error']}"
+    head = f"{len(result['rows'])} rows."
+    if result["matches_gold"] is None:
+        return head + " (no gold answer to compare with)"
+    return head + (" ✓ **matches the gold answer**" if result["matches_gold"] else " ✗ **differs from the gold answer**")
+
+
+def report_view(recipe: Recipe) -> dict[str, Any]:
+    """The eval report's tables, chart and the training loss curve and highlights, where they exist."""
+    from tunebook.reporting import metrics_table, shape_table
+
+    folder, trained = report_dir(recipe.name), fine_tuned_dir(recipe.name)
+    parts = []
+    report_file = folder / "report.json"
+    if report_file.exists():
+        report = json.loads(report_file.read_text())
+        parts += [f"### Eval report ({report['n_examples']} examples, headline `{report['main_metric']}`)", "",
+                  metrics_table(report)]
+        if report.get("by_shape"):
+            parts += ["", f"#### By shape ({report['main_metric']})", "", shape_table(report)]
+    else:
+        parts.append(f"No eval report yet: `make eval RECIPE={recipe.command_name}` writes one.")
+    info_file = trained / "run_info.json"
+    if info_file.exists():
+        info = json.loads(info_file.read_text())
+        keys = [("global_steps", "steps"), ("tokens_seen", "tokens"), ("train_tokens_per_s", "tokens/s"),
+                ("train_runtime_s", "training s"), ("eval_loss_before", "eval loss before"),
+                ("eval_loss_after", "eval loss after"), ("peak_memory_mb", "peak memory MB"), ("device", "device")]
+        rows = [f"| {label} | {_fmt(info[k])} |" for k, label in keys if info.get(k) is not None]
+        parts += ["", "### Training (run_info.json)", "", "| | |", "|---|---:|", *rows]
+    chart, curve = folder / "chart.png", trained / "loss_curve.png"
+    return {"markdown": "\n".join(parts), "chart": str(chart) if chart.exists() else None,
+            "loss_curve": str(curve) if curve.exists() else None}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def build_ui(session: AppSession) -> Any:
+    """The Gradio Blocks page over an AppSession."""
+    import gradio as gr
+
+    first = session.names[0]
+
+    def recipe_changed(name: str) -> tuple:
+        try:
+            recipe = session.recipe(name)
+        except AppError as exc:
+            return (f"**error:** {exc}", gr.update(choices=[], value=None), "", "", "", gr.update(choices=[]),
+                    128, "", None, None, [])
+        rows = eval_examples(recipe)
+        view = report_view(recipe)
+        labels = [example_label(r) for r in rows]
+        return (status_line(recipe), gr.update(choices=labels, value=None), "", "", "",
+                gr.update(choices=sql_databases(recipe), value=None, visible=bool(sql_databases(recipe))),
+                recipe.eval.max_new_tokens, view["markdown"], view["chart"], view["loss_curve"], rows)
+
+    def example_picked(label: str | None, rows: list[dict]) -> tuple:
+        row = next((r for r in rows if example_label(r) == label), None)
+        if row is None:
+            return gr.update(), gr.update(), gr.update(), gr.update(), None
+        from tunebook.prompts import chat_messages, reference_answer
+
+        if "messages" in row:
+            conversation = json.dumps(chat_messages(row), indent=1, ensure_ascii=False)
+            return "", "", conversation, row.get("db_id"), {"row": row, "gold": reference_answer(row)}
+        return (row["instruction"], row.get("input") or "", "", row.get("db_id"),
+                {"row": row, "gold": reference_answer(row)})
+
+    def answer(name, instruction, input_text, conversation, db_id, picked, max_new, temperature, top_p, penalty):
+        blank = {"headers": ["result"], "data": [[""]]}
+        try:
+            request = build_request(instruction or "", input_text or "", conversation or "")
+            recipe = session.recipe(name)
+            db_path = sql_database(recipe, db_id, (picked or {}).get("row", {}).get("_data_file")) \
+                if sql_databases(recipe) else None
+            started = time.perf_counter()
+            yield "", "", "_loading the model (once per recipe)…_", "", "", blank, blank
+            loaded = session.load(name)
+            settings = Settings(int(max_new), float(temperature), float(top_p), float(penalty))
+            first_token, texts = None, {}
+            for texts in stream_answers(loaded, request, settings):
+                first_token = first_token or time.perf_counter() - started
+                tuned = texts.get("fine_tuned", f"_No adapter yet: train one with "
+                                                f"`{recipe_status(recipe)['train_command']}`._")
+                yield texts["base"], tuned, "_generating…_", "", "", blank, blank
+            total = time.perf_counter() - started
+            status = f"first token after {first_token or 0:.1f} s; both answers in {total:.1f} s"
+            verdicts, tables = ["", ""], [blank, blank]
+            if db_path is not None:
+                gold = (picked or {}).get("gold") if _same_request(picked, request) else None
+                for i, side in enumerate(SIDES):
+                    if side in texts:
+                        result = sql_result(db_path, texts[side], gold)
+                        verdicts[i] = sql_verdict(result)
+                        tables[i] = {"headers": result["columns"] or ["result"],
+                                     "data": [list(r) for r in result["rows"][:200]] or [[""]]}
+            tuned = texts.get("fine_tuned", f"_No adapter yet: train one with "
+                                            f"`{recipe_status(recipe)['train_command']}`._")
+            yield texts.get("base", ""), tuned, status, verdicts[0], verdicts[1], tables[0], tables[1]
+        except (AppError, RecipeError) as exc:
+            yield "", "", f"**error:** {exc}", "", "", blank, blank
+        except Exception as exc:  # never a dead page: the message, and where the traceback went
+            import logging
+
+            logging.getLogger("tunebook").exception("app error")
+            yield "", "", f"**error:** {type(exc).__name__}: {exc}", "", "", blank, blank
+
+    with gr.Blocks(title="tunebook: base vs fine-tuned") as page:
+        gr.Markdown("# tunebook — base vs fine-tuned, side by side")
+        with gr.Row():
+            recipe_box = gr.Dropdown(session.names, value=first, label="recipe", scale=1)
+            status = gr.Markdown(elem_id="recipe-status")
+        rows_state, picked_state = gr.State([]), gr.State(None)
+        examples = gr.Radio([], label="test examples (click one)", elem_id="examples")
+        with gr.Row():
+            instruction = gr.Textbox(label="instruction", lines=2, elem_id="instruction")
+            # Custom values allowed: the choices follow the recipe in the page, and `sql_database` checks the file.
+            db_box = gr.Dropdown([], label="database (SQL)", visible=False, allow_custom_value=True)
+        input_box = gr.Textbox(label="input", lines=6, elem_id="input")
+        with gr.Accordion("chat conversation (JSON; used instead of instruction + input when filled)", open=False):
+            conversation = gr.Code(language="json", label="conversation", elem_id="conversation")
+        with gr.Accordion("generation settings", open=False):
+            max_new = gr.Slider(1, 1024, value=128, step=1, label="max new tokens")
+            temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy, as eval)")
+            top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p")
+            penalty = gr.Slider(1, 2, value=1, step=0.05, label="repetition penalty")
+        go = gr.Button("Generate", variant="primary", elem_id="generate")
+        run_status = gr.Markdown(elem_id="run-status")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("### base")
+                base_out = gr.Textbox(label="base answer", lines=8, elem_id="base-answer")
+                base_verdict = gr.Markdown()
+                base_table = gr.Dataframe(label="base result", interactive=False)
+            with gr.Column():
+                gr.Markdown("### fine-tuned")
+                tuned_out = gr.Textbox(label="fine-tuned answer", lines=8, elem_id="tuned-answer")
+                tuned_verdict = gr.Markdown()
+                tuned_table = gr.Dataframe(label="fine-tuned result", interactive=False)
+        with gr.Accordion("eval report and training", open=False):
+            report_md = gr.Markdown()
+            with gr.Row():
+                chart = gr.Image(label="eval chart", type="filepath")
+                curve = gr.Image(label="loss curve", type="filepath")
+
+        changed_outputs = [status, examples, instruction, input_box, conversation, db_box, max_new, report_md,
+                           chart, curve, rows_state]
+        recipe_box.change(recipe_changed, recipe_box, changed_outputs, api_name=False)
+        page.load(recipe_changed, recipe_box, changed_outputs, api_name=False)
+        examples.change(example_picked, [examples, rows_state],
+                        [instruction, input_box, conversation, db_box, picked_state], api_name=False)
+        go.click(answer, [recipe_box, instruction, input_box, conversation, db_box, picked_state, max_new,
+                          temperature, top_p, penalty],
+                 [base_out, tuned_out, run_status, base_verdict, tuned_verdict, base_table, tuned_table],
+                 api_name="answer")
+    return page
+
+
+def _same_request(picked: dict | None, request: dict) -> bool:
+    """The gold answer applies only while the question is the picked example's, unedited."""
+    if not picked:
+        return False
+    row = picked["row"]
+    if "messages" in request:
+        return "messages" in row and row["messages"][:-1] == request["messages"]
+    return row.get("instruction", "").strip() == request["instruction"] and \
+        (row.get("input") or "").strip() == request["input"]
+
+
+def launch(names: list[str], host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+           block: bool = True) -> Any:
+    """Start the page (127.0.0.1 unless told otherwise; a public share link only with `share`)."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
+    session = AppSession(list(names))
+    for name in session.names:
+        session.recipe(name)  # a broken recipe is an error now, not a dead page later
+    page = build_ui(session)
+    page.queue()
+    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True,
+                show_error=True)
+    return page
