@@ -54,7 +54,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tunebook.train import train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    from tunebook.outputs import is_main_process
+
     out = train(recipe, overrides=args.overrides, force=args.force, force_resume=args.force_resume)
+    if not is_main_process():
+        return 0
     print(f"adapter: {out}/adapter_model.safetensors")
     print(f"loss curve: {out}/loss_curve.png")
     print(f"run info: {out}/run_info.json")

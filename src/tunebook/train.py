@@ -293,6 +293,11 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         callbacks=[RichProgress(), fingerprint_callback(fingerprint)],
     )
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the logs
+    world = args.world_size
+    effective = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    if is_main_process():
+        print(f"effective batch {effective} = {world} processes x {args.per_device_train_batch_size} per device x "
+              f"{args.gradient_accumulation_steps} accumulation ({distributed_type()})")
     eval_before = trainer.evaluate()["eval_loss"] if val_set and resume is None else None
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     eval_after = trainer.evaluate()["eval_loss"] if val_set else None
@@ -314,6 +319,9 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         "data": {split: {"path": getattr(recipe.data, split), "sha256": sha256(getattr(recipe.data, split))}
                  for split in ("train", "val", "test")},
         "examples": {"train": len(train_set), "val": len(val_set), "dropped_too_long": dropped_train + dropped_val},
+        "world_size": world,
+        "tier": distributed_type(),
+        "effective_batch": effective,
         "global_steps": state.global_step,
         "train_loss": result.training_loss,
         "eval_loss_before": eval_before,
@@ -328,6 +336,13 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         "fingerprint": fingerprint,
     }
     return write_final(recipe, trainer, tokenizer, run_info)
+
+
+def distributed_type() -> str:
+    """How this run is spread: accelerate's distributed type (NO, MULTI_CPU, MULTI_GPU, DEEPSPEED, FSDP …)."""
+    from accelerate import PartialState
+
+    return str(PartialState().distributed_type).rsplit(".", 1)[-1]
 
 
 def write_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_info: dict[str, Any]) -> Path:
