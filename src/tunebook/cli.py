@@ -153,6 +153,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tunebook.config import load_recipe
+    from tunebook.plan import plan, render
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = plan(recipe, gpus=args.gpus, gpu_memory_gib=args.gpu_memory, tier_file=args.tier)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from tunebook.app import AppError, launch
 
@@ -204,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex = recipe_command("export", "merged model, GGUF files and an Ollama Modelfile", cmd_export)
     ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="compare GGUF greedy outputs with the merged model (needs llama-cpp-python)")
+    pl = recipe_command("plan", "memory per device and the tier to launch, before anything loads", cmd_plan)
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs to spread over (default 1)")
+    pl.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
+                    help="memory of each GPU in GiB (default: a CPU plan for the CPU recipes, else 80)")
+    pl.add_argument("--tier", default=None, metavar="FILE", help="an accelerate config (default: recommend one)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     recipe_command("demo", "train, eval, export, then eval the quantised GGUF files; stage times recorded", cmd_demo)
     app = sub.add_parser("app", help="base vs fine-tuned side by side in the browser (Gradio)", parents=[verbose])
     app.add_argument("recipes", nargs="*", help="recipes to offer (default: every recipe in recipes/)")
