@@ -7,6 +7,7 @@ processes are started as on GPUs, `--multi_gpu --num_processes 2` (torchrun unde
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -141,3 +142,61 @@ def test_plan_command_prints_what_fits_and_the_launch_line(capsys):
     assert result["tier"] == "zero3" and result["effective_batch"] == 8 * 8 * 2
     assert main(["plan", "llama3-sql", "--gpu-memory", "8"]) == 0
     assert "does NOT fit" in capsys.readouterr().out
+
+
+CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_accelerate_config_parses_and_names_its_tier(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from tunebook.plan import TIER_FILES, tier_of
+
+    config = load_config_from_file(str(path))
+    assert config.compute_environment.value == "LOCAL_MACHINE"
+    tier = tier_of(str(path))
+    assert TIER_FILES[tier] == path.name or (tier == "single" and path.name == "cpu.yaml")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed extra not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_load_through_accelerates_plugin(stage):
+    from accelerate.utils import DeepSpeedPlugin
+
+    from tunebook.plan import tier_of
+
+    plugin = DeepSpeedPlugin(hf_ds_config=str(ROOT / f"accelerate_configs/deepspeed/zero{stage}.json"))
+    assert plugin.zero_stage == stage
+    assert plugin.hf_ds_config.config["train_micro_batch_size_per_gpu"] == "auto", "the Trainer fills in the batch"
+    assert tier_of(str(ROOT / f"accelerate_configs/deepspeed_zero{stage}.yaml")) == f"zero{stage}"
+
+
+def test_known_bad_launch_combinations_are_refused_before_any_model_loads(monkeypatch):
+    from tunebook.config import load_recipe
+    from tunebook.errors import RecipeError
+    from tunebook.validate import check_launch, launch_tier
+
+    phi3 = load_recipe("phi3-sql")
+    cases = [
+        (phi3, "zero3", False, False, "DeepSpeed ZeRO-3 needs GPUs"),
+        (load_recipe("phi3-sql", ["model.quantization=8bit"]), "fsdp", True, True,
+         "model.quantization: 8-bit (LLM.int8) weights cannot be sharded by FSDP"),
+        (load_recipe("phi3-sql", ["model.dtype=float32"]), "zero3", True, True,
+         "model.dtype: DeepSpeed ZeRO-3 shards 4-bit weights through bnb_4bit_quant_storage"),
+    ]
+    for recipe, tier, cuda, bf16_ok, message in cases:
+        with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            check_launch(recipe, tier, cuda=cuda, bf16_ok=bf16_ok)
+    import torch
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    with pytest.raises(RecipeError, match="bfloat16 needs a GPU that supports it.*Tesla T4.*float16"):
+        check_launch(phi3, "single", cuda=True, bf16_ok=False)
+    if importlib.util.find_spec("deepspeed"):
+        check_launch(phi3, "zero2", cuda=True, bf16_ok=True)
+    check_launch(phi3, "fsdp", cuda=True, bf16_ok=True)  # QLoRA + FSDP: storage = compute dtype, allowed
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert launch_tier() == "zero3"

@@ -13,10 +13,11 @@ from tunebook.errors import RecipeError, SourceMissing
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from tunebook.config import load_recipe
+    from tunebook.plan import tier_of
     from tunebook.validate import validate_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    report = validate_recipe(recipe)
+    report = validate_recipe(recipe, tier=tier_of(args.tier))
     sizes = ", ".join(f"{k} {len(v)}" for k, v in report.splits.items())
     print(f"{recipe.source}: ok ({recipe.model.name}, task {recipe.task}; {sizes})")
     for note in report.notes:
@@ -199,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    recipe_command("validate", "check a recipe and its data before any model loads", cmd_validate)
+    va = recipe_command("validate", "check a recipe and its data before any model loads", cmd_validate)
+    va.add_argument("--tier", default=None, metavar="FILE",
+                    help="also check the recipe against this accelerate config (e.g. accelerate_configs/fsdp.yaml)")
     tr = recipe_command("train", "fine-tune with LoRA/QLoRA via trl.SFTTrainer", cmd_train)
     tr.add_argument("--force", action="store_true",
                     help="train from scratch even if this run finished or has checkpoints (they are moved aside)")

@@ -70,6 +70,48 @@ def check_tier(recipe: Recipe, report: ValidationReport) -> None:
         )
 
 
+def launch_tier() -> str | None:
+    """The tier this process was launched into by `accelerate launch` (None outside it), from accelerate's env."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "zero3" if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else "zero2"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return None
+
+
+def check_launch(recipe: Recipe, tier: str | None, cuda: bool | None = None, bf16_ok: bool | None = None) -> None:
+    """Refuse recipe/tier/machine combinations known not to work, before any model loads.
+
+    `tier` is single, ddp, zero2, zero3 or fsdp (from `--tier FILE` or the accelerate launch environment);
+    `cuda`/`bf16_ok` default to what this machine has.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if bf16_ok is None:
+        bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    name = {"zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP"}.get(tier or "", tier)
+    if cuda and recipe.model.dtype == "bfloat16" and not bf16_ok:
+        raise RecipeError(recipe.source, "model.dtype", "bfloat16 needs a GPU that supports it (Ampere or newer); "
+                          f"this one ({torch.cuda.get_device_name(0)}) does not.",
+                          "Set model.dtype: float16 (or auto, which picks it).")
+    if tier in ("zero2", "zero3"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise RecipeError(recipe.source, "--tier", f"{name} needs DeepSpeed, which is not installed.",
+                              "Install it: DS_BUILD_OPS=0 pip install -e '.[deepspeed]' (`make setup` does).")
+        if not cuda:
+            raise RecipeError(recipe.source, "--tier", f"{name} needs GPUs: DeepSpeed's CPU accelerator needs Intel's "
+                              "extension (IPEX), which is no longer developed and which transformers no longer "
+                              "supports.", "On CPUs use DDP: accelerate launch --multi_gpu --num_processes N.")
+    if tier in ("zero3", "fsdp") and recipe.model.quantization == "8bit":
+        raise RecipeError(recipe.source, "model.quantization", f"8-bit (LLM.int8) weights cannot be sharded by {name}.",
+                          "Use model.quantization: 4bit (QLoRA shards through bnb_4bit_quant_storage), or ZeRO-2/DDP.")
+    if tier in ("zero3", "fsdp") and recipe.model.quantization == "4bit" and recipe.model.dtype == "float32":
+        raise RecipeError(recipe.source, "model.dtype", f"{name} shards 4-bit weights through bnb_4bit_quant_storage, "
+                          "which must equal the compute dtype; float32 storage would take 8x the 4-bit size.",
+                          "Set model.dtype: bfloat16 (float16 on GPUs without bf16).")
+
+
 def check_model_source(recipe: Recipe, report: ValidationReport) -> None:
     """`model.name` must be a registry name, a local model directory or a Hub id (cached, or downloadable)."""
     name = recipe.model.name
@@ -152,7 +194,7 @@ def check_repeat(recipe: Recipe, rows: list[dict]) -> None:
                                   f"Its rows have {key}: {', '.join(sorted(present)[:12]) or 'nothing'}.")
 
 
-def validate_recipe(recipe: Recipe, check_model: bool = True) -> ValidationReport:
+def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None = None) -> ValidationReport:
     """Read and check every split, the model source, LoRA targets and tier; raise RecipeError on the first problem."""
     report = ValidationReport()
     missing = [f"data.{split} ({getattr(recipe.data, split)})" for split in ("train", "val", "test")
@@ -173,4 +215,5 @@ def validate_recipe(recipe: Recipe, check_model: bool = True) -> ValidationRepor
         check_model_source(recipe, report)
         check_target_modules(recipe, report)
         check_tier(recipe, report)
+        check_launch(recipe, tier or launch_tier())
     return report
