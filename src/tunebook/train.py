@@ -303,6 +303,10 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     eval_after = trainer.evaluate()["eval_loss"] if val_set else None
     wall = time.perf_counter() - started
 
+    # Under ZeRO-3/FSDP each process holds a shard of the weights: gathering the full state is collective (every
+    # process takes part), and only then does the main process write the adapter from it.
+    sharded = distributed_type() in ("DEEPSPEED", "FSDP")
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if not trainer.is_world_process_zero():
         return fine_tuned_dir(recipe.name)
     state = trainer.state
@@ -335,7 +339,7 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "fingerprint": fingerprint,
     }
-    return write_final(recipe, trainer, tokenizer, run_info)
+    return write_final(recipe, trainer, tokenizer, run_info, full_state)
 
 
 def distributed_type() -> str:
@@ -345,11 +349,13 @@ def distributed_type() -> str:
     return str(PartialState().distributed_type).rsplit(".", 1)[-1]
 
 
-def write_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_info: dict[str, Any]) -> Path:
+def write_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_info: dict[str, Any],
+                full_state: dict[str, Any] | None = None) -> Path:
     """Adapter, tokenizer, resolved recipe, run_info, loss log and curve: built in a temp dir, then renamed."""
     final = fine_tuned_dir(recipe.name)
     with atomic_dir(final) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        # PEFT picks the adapter's weights out of a gathered full state dict (None: the model's own, unsharded).
+        trainer.model.save_pretrained(tmp, safe_serialization=True, state_dict=full_state)
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         (tmp / "run_info.json").write_text(json.dumps(run_info, indent=2))
