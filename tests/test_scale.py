@@ -200,3 +200,20 @@ def test_known_bad_launch_combinations_are_refused_before_any_model_loads(monkey
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert launch_tier() == "zero3"
+
+
+def test_gpu_check_script_runs_on_cpu_with_tiny_models(tmp_path):
+    """scripts/gpu_check.sh with --tiny: the same code the GPU run uses, so it cannot rot between GPU sessions."""
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--tiny", "--recipes", "phi3-sql",
+                           "--tiers", "fsdp.yaml", "--steps", "2", "--seq", "64", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PY": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = read_json(out)
+    [qlora] = result["qlora"]
+    assert qlora["tokens_per_s"] > 0 and qlora["plan_gib"] > 0 and qlora["parameters"] > 0, qlora
+    [tier] = result["tiers"]
+    assert tier["returncode"] == 0 and tier["adapter_written"], tier["tail"]
+    assert tier["ran_as"] == "MULTI_CPU", "on a CPU the Trainer runs the FSDP file as DDP over gloo"
