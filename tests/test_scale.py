@@ -60,6 +60,7 @@ def test_two_process_ddp_matches_one_process_and_writes_one_adapter(tiny_recipe,
     assert info["two"]["effective_batch"] == info["one"]["effective_batch"] == 4
     losses = {name: [h["loss"] for h in read_json(folder / "models/fine-tuned/tiny-sql/loss_log.json") if "loss" in h]
               for name, folder in (("one", one), ("two", two))}
+    print("DDP parity losses:", json.dumps(losses))
     assert len(losses["one"]) == len(losses["two"]) == 4
     assert losses["two"] == pytest.approx(losses["one"], rel=LOSS_RTOL), json.dumps(losses)
     assert ran["two"].stdout.count("adapter:") == 1, "only the main process reports"
