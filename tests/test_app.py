@@ -97,6 +97,9 @@ def test_no_adapter_yet_answers_with_the_base_model_and_says_how_to_train(tiny_r
     last = list(stream_answers(loaded, build_request("Say hi.", "", ""), Settings(max_new_tokens=4)))[-1]
     assert set(last) == {"base"}
     assert "No eval report yet" in report_view(recipe)["markdown"]
+    from tunebook.app import recipe_choices
+
+    assert recipe_choices(AppSession([recipe.source])) == [("tiny-sql (no adapter yet)", recipe.source)]
 
 
 def test_bad_input_and_missing_models_are_messages(tiny_recipe, tmp_path):

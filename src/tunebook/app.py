@@ -332,7 +332,7 @@ def build_ui(session: AppSession) -> Any:
     with gr.Blocks(title="tunebook: base vs fine-tuned") as page:
         gr.Markdown("# tunebook — base vs fine-tuned, side by side")
         with gr.Row():
-            recipe_box = gr.Dropdown(session.names, value=first, label="recipe", scale=1)
+            recipe_box = gr.Dropdown(recipe_choices(session), value=first, label="recipe", scale=1)
             status = gr.Markdown(elem_id="recipe-status")
         rows_state, picked_state = gr.State([]), gr.State(None)
         examples = gr.Radio([], label="test examples (click one)", elem_id="examples")
@@ -378,6 +378,20 @@ def build_ui(session: AppSession) -> Any:
                  [base_out, tuned_out, run_status, base_verdict, tuned_verdict, base_table, tuned_table],
                  api_name="answer")
     return page
+
+
+def recipe_choices(session: AppSession) -> list[tuple[str, str]]:
+    """(label, name) for the dropdown: trained recipes first, each marked with what exists for it."""
+    out = []
+    for name in session.names:
+        try:
+            status = recipe_status(session.recipe(name))
+        except AppError:
+            out.append((f"{name} (recipe error)", name))
+            continue
+        marks = ["adapter" if status["adapter"] else "no adapter yet"] + (["GGUF"] if status["gguf"] else [])
+        out.append((f"{Path(name).stem} ({', '.join(marks)})", name))
+    return sorted(out, key=lambda choice: "no adapter yet" in choice[0])
 
 
 def _same_request(picked: dict | None, request: dict) -> bool:
