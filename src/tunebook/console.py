@@ -27,6 +27,10 @@ def setup_console(log_path: Path | None, verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        if not Path("/proc/driver/nvidia/version").exists():
+            # Without it DeepSpeed, which transformers imports when installed, warns on stdout at every import
+            # that it is "Setting accelerator to CPU".
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
