@@ -416,6 +416,10 @@ def launch(names: list[str], host: str = "127.0.0.1", port: int | None = None, s
         session.recipe(name)  # a broken recipe is an error now, not a dead page later
     page = build_ui(session)
     page.queue()
-    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=True,
+    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                 show_error=True)
+    print(f"tunebook app: {page.local_url}" + (f"  public: {page.share_url}" if share and page.share_url else "")
+          + f"  ({len(session.names)} recipe{'s' if len(session.names) != 1 else ''}; Ctrl+C stops)", flush=True)
+    if block:
+        page.block_thread()
     return page
