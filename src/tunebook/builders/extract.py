@@ -9,14 +9,13 @@ out, so test headers come from modules the model never saw.
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import random
 import sys
 from pathlib import Path
 from typing import Any
 
-from tunebook.builders.splits import drop_cross_split_duplicates
+from tunebook.builders.splits import drop_cross_split_duplicates, split_whole_groups
 from tunebook.builders.stdlib_docs import SKIP_PARTS, module_name, stdlib_dir
 from tunebook.data import write_jsonl
 from tunebook.errors import SourceMissing
@@ -117,17 +116,7 @@ def build_extract(out_dir: Path, seed: int = 42, root: Path | None = None) -> di
             })
             if len(by_module[module]) >= PER_MODULE:
                 break
-    order = sorted(by_module, key=lambda m: hashlib.sha256(f"{seed}:{m}".encode()).hexdigest())
-    total = sum(len(rows) for rows in by_module.values())
-    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    for module in order:
-        group = by_module[module]
-        if len(splits["test"]) + len(group) <= 0.10 * total:
-            splits["test"].extend(group)
-        elif len(splits["val"]) + len(group) <= 0.05 * total:
-            splits["val"].extend(group)
-        else:
-            splits["train"].extend(group)
+    splits = split_whole_groups(by_module, seed, test=0.10, val=0.05)
     dropped = drop_cross_split_duplicates(splits)
     for name, rows in splits.items():
         random.Random(f"{seed}-{name}").shuffle(rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -38,3 +39,20 @@ def drop_cross_split_duplicates(
         seen_inputs |= {normalise(input_of(row)) for row in rows}
         seen_targets |= {normalise(target_of(row)) for row in rows}
     return dropped
+
+
+def split_whole_groups(by_group: dict[str, list[dict]], seed: int, test: float, val: float) -> dict[str, list[dict]]:
+    """Whole groups (e.g. modules), in a seeded hash order, fill test then val up to their shares of all rows;
+    the rest is train. So no group is in two splits."""
+    order = sorted(by_group, key=lambda g: hashlib.sha256(f"{seed}:{g}".encode()).hexdigest())
+    total = sum(len(rows) for rows in by_group.values())
+    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for group in order:
+        rows = by_group[group]
+        if len(splits["test"]) + len(rows) <= test * total:
+            splits["test"].extend(rows)
+        elif len(splits["val"]) + len(rows) <= val * total:
+            splits["val"].extend(rows)
+        else:
+            splits["train"].extend(rows)
+    return splits

@@ -7,7 +7,6 @@ built-in types' methods (`str.partition`, …) come from their `__doc__`. Whole 
 from __future__ import annotations
 
 import ast
-import hashlib
 import random
 import re
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook import tasks
-from tunebook.builders.splits import drop_cross_split_duplicates
+from tunebook.builders.splits import drop_cross_split_duplicates, split_whole_groups
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
 
@@ -179,17 +178,7 @@ def assemble(rows: list[dict[str, Any]], out_dir: Path, seed: int, test: float =
     by_module: dict[str, list[dict]] = {}
     for row in unique.values():
         by_module.setdefault(row["module"], []).append(row)
-    order = sorted(by_module, key=lambda m: hashlib.sha256(f"{seed}:{m}".encode()).hexdigest())
-    total = len(unique)
-    splits: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    for module in order:
-        group = by_module[module]
-        if len(splits["test"]) + len(group) <= test * total:
-            splits["test"].extend(group)
-        elif len(splits["val"]) + len(group) <= val * total:
-            splits["val"].extend(group)
-        else:
-            splits["train"].extend(group)
+    splits = split_whole_groups(by_module, seed, test, val)
     dropped = drop_cross_split_duplicates(splits)
     for name, split_rows in splits.items():
         random.Random(f"{seed}-{name}").shuffle(split_rows)
