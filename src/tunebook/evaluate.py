@@ -43,7 +43,7 @@ def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
                 raise RecipeError(str(data_file), f"example {number}", f"database {db_path} "
                                   "does not exist.", "Run `make data` or fix db_path.")
             # A gold query that fails would make the example unscoreable: found now, not after generation.
-            _, error = run_sql(db_path, row["output"] if "output" in row else reference_answer(row))
+            _, error = run_sql(db_path, reference_answer(row))
             if error is not None:
                 raise RecipeError(str(data_file), f"example {number}: field 'output'",
                                   f"the gold SQL fails on {db_path.name} ({error}).",
