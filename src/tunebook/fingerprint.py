@@ -25,6 +25,7 @@ NOT_IN_FINGERPRINT = frozenset({
     "save_steps", "save_strategy", "save_total_limit", "save_only_model", "save_safetensors",
     "eval_steps", "eval_strategy", "eval_delay", "eval_on_start", "per_device_eval_batch_size",
     "report_to", "run_name", "disable_tqdm", "include_num_input_tokens_seen", "dataloader_num_workers",
+    "ddp_find_unused_parameters", "ddp_timeout", "ddp_backend",
     "push_to_hub", "hub_model_id", "hub_strategy", "hub_token", "hub_private_repo",
 })
 # `data:` fields that decide which training examples exist and how they become tokens.

@@ -45,6 +45,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "include_num_input_tokens_seen": "non_padding",
     "dataloader_num_workers": 0,
     "disable_tqdm": True,  # RichProgress replaces the tqdm bar
+    # Every LoRA weight takes part in every forward pass; DDP's search for unused ones costs a graph walk per step
+    # (and a warning per process), and transformers only turns it off by itself for a bare PreTrainedModel.
+    "ddp_find_unused_parameters": False,
 }
 
 
@@ -270,6 +273,12 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     # Built before the model so k-bit preparation follows the resolved checkpointing setting: TRL's default,
     # or the recipe's `gradient_checkpointing` / `activation_checkpointing` (its transformers 5.2x name).
     args = sft_config(recipe, ckpt_dir, use_cuda)
+    # The eval loss before training is taken inside the training loop, after accelerate has wrapped the model:
+    # `trainer.evaluate()` before `train()` prepares the bare model for evaluation, and since accelerate 1.14
+    # (`_is_accelerate_prepared`) training's prepare then returns it as is, without DistributedDataParallel, so
+    # every process trained on its own gradients (found by tests/test_scale.py).
+    if "eval_on_start" not in recipe.training:
+        args.eval_on_start = bool(val_set) and resume is None
     model = load_model(model_path, recipe.model, for_training=True)
     if (args.packing or args.padding_free) and not use_cuda and not recipe.model.attn_implementation:
         model.set_attn_implementation(register_packed_attention())  # one packed example at a time (speedups.py)
@@ -298,8 +307,9 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     if is_main_process():
         print(f"effective batch {effective} = {world} processes x {args.per_device_train_batch_size} per device x "
               f"{args.gradient_accumulation_steps} accumulation ({distributed_type()})")
-    eval_before = trainer.evaluate()["eval_loss"] if val_set and resume is None else None
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    eval_before = next((h["eval_loss"] for h in trainer.state.log_history
+                        if "eval_loss" in h and h.get("step") == 0), None)
     eval_after = trainer.evaluate()["eval_loss"] if val_set else None
     wall = time.perf_counter() - started
 
