@@ -224,3 +224,46 @@ def test_built_in_tasks_keep_their_metrics_and_headlines():
         assert recipe.eval.main_metric == main_metric and "perplexity" in recipe.eval.metrics, name
     assert load_recipe("smollm2-sql").eval.metrics == ["sql_execution", "perplexity"]
     assert load_recipe("smollm2-review").eval.metrics[0] == "code_fixed"
+
+
+def schema_rows() -> list[dict]:
+    """Five questions on each of two schemas, and one row that shares nothing."""
+    rows = [{"instruction": "Write SQL.", "input": f"Schema:\nCREATE TABLE {db} (a INTEGER);\n\nQuestion: q{i} on {db}?",
+             "output": f"SELECT {i} FROM {db}", "db_id": db, "shape": "select" if i % 2 else "count"}
+            for db in ("x", "y") for i in range(5)]
+    return rows + [{"instruction": "Write SQL.", "input": "Question: alone?", "output": "SELECT 0", "db_id": "z"}]
+
+
+def test_share_context_reads_a_schema_once_for_several_questions():
+    from tunebook.data import share_context
+
+    rows = schema_rows()
+    out = share_context(rows, "db_id", turns=2, fits=lambda messages: True, seed=1)
+    conversations = [r for r in out if "messages" in r]
+    assert len(conversations) == 4 and len(out) == 7, "5 questions per schema in 2 + 2 + 1; the lone row stays"
+    pairs = []
+    for row in out:
+        if "messages" not in row:
+            pairs.append((row["input"].split("\n\n")[-1], row["output"]))
+            continue
+        turns = row["messages"]
+        assert turns[0]["content"].startswith("Write SQL.\n\nSchema:\nCREATE TABLE"), "the first turn has it all"
+        assert turns[2]["content"].startswith("Question: q") and "CREATE" not in turns[2]["content"]
+        assert row["db_id"] in ("x", "y") and "shape" not in row or row["shape"] in ("select", "count")
+        pairs += [(turns[i]["content"].split("\n\n")[-1], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
+    assert sorted(pairs) == sorted((r["input"].split("\n\n")[-1], r["output"]) for r in rows), "every answer, once"
+    assert out == share_context(rows, "db_id", 2, lambda m: True, seed=1), "deterministic for a seed"
+    # A conversation grows only while it fits: with room for one question, every row stays as it was.
+    alone = share_context(rows, "db_id", 4, fits=lambda messages: len(messages) <= 2, seed=1)
+    assert sorted(map(json.dumps, alone)) == sorted(map(json.dumps, rows))
+
+
+def test_share_context_is_checked_before_any_model_loads(own_task, tmp_path):
+    recipe = own_task(schema_rows())
+    assert "exactly the keys `by` and `turns`" in error_for(recipe, ["data.share_context={by: db_id}"])
+    assert "data.share_context.turns: 1 is not a whole number >= 2" in error_for(
+        recipe, ["data.share_context={by: db_id, turns: 1}"])
+    message = error_for(recipe, ["data.share_context={by: database, turns: 4}"])
+    assert "data.share_context.by: no instruction row of" in message and "db_id" in message
+    validate_recipe(load_recipe(recipe, ["data.share_context={by: db_id, turns: 4}", "eval.metrics=[exact_match]",
+                                         "eval.main_metric=exact_match"]))

@@ -169,7 +169,13 @@ def test_plan_command_prints_what_fits_and_the_launch_line(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["tier"] == "zero3" and result["effective_batch"] == 8 * 8 * 2
     assert main(["plan", "llama3-sql", "--gpu-memory", "8"]) == 0
-    assert "does NOT fit" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "fix: even a batch of 1 does not fit" in out
+    # What does fit is named: the largest per-device batch, with the accumulation that keeps the effective batch.
+    assert main(["plan", "llama3-review", "--gpu-memory", "24"]) == 0
+    out = capsys.readouterr().out
+    assert ("does NOT fit" in out and "fix: training.per_device_train_batch_size=4 "
+            "training.gradient_accumulation_steps=4 keeps the effective batch" in out)
 
 
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))

@@ -64,6 +64,9 @@ class DataConfig:
     where: dict[str, list] | None = None
     # Show matching training rows this many times per epoch, e.g. {shape: {join1: 2}}: a mix chosen by measuring.
     repeat: dict[str, dict] | None = None
+    # Training rows sharing this field and their input's opening paragraphs (a schema) become conversations of
+    # up to `turns` questions, e.g. {by: db_id, turns: 4}: the context is read once for several answers.
+    share_context: dict[str, Any] | None = None
 
 
 @dataclass
@@ -207,6 +210,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     check_counts(data, source, "data", at_least={"max_length": 16, "train_limit": 1, "val_limit": 0})
     data.where = where_clause(data.where, source, "data.where")
     data.repeat = repeat_clause(data.repeat, source)
+    data.share_context = share_context_clause(data.share_context, source)
     lora = library_section(raw["lora"], lora_fields(), source, "lora", "peft.LoraConfig")
     training = library_section(raw["training"], sft_fields(), source, "training", "trl.SFTConfig")
     for key, where in TRAINING_OWNED.items():
@@ -262,6 +266,21 @@ def where_clause(where: Any, source: str, name: str) -> dict[str, list] | None:
                               f"Write e.g. `{key}: [a, b]`.")
         out[str(key)] = values
     return out
+
+
+def share_context_clause(value: Any, source: str) -> dict[str, Any] | None:
+    """`data.share_context` as {"by": field, "turns": whole number >= 2}."""
+    if value is None:
+        return None
+    example = "Write e.g. `share_context: {by: db_id, turns: 4}` (up to 4 questions per schema)."
+    if not isinstance(value, dict) or set(value) != {"by", "turns"}:
+        raise RecipeError(source, "data.share_context", "must have exactly the keys `by` and `turns`.", example)
+    if not isinstance(value["by"], str) or not value["by"]:
+        raise RecipeError(source, "data.share_context.by", f"{value['by']!r} is not a field name.", example)
+    turns = value["turns"]
+    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 2:
+        raise RecipeError(source, "data.share_context.turns", f"{turns!r} is not a whole number >= 2.", example)
+    return {"by": value["by"], "turns": turns}
 
 
 def repeat_clause(repeat: Any, source: str) -> dict[str, dict[str, int]] | None:

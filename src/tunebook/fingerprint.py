@@ -67,6 +67,8 @@ def run_fingerprint(recipe: Recipe) -> dict[str, Any]:
         out["data.where"] = recipe.data.where
     if recipe.data.repeat:
         out["data.repeat"] = recipe.data.repeat
+    if recipe.data.share_context:
+        out["data.share_context"] = recipe.data.share_context
     if best:
         out["data.val (sha256)"] = sha256(recipe.data.val)
         out["data.val_limit"] = recipe.data.val_limit

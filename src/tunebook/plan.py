@@ -197,7 +197,25 @@ def plan(recipe: Any, gpus: int = 1, gpu_memory_gib: float | None = None, tier_f
                per_device_gib=est.gib(), cuda_context_gib=CUDA_CONTEXT_GIB, need_gib=round(need, 2),
                fits=need <= memory, headroom_gib=round(memory - need, 2),
                effective_batch=gpus * batch * out["accumulation"])
+    if need > memory:
+        out["suggestion"] = smaller_batch(s, recipe, dtype, batch, out["accumulation"], seq, ckpt, chosen, gpus,
+                                          memory)
     return out
+
+
+def smaller_batch(s: Shapes, recipe: Any, dtype: str, batch: int, accumulation: int, seq: int, ckpt: bool,
+                  tier: str, gpus: int, memory_gib: float) -> dict[str, Any] | None:
+    """The largest per-device batch that fits, with the accumulation that keeps the effective batch; None if none."""
+    per_step = batch * accumulation
+    for smaller in range(batch - 1, 0, -1):
+        if per_step % smaller:
+            continue
+        est = estimate(s, recipe.model.quantization, dtype, smaller, seq, ckpt, tier, gpus)
+        need = est.total / GIB + CUDA_CONTEXT_GIB
+        if need <= memory_gib:
+            return {"per_device_train_batch_size": smaller, "gradient_accumulation_steps": per_step // smaller,
+                    "need_gib": round(need, 2)}
+    return None
 
 
 # Python, torch and the tokenizer resident in a CPU training process before any tensor (measured: a bare
@@ -225,5 +243,13 @@ def render(p: dict[str, Any]) -> str:
         verdict = "fits" if p["fits"] else "does NOT fit"
         lines.append(f"{p['device']}: needs {p['need_gib']} GiB with the CUDA context: {verdict} "
                      f"(headroom {p['headroom_gib']} GiB); effective batch {p['effective_batch']}")
+        fix = p.get("suggestion")
+        if not p["fits"] and fix:
+            lines.append(f"fix: training.per_device_train_batch_size={fix['per_device_train_batch_size']} "
+                         f"training.gradient_accumulation_steps={fix['gradient_accumulation_steps']} keeps the "
+                         f"effective batch and needs {fix['need_gib']} GiB")
+        elif not p["fits"]:
+            lines.append("fix: even a batch of 1 does not fit: shorten data.max_length, or shard over more GPUs "
+                         "(--gpus N --tier accelerate_configs/deepspeed_zero3.yaml)")
         lines.append(f"launch: accelerate launch --config_file {p['accelerate_config']} -m tunebook train {p['recipe']}")
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from tunebook.config import Recipe
-from tunebook.data import repeat_rows, sha256
+from tunebook.data import repeat_rows, sha256, share_context
 from tunebook.errors import RecipeError
 from tunebook.fingerprint import fingerprint_diff, read_fingerprint, run_fingerprint, write_fingerprint
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
@@ -61,6 +61,22 @@ def encode_split(tokenizer: Any, rows: list[dict], recipe: Recipe, limit: int | 
         else:
             encoded.append(item)
     return encoded, dropped
+
+
+def conversations_sharing_context(rows: list[dict], recipe: Recipe, tokenizer: Any) -> list[dict]:
+    """`data.share_context`: training rows grouped into conversations that fit `data.max_length`."""
+    by, turns = recipe.data.share_context["by"], recipe.data.share_context["turns"]
+
+    def fits(messages: list[dict]) -> bool:
+        return encode_example(tokenizer, {"messages": messages}, recipe.data.system_prompt,
+                              recipe.data.max_length) is not None
+
+    grouped = share_context(rows, by, turns, fits, recipe.seed)
+    if is_main_process():
+        answers = sum(sum(m["role"] == "assistant" for m in r["messages"]) if "messages" in r else 1 for r in grouped)
+        print(f"data.share_context: {answers} training answers in {len(grouped)} conversations "
+              f"(up to {turns} questions per shared {by})")
+    return grouped
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -260,6 +276,8 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     model_path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
     train_rows, val_rows = repeat_rows(report.splits["train"], recipe.data.repeat), report.splits["val"]
+    if recipe.data.share_context:
+        train_rows = conversations_sharing_context(train_rows, recipe, tokenizer)
     train_set, dropped_train = encode_split(tokenizer, train_rows, recipe, recipe.data.train_limit)
     val_set, dropped_val = encode_split(tokenizer, val_rows, recipe, recipe.data.val_limit)
     if not train_set:
@@ -308,8 +326,9 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         print(f"effective batch {effective} = {world} processes x {args.per_device_train_batch_size} per device x "
               f"{args.gradient_accumulation_steps} accumulation ({distributed_type()})")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_before = next((h["eval_loss"] for h in trainer.state.log_history
-                        if "eval_loss" in h and h.get("step") == 0), None)
+    first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0), {})
+    eval_before = first_eval.get("eval_loss")
+    train_seconds = result.metrics["train_runtime"] - first_eval.get("eval_runtime", 0.0)  # training, not that eval
     eval_after = trainer.evaluate()["eval_loss"] if val_set else None
     wall = time.perf_counter() - started
 
@@ -341,10 +360,10 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
         "resumed_from": str(resume) if resume else None,
-        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_runtime_s": round(train_seconds, 1),
         "wall_time_s": round(wall, 1),
         "tokens_seen": tokens,
-        "train_tokens_per_s": round(tokens / result.metrics["train_runtime"], 1) if tokens else None,
+        "train_tokens_per_s": round(tokens / train_seconds, 1) if tokens else None,
         "peak_memory_mb": peak_memory_mb(use_cuda),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "fingerprint": fingerprint,

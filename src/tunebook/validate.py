@@ -194,6 +194,17 @@ def check_repeat(recipe: Recipe, rows: list[dict]) -> None:
                                   f"Its rows have {key}: {', '.join(sorted(present)[:12]) or 'nothing'}.")
 
 
+def check_share_context(recipe: Recipe, rows: list[dict]) -> None:
+    """`data.share_context.by` must be a field of the instruction rows: otherwise nothing would be grouped."""
+    by = (recipe.data.share_context or {}).get("by")
+    if by and not any(by in row and "messages" not in row for row in rows):
+        fields = sorted({k for row in rows[:50] for k in row if k not in ("instruction", "input", "output")})
+        raise RecipeError(recipe.source, "data.share_context.by",
+                          f"no instruction row of {recipe.data.train} has a field '{by}'.",
+                          f"Name a field that tells which rows share a context ({', '.join(fields) or 'none'}), "
+                          "or remove data.share_context.")
+
+
 def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None = None) -> ValidationReport:
     """Read and check every split, the model source, LoRA targets and tier; raise RecipeError on the first problem."""
     report = ValidationReport()
@@ -210,6 +221,7 @@ def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None =
             rows = select_rows(rows, recipe.data.where, getattr(recipe.data, split), recipe.source)
         report.splits[split] = rows
     check_repeat(recipe, report.splits["train"])
+    check_share_context(recipe, report.splits["train"])
     check_metric_rows(recipe, report.splits["test"], recipe.data.test)
     if check_model:
         check_model_source(recipe, report)
