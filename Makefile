@@ -92,7 +92,7 @@ demo: setup data/$(TASK)/test.jsonl $(CONVERTER) $(LLAMA_STAMP)
 	$(TB) demo $(RECIPE) $(ARGS)
 
 test: setup $(SQL_SOURCES) $(CONVERTER) $(LLAMA_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

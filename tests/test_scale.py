@@ -152,8 +152,12 @@ def test_plan_on_the_cpu_tier_matches_the_measured_peak_rss():
     from tunebook.config import load_recipe
     from tunebook.plan import plan
 
-    measured_gib = read_json(ROOT / "bench/results.json")["training"]["tunebook"]["peak_rss_mb"]["median"] / 1024
-    p = plan(load_recipe("smollm2-sql"))
+    bench = read_json(ROOT / "bench/results.json")["training"]
+    measured_gib = bench["tunebook"]["peak_rss_mb"]["median"] / 1024
+    recipe = load_recipe("smollm2-sql")
+    # The plan is asked for the batch the benchmark ran: its packed rows per step, from the tokens it saw.
+    batch = max(1, round(bench["tunebook"]["tokens"] / bench["steps"] / recipe.data.max_length))
+    p = plan(load_recipe("smollm2-sql", [f"training.per_device_train_batch_size={batch}"]))
     assert p["tier"] == "cpu" and p["ram_gib"] == pytest.approx(measured_gib, rel=0.30)
 
 
