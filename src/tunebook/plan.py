@@ -244,7 +244,7 @@ def render(p: dict[str, Any]) -> str:
         lines.append(f"{p['device']}: needs {p['need_gib']} GiB with the CUDA context: {verdict} "
                      f"(headroom {p['headroom_gib']} GiB); effective batch {p['effective_batch']}")
         fix = p.get("suggestion")
-        if not p["fits"] and fix:
+        if fix:
             lines.append(f"fix: training.per_device_train_batch_size={fix['per_device_train_batch_size']} "
                          f"training.gradient_accumulation_steps={fix['gradient_accumulation_steps']} keeps the "
                          f"effective batch and needs {fix['need_gib']} GiB")

@@ -30,7 +30,7 @@ from tunebook.outputs import (
     timestamp,
 )
 from tunebook.precision import as_dict, resolve
-from tunebook.prompts import encode_example
+from tunebook.prompts import encode_example, is_chat
 from tunebook.speedups import register_packed_attention, score_trained_positions_only
 from tunebook.validate import validate_recipe
 
@@ -73,7 +73,7 @@ def conversations_sharing_context(rows: list[dict], recipe: Recipe, tokenizer: A
 
     grouped = share_context(rows, by, turns, fits, recipe.seed)
     if is_main_process():
-        answers = sum(sum(m["role"] == "assistant" for m in r["messages"]) if "messages" in r else 1 for r in grouped)
+        answers = sum(sum(m["role"] == "assistant" for m in r["messages"]) if is_chat(r) else 1 for r in grouped)
         print(f"data.share_context: {answers} training answers in {len(grouped)} conversations "
               f"(up to {turns} questions per shared {by})")
     return grouped

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import Recipe
-from tunebook.data import CHAT_EXAMPLE, INSTRUCTION_EXAMPLE, read_split, select_rows
+from tunebook.data import CHAT_EXAMPLE, INSTRUCTION_EXAMPLE, TEXT_FIELDS, read_split, select_rows
 from tunebook.errors import RecipeError
 from tunebook.models import (
     REGISTRY,
@@ -21,6 +21,7 @@ from tunebook.models import (
     registry_entry,
     smollm2_gguf_path,
 )
+from tunebook.prompts import is_chat
 
 
 @dataclass
@@ -197,8 +198,8 @@ def check_repeat(recipe: Recipe, rows: list[dict]) -> None:
 def check_share_context(recipe: Recipe, rows: list[dict]) -> None:
     """`data.share_context.by` must be a field of the instruction rows: otherwise nothing would be grouped."""
     by = (recipe.data.share_context or {}).get("by")
-    if by and not any(by in row and "messages" not in row for row in rows):
-        fields = sorted({k for row in rows[:50] for k in row if k not in ("instruction", "input", "output")})
+    if by and not any(by in row and not is_chat(row) for row in rows):
+        fields = sorted({k for row in rows[:50] for k in row if k not in TEXT_FIELDS})
         raise RecipeError(recipe.source, "data.share_context.by",
                           f"no instruction row of {recipe.data.train} has a field '{by}'.",
                           f"Name a field that tells which rows share a context ({', '.join(fields) or 'none'}), "
