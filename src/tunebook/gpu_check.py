@@ -34,7 +34,8 @@ def random_qlora_model(config: Any, device: str, dtype: Any) -> Any:
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                           compute_dtype=dtype, quant_type="nf4", quant_storage=dtype)
-                weight = torch.randn(child.out_features, child.in_features, dtype=dtype) * 0.02
+                # Drawn on the device: 8B random parameters take minutes on the CPU.
+                weight = torch.randn(child.out_features, child.in_features, dtype=dtype, device=device) * 0.02
                 layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", quant_storage=dtype)
                 if child.bias is not None:
                     layer.bias = torch.nn.Parameter(torch.zeros(child.out_features, dtype=dtype))
@@ -108,6 +109,21 @@ def qlora_steps(recipe_name: str, steps: int = 4, batch: int = 2, seq: int = 512
     return result
 
 
+def tier_config(tier_file: str, workdir: Path) -> Path:
+    """A copy of the tier's accelerate file for a launch from `workdir`: the DeepSpeed JSON it names is relative
+    to the repository root, where users launch from, so the copy names it by its absolute path."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    config = yaml.safe_load((root / "accelerate_configs" / tier_file).read_text())
+    ds = config.get("deepspeed_config") or {}
+    if ds.get("deepspeed_config_file") and not Path(ds["deepspeed_config_file"]).is_absolute():
+        ds["deepspeed_config_file"] = str(root / ds["deepspeed_config_file"])
+    copy = workdir / tier_file
+    copy.write_text(yaml.safe_dump(config))
+    return copy
+
+
 def tier_launch(tier_file: str, workdir: Path, tiny: bool = False, steps: int = 3) -> dict[str, Any]:
     """`accelerate launch --config_file <tier> --num_processes 1 -m tunebook train` on a random SmolLM2-shaped
     model (tiny with `tiny`) and a small generated chat split: does the tier train and write its adapter?"""
@@ -139,12 +155,13 @@ def tier_launch(tier_file: str, workdir: Path, tiny: bool = False, steps: int = 
                      "gradient_checkpointing": False, "logging_steps": 1},
         "eval": {"metrics": ["exact_match"], "limit": 2}, "export": {"gguf": ["f16"]}}))
     accelerate = Path(sys.executable).with_name("accelerate")
-    config_file = Path(__file__).resolve().parents[2] / "accelerate_configs" / tier_file
+    config_file = tier_config(tier_file, workdir)
     command = [str(accelerate), "launch", "--config_file", str(config_file), "--num_processes", "1",
                "-m", "tunebook", "train", str(recipe), "--force"]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                              str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
     adapter = workdir / "models/fine-tuned/tier-check/adapter_model.safetensors"
     info = adapter.with_name("run_info.json")
     ran_as = json.loads(info.read_text()).get("tier") if info.exists() else None
