@@ -34,8 +34,9 @@ def random_qlora_model(config: Any, device: str, dtype: Any) -> Any:
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                           compute_dtype=dtype, quant_type="nf4", quant_storage=dtype)
-                # Drawn on the device: 8B random parameters take minutes on the CPU.
-                weight = torch.randn(child.out_features, child.in_features, dtype=dtype, device=device) * 0.02
+                # Drawn on the device (8B random parameters take minutes on the CPU), then handed over from the
+                # CPU: bitsandbytes quantises a Params4bit as it moves, and one already on the GPU stays bf16.
+                weight = (torch.randn(child.out_features, child.in_features, dtype=dtype, device=device) * 0.02).cpu()
                 layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", quant_storage=dtype)
                 if child.bias is not None:
                     layer.bias = torch.nn.Parameter(torch.zeros(child.out_features, dtype=dtype))
@@ -62,6 +63,7 @@ def random_qlora_model(config: Any, device: str, dtype: Any) -> Any:
 def qlora_steps(recipe_name: str, steps: int = 4, batch: int = 2, seq: int = 512, tiny: bool = False,
                 device: str | None = None) -> dict[str, Any]:
     """A few QLoRA steps (activation checkpointing on) on random data: tokens/s, peak memory and plan's estimate."""
+    import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -81,6 +83,11 @@ def qlora_steps(recipe_name: str, steps: int = 4, batch: int = 2, seq: int = 512
     lora = {k: v for k, v in recipe.lora.items() if k != "lora_dropout"}
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     built = time.perf_counter() - started
+    unquantised = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and not m.weight.bnb_quantized]
+    if unquantised:
+        raise RuntimeError(f"{len(unquantised)} 4-bit layers were left unquantised, e.g. {unquantised[0]}")
+    model.train()  # activation checkpointing acts in training mode only, as under the Trainer
+    weights_gib = torch.cuda.memory_allocated() / GIB if device == "cuda" else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
     if device == "cuda":
@@ -101,6 +108,7 @@ def qlora_steps(recipe_name: str, steps: int = 4, batch: int = 2, seq: int = 512
     result = {"recipe": recipe_name, "model": recipe.model.name, "tiny": tiny, "device": device,
               "parameters": s.total_params, "batch": batch, "sequence": seq, "steps": steps,
               "build_s": round(built, 1), "tokens_per_s": round(steps * batch * seq / timed, 1),
+              "weights_gib": round(weights_gib, 2) if weights_gib is not None else None,
               "peak_gib": round(peak, 2) if peak is not None else None, "plan_gib": round(plan_gib, 2),
               "loss": round(loss.item(), 4)}
     del model, optimizer
@@ -121,7 +129,7 @@ def tier_config(tier_file: str, workdir: Path) -> Path:
         ds["deepspeed_config_file"] = str(root / ds["deepspeed_config_file"])
     copy = workdir / tier_file
     copy.write_text(yaml.safe_dump(config))
-    return copy
+    return copy.resolve()  # the launch runs in `workdir`
 
 
 def tier_launch(tier_file: str, workdir: Path, tiny: bool = False, steps: int = 3) -> dict[str, Any]:
