@@ -140,6 +140,7 @@ def tier_launch(tier_file: str, workdir: Path, tiny: bool = False, steps: int = 
 
     from tunebook.models import architecture_config, resolve_model_path, tiny_config
 
+    workdir = workdir.resolve()  # the launch runs inside it, and the recipe names paths in it
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = workdir / "model"
     if not (model_dir / "config.json").exists():
@@ -176,7 +177,7 @@ def tier_launch(tier_file: str, workdir: Path, tiny: bool = False, steps: int = 
     # On a CPU the Trainer sets accelerate up as MULTI_CPU (DDP over gloo) whatever the file says: `ran_as` tells.
     return {"tier": tier_file, "ran_as": ran_as, "returncode": done.returncode,
             "seconds": round(time.perf_counter() - started, 1), "adapter_written": adapter.exists(),
-            "tail": (done.stdout + done.stderr)[-1500:]}
+            "tail": (done.stdout + done.stderr)[-4000:]}
 
 
 def main(argv: list[str] | None = None) -> int:
