@@ -112,8 +112,13 @@ def test_plan_counts_the_tiny_model_by_hand(tokenizer):
     assert est.activations == 32 * activation_bytes_per_token(s, DTYPE_BYTES["float32"], False)
     assert est.logits == 32 * vocab * (4 + 8)
     four_bit = estimate(s, "4bit", "bfloat16", 2, 16, True)
+    # peft's k-bit preparation upcasts the unquantised weights (embeddings, norms) to fp32
     assert four_bit.weights == pytest.approx(s.quantizable_params * (0.5 + 1 / 64 + 4 / 16384)
-                                             + (s.total_params - s.quantizable_params) * 2)
+                                             + (s.total_params - s.quantizable_params) * 4)
+    kept = estimate(s, "4bit", "bfloat16", 2, 16, True, kbit_upcast=False)
+    assert kept.weights == pytest.approx(four_bit.weights - (s.total_params - s.quantizable_params) * 2)
+    assert four_bit.activations == 32 * activation_bytes_per_token(s, 4, True)  # fp32 residual stream
+    assert kept.activations == 32 * activation_bytes_per_token(s, 2, True)
     sharded = estimate(s, "4bit", "bfloat16", 2, 16, True, tier="zero3", devices=4)
     assert sharded.weights == pytest.approx(four_bit.weights / 4) and sharded.lora_state < four_bit.lora_state
 
@@ -139,7 +144,8 @@ def test_plan_matches_published_qlora_peaks(model, targets, r, batch, seq, chunk
     from tunebook.plan import GIB, estimate, shapes
 
     s = shapes(architecture_config(model), targets, r)
-    est = estimate(s, "4bit", "bfloat16", batch, seq, checkpointing=True, loss_chunks=chunks)
+    # Neither framework upcasts the unquantised weights as peft's k-bit preparation does.
+    est = estimate(s, "4bit", "bfloat16", batch, seq, checkpointing=True, loss_chunks=chunks, kbit_upcast=False)
     assert est.total / GIB + context == pytest.approx(published_gib, rel=PUBLISHED_TOLERANCE)
 
 

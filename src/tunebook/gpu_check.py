@@ -34,9 +34,9 @@ def random_qlora_model(config: Any, device: str, dtype: Any) -> Any:
             if isinstance(child, torch.nn.Linear) and child_name != "lm_head":
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                           compute_dtype=dtype, quant_type="nf4", quant_storage=dtype)
-                # Drawn on the device (8B random parameters take minutes on the CPU), then handed over from the
-                # CPU: bitsandbytes quantises a Params4bit as it moves, and one already on the GPU stays bf16.
-                weight = (torch.randn(child.out_features, child.in_features, dtype=dtype, device=device) * 0.02).cpu()
+                # Drawn on the device: 8B random parameters take minutes on the CPU. bitsandbytes quantises the
+                # Params4bit in `.to(device)` below (checked after the build).
+                weight = torch.randn(child.out_features, child.in_features, dtype=dtype, device=device) * 0.02
                 layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", quant_storage=dtype)
                 if child.bias is not None:
                     layer.bias = torch.nn.Parameter(torch.zeros(child.out_features, dtype=dtype))
@@ -49,6 +49,9 @@ def random_qlora_model(config: Any, device: str, dtype: Any) -> Any:
                 module._parameters[key] = torch.nn.Parameter(data, requires_grad=False)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    # As `from_pretrained` with a 4-bit BitsAndBytesConfig marks it: peft's prepare_model_for_kbit_training
+    # turns activation checkpointing on only for a model so marked.
+    model.is_loaded_in_4bit = True
     for module in model.modules():  # rotary inverse frequencies and other buffers
         for key, buf in list(module._buffers.items()):
             if buf is not None and buf.is_meta:

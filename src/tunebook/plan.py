@@ -5,10 +5,13 @@ registry's config, and LoRA's added parameters are counted from the shapes of th
 memory around them is an estimate, term by term, in the units torch reports (`max_memory_allocated`):
 
 - weights: targeted-for-quantisation linear layers at 4-bit NF4 with double quantisation (0.5 byte + 8-bit
-  absmax per 64 weights + an fp32 scale per 256 of those) or 8-bit; embeddings, norms and the LM head stay in
-  the compute dtype, as bitsandbytes leaves them;
+  absmax per 64 weights + an fp32 scale per 256 of those) or 8-bit; embeddings, norms and the LM head in fp32,
+  where peft's `prepare_model_for_kbit_training` (which `tunebook train` runs on k-bit models) upcasts them
+  (`kbit_upcast`; measured on an H100: 7.49 GiB of weights for Llama-3-8B vs 7.42 estimated), else in the
+  compute dtype;
 - LoRA: 16 bytes per added parameter (fp32 weight, fp32 gradient, AdamW's two fp32 moments);
-- activations, per token and layer, saved for backward in the compute dtype: the layer's input and the normed
+- activations, per token and layer, saved for backward in the compute dtype (fp32 under `kbit_upcast`: the
+  upcast embeddings make the residual stream fp32, and bitsandbytes returns its input's dtype): the layer's input and the normed
   inputs (RMSNorm upcasts to fp32), q/k/v, the attention output, the MLP's gate, up, activation and product
   (`ACTIVATION_TERMS`); with activation checkpointing only each layer's input is kept, plus one layer's
   activations while it is recomputed;
@@ -96,11 +99,21 @@ class Estimate:
         return {k: round(v / GIB, 2) for k, v in asdict(self).items()}
 
 
+def working_bytes(quantization: str, dtype: str, kbit_upcast: bool = True) -> int:
+    """Bytes per unquantised weight and per activation: fp32 for a k-bit model that peft's
+    `prepare_model_for_kbit_training` upcast (what `tunebook train` runs), else the compute dtype's."""
+    return DTYPE_BYTES["float32"] if kbit_upcast and quantization in ("4bit", "8bit") else DTYPE_BYTES[dtype]
+
+
 def estimate(s: Shapes, quantization: str, dtype: str, batch: int, seq: int, checkpointing: bool,
-             tier: str = "single", devices: int = 1, loss_chunks: int = 1) -> Estimate:
-    """Peak bytes per device for one training step of `batch` sequences of `seq` tokens on each device."""
-    compute = DTYPE_BYTES[dtype]
-    quant_bytes = {"4bit": NF4_BYTES, "8bit": INT8_BYTES}.get(quantization, compute)
+             tier: str = "single", devices: int = 1, loss_chunks: int = 1, kbit_upcast: bool = True) -> Estimate:
+    """Peak bytes per device for one training step of `batch` sequences of `seq` tokens on each device.
+
+    `kbit_upcast`: a k-bit model's other weights and its activations in fp32, as `tunebook train` runs it;
+    False for frameworks that keep them in the compute dtype (torchtune).
+    """
+    quant_bytes = {"4bit": NF4_BYTES, "8bit": INT8_BYTES}.get(quantization, DTYPE_BYTES[dtype])
+    compute = working_bytes(quantization, dtype, kbit_upcast)
     weights = s.quantizable_params * quant_bytes + (s.total_params - s.quantizable_params) * compute
     lora_state = s.lora_params * LORA_BYTES_PER_PARAM
     if tier in ("zero3", "fsdp"):
@@ -171,14 +184,15 @@ def plan(recipe: Any, gpus: int = 1, gpu_memory_gib: float | None = None, tier_f
     s = shapes(config, list(recipe.lora.get("target_modules") or []), int(recipe.lora.get("r", 8)))
     on_cpu = recipe.model.name.startswith("smollm2") and gpu_memory_gib is None
     dtype = "float32" if on_cpu and recipe.model.dtype == "auto" else _dtype(recipe)
+    act = working_bytes(recipe.model.quantization, dtype)
     out: dict[str, Any] = {
         "recipe": recipe.name, "model": recipe.model.name, "quantization": recipe.model.quantization,
         "dtype": dtype, "parameters": s.total_params, "quantized_parameters": s.quantizable_params
         if recipe.model.quantization != "none" else 0, "lora_parameters": s.lora_params,
         "batch_per_device": batch, "sequence": seq, "accumulation": int(t.get("gradient_accumulation_steps", 1)),
         "activation_checkpointing": ckpt,
-        "activations_gib": {"with_checkpointing": round(batch * seq * activation_bytes_per_token(s, DTYPE_BYTES[dtype], True) / GIB, 2),
-                            "without": round(batch * seq * activation_bytes_per_token(s, DTYPE_BYTES[dtype], False) / GIB, 2)},
+        "activations_gib": {"with_checkpointing": round(batch * seq * activation_bytes_per_token(s, act, True) / GIB, 2),
+                            "without": round(batch * seq * activation_bytes_per_token(s, act, False) / GIB, 2)},
     }
     if on_cpu:
         est = estimate(s, recipe.model.quantization, dtype, batch, seq, ckpt)
@@ -229,7 +243,8 @@ def render(p: dict[str, Any]) -> str:
     lines = [
         f"{p['recipe']}: {p['model']}, {p['parameters'] / 1e9:.2f}B parameters"
         + (f" ({p['quantized_parameters'] / 1e9:.2f}B quantised {p['quantization']})" if p["quantized_parameters"] else "")
-        + f", LoRA {p['lora_parameters'] / 1e6:.1f}M, compute {p['dtype']}",
+        + f", LoRA {p['lora_parameters'] / 1e6:.1f}M, compute {p['dtype']}"
+        + (" (other weights and activations fp32: peft's k-bit upcast)" if p["quantized_parameters"] else ""),
         f"batch {p['batch_per_device']} × {p['sequence']} tokens per device, accumulation {p['accumulation']}, "
         f"activation checkpointing {'on' if p['activation_checkpointing'] else 'off'} "
         f"(activations {p['activations_gib']['with_checkpointing']} GiB with it, {p['activations_gib']['without']} without)",
