@@ -121,8 +121,9 @@ def qlora_steps(recipe_name: str, steps: int = 4, batch: int = 2, seq: int = 512
 
 
 def tier_config(tier_file: str, workdir: Path) -> Path:
-    """A copy of the tier's accelerate file for a launch from `workdir`: the DeepSpeed JSON it names is relative
-    to the repository root, where users launch from, so the copy names it by its absolute path."""
+    """A copy of the tier's accelerate file in `workdir` (an absolute path), for a launch from there: the
+    DeepSpeed JSON it names is relative to the repository root, where users launch from, so the copy names it
+    by its absolute path."""
     import yaml
 
     root = Path(__file__).resolve().parents[2]
@@ -132,7 +133,7 @@ def tier_config(tier_file: str, workdir: Path) -> Path:
         ds["deepspeed_config_file"] = str(root / ds["deepspeed_config_file"])
     copy = workdir / tier_file
     copy.write_text(yaml.safe_dump(config))
-    return copy.resolve()  # the launch runs in `workdir`
+    return copy
 
 
 def tier_launch(tier_file: str, workdir: Path, tiny: bool = False, steps: int = 3) -> dict[str, Any]:
