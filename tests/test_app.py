@@ -71,7 +71,7 @@ def test_side_by_side_stream_equals_eval_answers(trained):
 
 def test_sql_results_run_in_the_sandbox_and_are_marked_against_gold(trained):
     row = eval_examples(trained)[0]
-    db = sql_database(trained, row["db_id"], row["_data_file"])
+    db = sql_database(trained, row["db_id"])
     right = sql_result(db, f"```sql\n{row['output']};\n```", row["output"])
     assert right["matches_gold"] is True and right["rows"] and right["columns"]
     assert "✓ **matches the gold answer**" in sql_verdict(right)
@@ -83,8 +83,8 @@ def test_sql_results_run_in_the_sandbox_and_are_marked_against_gold(trained):
     assert "no such table" in sql_verdict(sql_result(db, "SELECT * FROM nowhere", None))
     assert "(no gold answer" in sql_verdict(sql_result(db, row["output"], None))
     assert "the answer is empty" in sql_verdict(sql_result(db, "", row["output"]))
-    with pytest.raises(AppError, match="no database 'nope'"):
-        sql_database(trained, "nope", row["_data_file"])
+    with pytest.raises(AppError, match="'nope' is not one of this recipe's databases"):
+        sql_database(trained, "nope")
 
 
 def test_no_adapter_yet_answers_with_the_base_model_and_says_how_to_train(tiny_recipe):

@@ -14,7 +14,7 @@ import pytest
 from tunebook.builders import review, spider, sql, stdlib_docs
 from tunebook.builders.sql_shapes import shape_of
 from tunebook.data import normalise, read_split, sha256
-from tunebook.metrics import run_sql
+from tunebook.sandbox import run_sql
 
 SPLITS = ("train", "val", "test")
 

@@ -49,13 +49,15 @@ def test_real_smollm2_trains_reloads_evaluates_and_exports(smol_recipe, base_mod
     assert report["n_examples"] == 4 and "exec_accuracy" in report["fine_tuned"]
 
     result = export(smol_recipe)
-    files = sorted(p.name for p in gguf_dir(smol_recipe.name).iterdir())
+    run = result["run"]
+    assert run.startswith("smollm2-sql@") and out.name == run, "a run with overrides has outputs of its own"
+    files = sorted(p.name for p in gguf_dir(run).iterdir())
     assert "Modelfile" in files and "verify.json" in files
-    assert "smollm2-sql-f16.gguf" in files and "smollm2-sql-q8_0.gguf" in files
+    assert f"{run}-f16.gguf" in files and f"{run}-q8_0.gguf" in files
     for check in result["checked"].values():
         assert check["tensor_count_match"] and check["shapes_match"] and check["chat_template_present"]
     if importlib.util.find_spec("llama_cpp") is not None:
-        assert "smollm2-sql-q4_k_m.gguf" in files
+        assert f"{run}-q4_k_m.gguf" in files
         f16 = result["checked"]["f16"]["agreement"]
         assert f16["confident_agreement"] >= 0.99 and f16["top1_agreement"] >= 0.9
         # the shipped files on the eval rows: the f16 GGUF answers as the fine-tuned HF model does

@@ -15,13 +15,13 @@ from tunebook.metrics import (
     extract_sql,
     is_ordered,
     perplexity,
-    run_sql,
     same_result,
     sql_exact_match,
     sql_metrics,
     text_metrics,
 )
 from tunebook.prompts import encode_example
+from tunebook.sandbox import run_sql
 
 
 @pytest.fixture

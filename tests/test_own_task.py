@@ -61,7 +61,7 @@ def own_task(tmp_path, tiny_model_dir, monkeypatch):
             training={**template["training"], "max_steps": 2, "save_steps": 2, "report_to": "none"},
             eval={"metrics": ["json_match", "exact_match", "chrf", "perplexity"], "max_new_tokens": 12,
                   "batch_size": 4, "limit": 6, **eval_overrides},
-            export={"gguf": ["f16"], "verify_prompts": 0})
+            export={"gguf": ["f16"]})
 
     return build
 

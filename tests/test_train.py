@@ -9,7 +9,8 @@ import pytest
 
 from tunebook.config import load_recipe
 from tunebook.outputs import checkpoints_dir, fine_tuned_dir
-from tunebook.train import last_complete_checkpoint, train
+from tunebook.runs import last_complete_checkpoint
+from tunebook.train import train
 
 
 def losses(out_dir):

@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ from tunebook.config import load_recipe
 from tunebook.errors import RecipeError
 from tunebook.evaluate import evaluate
 from tunebook.export import ExportCheckFailed, export
-from tunebook.fingerprint import NOT_IN_FINGERPRINT, read_fingerprint, run_fingerprint
-from tunebook.outputs import checkpoints_dir, fine_tuned_dir, gguf_dir, merged_dir, report_dir
+from tunebook.outputs import checkpoints_dir, fine_tuned_dir, gguf_dir, merged_dir
+from tunebook.runs import NOT_IN_FINGERPRINT, read_fingerprint, run_fingerprint
 from tunebook.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,15 +55,25 @@ def run_tunebook(cwd: Path, *args: str, fault: tuple[str, int] | None = None) ->
 # ---------------------------------------------------------------- resume only the same run
 
 
-def test_changed_trajectory_field_starts_fresh_and_keeps_old_checkpoints(tiny_recipe, capsys):
-    recipe = load_recipe(tiny_recipe(training__resume_from_checkpoint="auto"))
+def test_edited_recipe_never_replaces_a_finished_run_and_starts_fresh_keeping_checkpoints(tiny_recipe, capsys):
+    path = tiny_recipe(training__resume_from_checkpoint="auto")
+    recipe = load_recipe(path)
     train(recipe)
     old_checkpoint = checkpoints_dir(recipe.name) / "checkpoint-4"
     assert read_fingerprint(old_checkpoint) == run_fingerprint(recipe)
+    finished = tree_digest(fine_tuned_dir(recipe.name))
     capsys.readouterr()
 
-    changed = load_recipe(recipe.source, ["training.learning_rate=1e-5"])
-    out = train(changed, overrides=["training.learning_rate=1e-5"])
+    path.write_text(path.read_text().replace("learning_rate: 0.001", "learning_rate: 1.0e-05"))
+    with pytest.raises(RecipeError) as info:
+        train(load_recipe(path))
+    message = str(info.value)
+    assert "holds a finished run" in message and "training.learning_rate: 0.001 -> 1e-05" in message
+    assert "--force" in message and "--name LABEL" in message
+    assert tree_digest(fine_tuned_dir(recipe.name)) == finished, "refused before anything moved"
+
+    shutil.rmtree(fine_tuned_dir(recipe.name))  # as if the first run had died after its last checkpoint
+    out = train(load_recipe(path))
     printed = capsys.readouterr().out
     line = next(ln for ln in printed.splitlines() if ln.startswith("starting fresh"))
     assert "training.learning_rate: 0.001 -> 1e-05" in line and "--force-resume" in line
@@ -77,7 +88,7 @@ def test_changed_trajectory_field_starts_fresh_and_keeps_old_checkpoints(tiny_re
 def test_changing_only_logging_resumes(tiny_recipe, capsys):
     recipe = load_recipe(tiny_recipe(training__resume_from_checkpoint="auto", training__max_steps=4))
     train(recipe)
-    (fine_tuned_dir(recipe.name) / "run_info.json").unlink()  # as if the run died after its last checkpoint
+    shutil.rmtree(fine_tuned_dir(recipe.name))  # as if the run died after its last checkpoint
     assert {"logging_steps", "save_steps", "report_to"} <= NOT_IN_FINGERPRINT
     relogged = load_recipe(recipe.source, ["training.logging_steps=2"])
     out = train(relogged)
@@ -141,19 +152,20 @@ def test_sigkill_during_checkpoint_save_and_between_checkpoints_then_resume(tiny
 def test_sigkill_during_eval_keeps_previous_report(tiny_recipe, tmp_path):
     recipe = load_recipe(tiny_recipe(training__max_steps=2))
     train(recipe)
-    evaluate(recipe, which="base")
-    before = tree_digest(report_dir(recipe.name))
+    report = evaluate(recipe, which="base")
+    before = tree_digest(report)
 
     done = run_tunebook(tmp_path, "eval", recipe.source, "--model", "base", fault=("eval-in-write", 1))
     assert done.returncode == -9
-    assert tree_digest(report_dir(recipe.name)) == before
-    leftovers = [p.name for p in report_dir(recipe.name).parent.iterdir() if p.name.startswith(".")]
+    assert tree_digest(report) == before
+    leftovers = [p.name for p in report.parent.iterdir() if p.name.startswith(f".{report.name}.tmp")]
     assert leftovers, "the killed run left its temp directory"
 
     again = run_tunebook(tmp_path, "eval", recipe.source, "--model", "base")
     assert again.returncode == 0, again.stderr
     assert "left by an interrupted run" in again.stdout
-    assert not [p for p in report_dir(recipe.name).parent.iterdir() if p.name.startswith(".")]
+    assert "all 6 answers kept from an earlier run" in again.stdout, "the killed run's answers were kept"
+    assert not [p for p in report.parent.iterdir() if p.name.startswith(f".{report.name}.")]
 
 
 @needs_converter
@@ -164,7 +176,10 @@ def test_sigkill_during_export_and_failing_conversion_keep_previous_export(tiny_
     export(recipe, verify=False)
     merged_before, gguf_before = tree_digest(merged_dir(recipe.name)), tree_digest(gguf_dir(recipe.name))
     # A different adapter, so a re-merge that slipped into place would show.
-    train(load_recipe(recipe.source, ["training.seed=8"]))
+    source = Path(recipe.source)
+    source.write_text(source.read_text().replace("seed: 7", "seed: 8"))
+    recipe = load_recipe(source)
+    train(recipe, force=True)
 
     # export-swap N: killed after N renames of the swap (1 = its manifest is in place, 3 = both old outputs
     # moved aside, 4 = the new merged model in place, 5 = both new outputs in place, old not yet discarded).
@@ -193,7 +208,7 @@ def test_sigkill_during_export_and_failing_conversion_keep_previous_export(tiny_
         export(recipe, verify=False)
     assert tree_digest(merged_dir(recipe.name)) == merged_before
     assert tree_digest(gguf_dir(recipe.name)) == gguf_before
-    assert not [p for p in merged_dir(recipe.name).parent.parent.iterdir() if p.name.startswith(".")]
+    assert not [p for p in merged_dir(recipe.name).parent.parent.iterdir() if p.name.startswith(".") and p.name != ".locks"]
 
     monkeypatch.setattr(tunebook.export, "convert", real_convert)
     real_summary = tunebook.export.gguf_summary

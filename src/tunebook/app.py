@@ -9,6 +9,7 @@ curve that `tunebook eval`/`train` wrote. The functions below do the work and ar
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,11 @@ from tunebook.outputs import fine_tuned_dir, gguf_dir, report_dir
 
 N_EXAMPLES = 6
 SIDES = ("base", "fine_tuned")
+# Server-side bounds on one request, whatever the page or an API client sends.
+MAX_NEW_TOKENS = 1024
+MAX_PROMPT_TOKENS = 4096
+MAX_INPUT_CHARS = 50_000
+QUEUE_SIZE = 16
 
 
 class AppError(Exception):
@@ -35,6 +41,8 @@ class Loaded:
     tokenizer: Any
     model: Any
     has_adapter: bool
+    # Held for each forward pass: the adapter on/off switch is the model's own state, shared by all requests.
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -46,6 +54,12 @@ class Settings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
 
+    def bounded(self) -> Settings:
+        """The settings clamped to what the server allows (a client can send anything)."""
+        return Settings(max(1, min(int(self.max_new_tokens), MAX_NEW_TOKENS)),
+                        max(0.0, min(float(self.temperature), 2.0)), max(0.05, min(float(self.top_p), 1.0)),
+                        max(1.0, min(float(self.repetition_penalty), 2.0)))
+
 
 @dataclass
 class AppSession:
@@ -54,6 +68,7 @@ class AppSession:
     names: list[str] = field(default_factory=list)
     loaded: Loaded | None = None
     loaded_name: str | None = None
+    _loading: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -69,12 +84,13 @@ class AppSession:
 
     def load(self, name: str) -> Loaded:
         """The recipe's model, loading it (and dropping the previous one) only when it changes."""
-        if self.loaded is not None and self.loaded_name == name:
+        with self._loading:
+            if self.loaded is not None and self.loaded_name == name:
+                return self.loaded
+            recipe = self.recipe(name)
+            self.loaded, self.loaded_name = None, None  # the previous model goes before the next one loads
+            self.loaded, self.loaded_name = load_pair(recipe), name
             return self.loaded
-        recipe = self.recipe(name)
-        self.loaded, self.loaded_name = None, None  # the previous model goes before the next one loads
-        self.loaded, self.loaded_name = load_pair(recipe), name
-        return self.loaded
 
 
 def recipe_status(recipe: Recipe) -> dict[str, Any]:
@@ -85,11 +101,25 @@ def recipe_status(recipe: Recipe) -> dict[str, Any]:
             "train_command": f"make train RECIPE={recipe.command_name}"}
 
 
+def adapter_warning(recipe: Recipe) -> str | None:
+    """Why the adapter on disk is not the recipe's run (trained from another version of it), or None."""
+    from tunebook.runs import adapter_mismatch, identify
+
+    try:
+        changes = adapter_mismatch(identify(recipe))
+    except (RecipeError, OSError):
+        return None
+    return f"the adapter was not trained by this recipe as it is now ({'; '.join(changes)})" if changes else None
+
+
 def status_line(recipe: Recipe) -> str:
     status = recipe_status(recipe)
     parts = [f"**{recipe.name}** — {recipe.model.name}, task `{recipe.task}`."]
     if status["adapter"]:
         parts.append(f"Adapter: `{fine_tuned_dir(recipe.name)}`.")
+        warning = adapter_warning(recipe)
+        if warning:
+            parts.append(f"**Warning:** {warning}; retrain with `{status['train_command']} ARGS=--force`.")
     else:
         parts.append(f"No adapter yet: only the base model answers. Train one with `{status['train_command']}`.")
     if status["gguf"]:
@@ -128,10 +158,10 @@ def eval_examples(recipe: Recipe, n: int = N_EXAMPLES) -> list[dict]:
     from tunebook.evaluate import load_eval_rows
 
     try:
-        rows, data_file = load_eval_rows(recipe, None)
+        rows, _ = load_eval_rows(recipe, None)
     except RecipeError:
         return []
-    return [{**row, "_data_file": str(data_file)} for row in rows[:n]]
+    return rows[:n]
 
 
 def example_label(row: dict) -> str:
@@ -145,6 +175,8 @@ def build_request(instruction: str, input_text: str, conversation: str) -> dict:
     """The example to answer: a chat conversation (JSON list of turns) when one is given, else instruction + input."""
     from tunebook.data import check_chat_row
 
+    if len(instruction) + len(input_text) + len(conversation) > MAX_INPUT_CHARS:
+        raise AppError(f"The question is longer than this app accepts ({MAX_INPUT_CHARS} characters).")
     if conversation and conversation.strip():
         try:
             messages = json.loads(conversation)
@@ -172,35 +204,59 @@ def build_request(instruction: str, input_text: str, conversation: str) -> dict:
 
 
 def stream_answers(loaded: Loaded, request: dict, settings: Settings) -> Iterator[dict[str, str]]:
-    """{side: answer so far} after each token, base and fine-tuned side by side (base only without an adapter)."""
-    from tunebook.generation import stream_side_by_side
+    """{side: answer so far} after each token, base and fine-tuned side by side (base only without an adapter).
 
+    Settings are clamped to the server's bounds and a prompt longer than MAX_PROMPT_TOKENS is refused. Each forward
+    pass holds the model's lock, so concurrent requests interleave token by token without switching each other's
+    adapter off.
+    """
+    from tunebook.generation import stream_side_by_side
+    from tunebook.prompts import encode_prompt
+
+    settings = settings.bounded()
+    prompt_tokens = len(encode_prompt(loaded.tokenizer, request, loaded.recipe.data.system_prompt))
+    if prompt_tokens > MAX_PROMPT_TOKENS:
+        raise AppError(f"The prompt is {prompt_tokens} tokens; this app answers prompts of up to {MAX_PROMPT_TOKENS}.")
     sides = SIDES if loaded.has_adapter else ("base",)
     yield from stream_side_by_side(
         loaded.model, loaded.tokenizer, request, loaded.recipe.data.system_prompt, settings.max_new_tokens, sides,
-        temperature=settings.temperature, top_p=settings.top_p, repetition_penalty=settings.repetition_penalty)
-
-
-def sql_database(recipe: Recipe, db_id: str | None, data_file: str | None = None) -> Path | None:
-    """The SQLite file of a database id, beside the recipe's test split (as eval finds it)."""
-    from tunebook.metrics import db_path_for
-
-    if not db_id:
-        return None
-    path = db_path_for({"db_id": db_id}, Path(data_file or recipe.data.test))
-    if not path.exists():
-        raise AppError(f"There is no database '{db_id}' at {path}. Run `make data`, or pick another database.")
-    return path
+        temperature=settings.temperature, top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+        lock=loaded.lock)
 
 
 def sql_databases(recipe: Recipe) -> list[str]:
-    folder = Path(recipe.data.test).parent / "databases"
+    """The databases the app offers for a SQL recipe: the SQLite files beside its test split."""
+    folder = databases_folder(recipe)
     return sorted(p.stem for p in folder.glob("*.sqlite")) if "sql_execution" in recipe.eval.metrics else []
+
+
+def databases_folder(recipe: Recipe) -> Path:
+    from tunebook.metrics import db_path_for
+
+    return db_path_for({"db_id": "x"}, Path(recipe.data.test)).parent
+
+
+def sql_database(recipe: Recipe, db_id: str | None) -> Path | None:
+    """The SQLite file of one of the recipe's own databases; any other name (a path, `..`) is refused.
+
+    The id comes from the page, so from anyone who can reach it: it must be one of `sql_databases(recipe)`, and
+    the file it names must lie inside the recipe's databases folder. The message never shows a path.
+    """
+    if not db_id:
+        return None
+    if db_id not in sql_databases(recipe):
+        raise AppError(f"'{str(db_id)[:80]}' is not one of this recipe's databases. Pick one from the list.")
+    folder = databases_folder(recipe).resolve()
+    path = (folder / f"{db_id}.sqlite").resolve()
+    if not path.is_relative_to(folder) or not path.is_file():
+        raise AppError(f"'{db_id}' is not one of this recipe's databases. Pick one from the list.")
+    return path
 
 
 def sql_result(db_path: Path, answer: str, gold: str | None) -> dict[str, Any]:
     """One answer's query run in eval's sandbox: columns, rows, error, and whether it matches the gold result."""
-    from tunebook.metrics import extract_sql, is_ordered, query_table, same_result
+    from tunebook.metrics import extract_sql, is_ordered, same_result
+    from tunebook.sandbox import query_table
 
     sql = extract_sql(answer)
     if not sql:
@@ -214,7 +270,7 @@ def sql_result(db_path: Path, answer: str, gold: str | None) -> dict[str, Any]:
 
 
 def sql_verdict(result: dict[str, Any]) -> str:
-    if result["error"] == "not authorized":
+    if result["error"] and "not authorized" in result["error"]:
         return "The sandbox refused the query: it allows only reading (no writes, no schema changes, no ATTACH)."
     if result["error"]:
         return f"The query does not run: {result['error']}"
@@ -295,8 +351,7 @@ def build_ui(session: AppSession) -> Any:
         try:
             request = build_request(instruction or "", input_text or "", conversation or "")
             recipe = session.recipe(name)
-            db_path = sql_database(recipe, db_id, (picked or {}).get("row", {}).get("_data_file")) \
-                if sql_databases(recipe) else None
+            db_path = sql_database(recipe, db_id) if sql_databases(recipe) else None
             started = time.perf_counter()
             yield "", "", "_loading the model (once per recipe)…_", "", "", blank, blank
             loaded = session.load(name)
@@ -338,7 +393,8 @@ def build_ui(session: AppSession) -> Any:
         examples = gr.Radio([], label="test examples (click one)", elem_id="examples")
         with gr.Row():
             instruction = gr.Textbox(label="instruction", lines=2, elem_id="instruction")
-            # Custom values allowed: the choices follow the recipe in the page, and `sql_database` checks the file.
+            # Custom values pass Gradio (its check would use the empty choices it was built with, not the recipe's);
+            # `sql_database` accepts only the recipe's own databases, whatever a client sends.
             db_box = gr.Dropdown([], label="database (SQL)", visible=False, allow_custom_value=True)
         input_box = gr.Textbox(label="input", lines=6, elem_id="input")
         with gr.Accordion("chat conversation (JSON; used instead of instruction + input when filled)", open=False):
@@ -415,7 +471,7 @@ def launch(names: list[str], host: str = "127.0.0.1", port: int | None = None, s
     for name in session.names:
         session.recipe(name)  # a broken recipe is an error now, not a dead page later
     page = build_ui(session)
-    page.queue()
+    page.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=True,
                 show_error=True)
     print(f"tunebook app: {page.local_url}" + (f"  public: {page.share_url}" if share and page.share_url else "")

@@ -50,56 +50,76 @@ def cmd_new(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def load_run_recipe(args: argparse.Namespace):
+    """The recipe with the command line's overrides and `--name` label."""
     from tunebook.config import load_recipe
-    from tunebook.train import train
+    from tunebook.runs import check_label
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from tunebook.outputs import is_main_process
+    recipe.run_label = check_label(getattr(args, "name", None))
+    return recipe
 
-    out = train(recipe, overrides=args.overrides, force=args.force, force_resume=args.force_resume)
-    if not is_main_process():
-        return 0
-    print(f"adapter: {out}/adapter_model.safetensors")
-    print(f"loss curve: {out}/loss_curve.png")
-    print(f"run info: {out}/run_info.json")
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunebook.outputs import is_main_process
+    from tunebook.train import train
+
+    out = train(load_run_recipe(args), force=args.force, force_resume=args.force_resume)
+    if is_main_process():
+        print_train_summary(out)
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from tunebook.config import load_recipe
-    from tunebook.evaluate import evaluate
-    from tunebook.reporting import metrics_table, shape_table
+def print_train_summary(out: Path) -> None:
+    print(f"adapter: {out}/adapter_model.safetensors")
+    print(f"loss curve: {out}/loss_curve.png")
+    print(f"run info: {out}/run_info.json")
 
-    recipe = load_recipe(args.recipe, args.overrides)
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunebook.evaluate import evaluate
+
+    recipe = load_run_recipe(args)
     gguf = None
     if args.gguf:
         gguf = recipe.export.gguf if args.gguf == "exported" else [t.strip() for t in args.gguf.split(",") if t.strip()]
-    out = evaluate(recipe, which=args.model, data=args.data, gguf=gguf)
+    print_eval_summary(evaluate(recipe, which=args.model, data=args.data, gguf=gguf, force=args.force))
+    return 0
+
+
+def print_eval_summary(out: Path) -> None:
+    """The report's tables on the console: overall, each subset, by shape; then where the files are."""
+    from tunebook.reporting import metrics_table, shape_table
+
     report = json.loads((out / "report.json").read_text())
     print(metrics_table(report))
+    for note in report.get("notes", []):
+        print(f"note: {note}")
+    main = report["main_metric"]
     for name, subset in report["subsets"].items():
         tuned = subset.get("fine_tuned", subset.get("base", {}))
         base = subset.get("base", {}) if "fine_tuned" in subset else {}
         shown = [f"{k} {base[k]:.1f} -> {v:.1f}" if k in base else f"{k} {v:.1f}" for k, v in tuned.items()]
-        main = report["main_metric"]
         shown += [f"GGUF {k.removeprefix('gguf_')} {main} {v[main]:.1f}" for k, v in subset.items()
-                  if k.startswith("gguf_")]
+                  if k.startswith("gguf_") and main in v]
         print(f"{name} ({subset['n_examples']} examples): " + ", ".join(shown))
     if report.get("by_shape"):
-        print(f"\nby shape ({report['main_metric']}):\n" + shape_table(report))
+        print(f"\nby shape ({main}):\n" + shape_table(report))
     print(f"report: {out}/report.md  chart: {out}/chart.png  predictions: {out}/predictions.jsonl")
-    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tunebook.config import load_recipe
     from tunebook.export import export
+
+    print_export_summary(export(load_run_recipe(args), verify=args.verify, force=args.force))
+    return 0
+
+
+def print_export_summary(result: dict) -> None:
     from tunebook.outputs import gguf_dir, merged_dir
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    result = export(recipe, verify=args.verify)
-    print(f"merged model: {merged_dir(recipe.name)}")
+    run = result["run"]
+    print(f"merged model: {merged_dir(run)}")
     for qtype, check in result["checked"].items():
         agree = check.get("agreement")
         extra = (f", top-1 agreement {agree['top1_agree']}/{agree['positions']} (confident positions "
@@ -112,8 +132,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"exact outputs {control['exact_outputs']}/{control['prompts']}")
     for note in result.get("notes", []):
         print(f"note: {note}")
-    print(f"Modelfile: {gguf_dir(recipe.name)}/Modelfile   verification: {gguf_dir(recipe.name)}/verify.json")
-    return 0
+    print(f"Modelfile: {gguf_dir(run)}/Modelfile   verification: {gguf_dir(run)}/verify.json")
 
 
 DEMO_STAGES = ("train", "eval", "export", "eval_gguf")
@@ -124,27 +143,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
     from tunebook.bench import machine
-    from tunebook.config import load_recipe
+    from tunebook.config import UNQUANTISED_GGUF_TYPES
+    from tunebook.evaluate import evaluate
+    from tunebook.export import export
     from tunebook.outputs import demo_times_file, write_text_atomic
+    from tunebook.train import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    quantised = [t for t in recipe.export.gguf if t not in ("f16", "bf16", "f32")] or recipe.export.gguf
-    common = {"recipe": args.recipe, "overrides": args.overrides, "verbose": args.verbose}
+    recipe = load_run_recipe(args)
+    quantised = [t for t in recipe.export.gguf if t not in UNQUANTISED_GGUF_TYPES] or recipe.export.gguf
     stages = {
-        "train": (cmd_train, {"force": False, "force_resume": False}),
-        "eval": (cmd_eval, {"model": "both", "data": None, "gguf": None}),
-        "export": (cmd_export, {"verify": True}),
-        "eval_gguf": (cmd_eval, {"model": "both", "data": None, "gguf": ",".join(quantised)}),
+        "train": lambda: print_train_summary(train(recipe)),
+        "eval": lambda: print_eval_summary(evaluate(recipe)),
+        "export": lambda: print_export_summary(export(recipe)),
+        "eval_gguf": lambda: print_eval_summary(evaluate(recipe, gguf=quantised)),
     }
     seconds: dict[str, float] = {}
     for stage in DEMO_STAGES:
-        func, extra = stages[stage]
         print(f"\n== {stage.replace('_', ' ')} ==")
         started = time.perf_counter()
-        code = func(argparse.Namespace(**common, **extra))
+        stages[stage]()
         seconds[stage] = round(time.perf_counter() - started, 1)
-        if code:
-            return code
     total = round(sum(seconds.values()), 1)
     write_text_atomic(demo_times_file(recipe.name), json.dumps(
         {"recipe": recipe.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stage_seconds": seconds,
@@ -200,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def run_name_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--name", metavar="LABEL", default=None,
+                       help="give this run its own outputs, <recipe>@LABEL (default: the recipe's name, or "
+                            "<recipe>@<fingerprint> when overrides change the run)")
+
     va = recipe_command("validate", "check a recipe and its data before any model loads", cmd_validate)
     va.add_argument("--tier", default=None, metavar="FILE",
                     help="also check the recipe against this accelerate config (e.g. accelerate_configs/fsdp.yaml)")
@@ -208,22 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train from scratch even if this run finished or has checkpoints (they are moved aside)")
     tr.add_argument("--force-resume", action="store_true",
                     help="resume a checkpoint even though the recipe or data changed since it was written")
+    run_name_option(tr)
     ev = recipe_command("eval", "base vs fine-tuned report on the test split", cmd_eval)
     ev.add_argument("--data", help="evaluate on this JSONL instead of data.test (SQL rows may carry db_path)")
     ev.add_argument("--model", choices=["base", "fine_tuned", "both"], default="both")
     ev.add_argument("--gguf", nargs="?", const="exported", metavar="TYPES",
                     help="also run the exported GGUF files through llama.cpp on the same rows: every type in "
                          "export.gguf, or a comma list (e.g. q8_0,q4_k_m)")
+    ev.add_argument("--force", action="store_true",
+                    help="evaluate the adapter even if another run trained it (the report says how it differs)")
+    run_name_option(ev)
     ex = recipe_command("export", "merged model, GGUF files and an Ollama Modelfile", cmd_export)
     ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="compare GGUF greedy outputs with the merged model (needs llama-cpp-python)")
+    ex.add_argument("--force", action="store_true",
+                    help="export the adapter even if another run trained it (verify.json says how it differs)")
+    run_name_option(ex)
     pl = recipe_command("plan", "memory per device and the tier to launch, before anything loads", cmd_plan)
     pl.add_argument("--gpus", type=int, default=1, help="GPUs to spread over (default 1)")
     pl.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                     help="memory of each GPU in GiB (default: a CPU plan for the CPU recipes, else 80)")
     pl.add_argument("--tier", default=None, metavar="FILE", help="an accelerate config (default: recommend one)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
-    recipe_command("demo", "train, eval, export, then eval the quantised GGUF files; stage times recorded", cmd_demo)
+    run_name_option(recipe_command("demo", "train, eval, export, then eval the quantised GGUF files; stage times "
+                                   "recorded", cmd_demo))
     app = sub.add_parser("app", help="base vs fine-tuned side by side in the browser (Gradio)", parents=[verbose])
     app.add_argument("recipes", nargs="*", help="recipes to offer (default: every recipe in recipes/)")
     app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -273,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, SourceMissing) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ntunebook {args.command}: interrupted. Outputs already in place were left as they were; run the "
+              "same command again to continue (eval keeps the answers it generated, train resumes from its last "
+              "checkpoint with training.resume_from_checkpoint: auto).", file=sys.stderr)
+        return 130
     except Exception as exc:
         if args.verbose:
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,12 +24,21 @@ from tunebook.errors import RecipeError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
 RECIPES_DIR = Path("recipes")
+# Recipe names (file stems), run labels and task names become folder names: letters, digits, '-' and '_'.
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# Fields whose values are secrets: never written into outputs (recipe.yaml, model cards, run_info.json).
+SECRET_FIELDS = {"training": ("hub_token", "push_to_hub_token")}
+REDACTED = "<redacted>"
 # GGUF types `tunebook export` writes: the converter's own outtypes, then llama.cpp's quantiser's (LLAMA_FTYPE_*).
 GGUF_DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 GGUF_QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
                     "q4_k_m", "q5_k_s", "q5_k_m", "q6_k", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs",
                     "iq3_xs", "iq3_s", "iq3_m", "iq1_s", "iq1_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
 GGUF_TYPES = GGUF_DIRECT_TYPES + GGUF_QUANT_TYPES
+UNQUANTISED_GGUF_TYPES = ("f32", "f16", "bf16")
+# llama.cpp refuses these without an importance matrix (llama-quant.cpp, `tensor_requires_imatrix`), which
+# tunebook does not compute.
+GGUF_IMATRIX_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "q2_k_s")
 
 # SFTConfig fields tunebook derives itself; a recipe that sets them would fight the one place they live.
 TRAINING_OWNED = {
@@ -102,10 +112,12 @@ class Recipe:
     training: dict[str, Any]
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    overrides: list[str] = field(default_factory=list)  # the dotted overrides it was loaded with
+    run_label: str | None = None  # `--name LABEL`: the run's outputs go to <name>@LABEL
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe, in the same shape as the YAML (written beside every output)."""
-        return {
+        """The resolved recipe, in the same shape as the YAML (written beside every output); secrets redacted."""
+        out = {
             "model": dataclasses.asdict(self.model),
             "task": self.task,
             "data": dataclasses.asdict(self.data),
@@ -114,6 +126,11 @@ class Recipe:
             "eval": dataclasses.asdict(self.eval),
             "export": dataclasses.asdict(self.export),
         }
+        for section, keys in SECRET_FIELDS.items():
+            for key in keys:
+                if out[section].get(key) is not None:
+                    out[section][key] = REDACTED
+        return out
 
     @property
     def command_name(self) -> str:
@@ -139,13 +156,27 @@ SECTIONS: dict[str, type | None] = {
 # ---------------------------------------------------------------- locating and loading
 
 
+def redacted_overrides(overrides: list[str]) -> list[str]:
+    """Overrides as they may be written into outputs: the value of a secret field replaced."""
+    secret = {f"{section}.{key}" for section, keys in SECRET_FIELDS.items() for key in keys}
+    return [f"{item.split('=', 1)[0]}={REDACTED}" if item.split("=", 1)[0].strip() in secret else item
+            for item in overrides]
+
+
 def recipe_path(name_or_path: str | Path) -> Path:
     """A recipe named by path (`recipes/smollm2-sql.yaml`) or by stem (`smollm2-sql`)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         if not p.exists():
             raise RecipeError(str(p), None, "recipe file not found.", "Check the path, or name a recipe by its stem.")
+        if not NAME_RULE.fullmatch(p.stem):
+            raise RecipeError(str(p), None, f"'{p.stem}' is not a recipe name: the name becomes the folder of "
+                              "the recipe's outputs.", "Rename the file to letters, digits, '-' and '_' "
+                              "(e.g. my-recipe.yaml).")
         return p
+    if not NAME_RULE.fullmatch(str(name_or_path)):
+        raise RecipeError(str(name_or_path), None, "is not a recipe name or a .yaml path.",
+                          "Name a recipe by its stem (letters, digits, '-' and '_') or by its path.")
     candidate = RECIPES_DIR / f"{name_or_path}.yaml"
     if candidate.exists():
         return candidate
@@ -160,14 +191,27 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     path = recipe_path(name_or_path)
     source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
         raise RecipeError(source, None, f"is not valid YAML ({exc}).", "Fix the YAML syntax.") from None
     if not isinstance(raw, dict):
         raise RecipeError(source, None, "must be a mapping of sections.", f"Use the sections {', '.join(SECTIONS)}.")
     for item in overrides or []:
         apply_override(raw, item, source)
-    return parse_recipe(raw, name=path.stem, source=source)
+    recipe = parse_recipe(raw, name=path.stem, source=source)
+    recipe.overrides = list(overrides or [])
+    return recipe
+
+
+def read_utf8(path: Path) -> str:
+    """A text file's contents; bytes that are not UTF-8 are an error naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError(str(path), f"line {line}", f"is not UTF-8 (byte 0x{data[exc.start]:02x}).",
+                          "Save the file as UTF-8.") from None
 
 
 def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
@@ -200,7 +244,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
         if required not in raw:
             raise RecipeError(source, required, "is missing.", f"Every recipe needs the sections {', '.join(SECTIONS)}.")
     task = raw["task"]
-    if not isinstance(task, str) or not task.strip() or not task.replace("_", "").replace("-", "").isalnum():
+    if not isinstance(task, str) or not NAME_RULE.fullmatch(task):
         raise RecipeError(source, "task", f"{task!r} is not a task name.",
                           "Name the task in letters, digits, '-' or '_' (e.g. `task: translate`).")
     model = build_section(ModelConfig, raw["model"], source, "model")
@@ -212,7 +256,9 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     data.repeat = repeat_clause(data.repeat, source)
     data.share_context = share_context_clause(data.share_context, source)
     lora = library_section(raw["lora"], lora_fields(), source, "lora", "peft.LoraConfig")
+    check_lora_values(lora, source)
     training = library_section(raw["training"], sft_fields(), source, "training", "trl.SFTConfig")
+    check_training_values(training, source)
     for key, where in TRAINING_OWNED.items():
         if key in training:
             raise RecipeError(source, f"training.{key}", "is set by tunebook.", f"Remove it: {where}.")
@@ -229,12 +275,16 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     export = build_section(ExportConfig, raw.get("export") or {}, source, "export")
     if isinstance(export.gguf, str):
         export.gguf = [export.gguf]  # `gguf: q8_0` means one type
-    check_counts(export, source, "export", at_least={"verify_prompts": 0})
+    check_counts(export, source, "export", at_least={"verify_prompts": 1})
     for qtype in export.gguf:
         if qtype not in GGUF_TYPES:
             hint = difflib.get_close_matches(str(qtype).lower(), GGUF_TYPES, n=1)
             raise RecipeError(source, "export.gguf", f"'{qtype}' is not a GGUF type llama.cpp writes.",
                               f"Did you mean '{hint[0]}'?" if hint else f"Use e.g. {', '.join(GGUF_TYPES[:8])} …")
+        if qtype in GGUF_IMATRIX_TYPES:
+            raise RecipeError(source, "export.gguf", f"'{qtype}' needs an importance matrix (llama.cpp refuses it "
+                              "without one), and tunebook does not compute one.",
+                              "Use a k-quant instead: q2_k, q3_k_m or q4_k_m for small files.")
     return Recipe(
         name=name,
         source=source,
@@ -249,6 +299,59 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
 
 
 # ---------------------------------------------------------------- checks
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_lora_values(lora: dict[str, Any], source: str) -> None:
+    """Values peft would only refuse after the model has loaded (or silently train nothing with)."""
+    r = lora.get("r")
+    if r is not None and (not isinstance(r, int) or isinstance(r, bool) or r < 1):
+        raise RecipeError(source, "lora.r", f"{r!r} is not a rank.", "Use a whole number >= 1 (8, 16 and 32 are usual).")
+    alpha = lora.get("lora_alpha")
+    if alpha is not None and _number(alpha) and alpha <= 0:
+        raise RecipeError(source, "lora.lora_alpha", f"{alpha} must be positive.", "Use e.g. twice lora.r.")
+    dropout = lora.get("lora_dropout")
+    if dropout is not None and _number(dropout) and not 0 <= dropout < 1:
+        raise RecipeError(source, "lora.lora_dropout", f"{dropout} is not a dropout probability.",
+                          "Use a value from 0 up to (not including) 1, e.g. 0.05.")
+    targets = lora.get("target_modules")
+    if isinstance(targets, list) and not targets:
+        raise RecipeError(source, "lora.target_modules", "is empty: the adapter would train nothing.",
+                          "List the layers to adapt (e.g. [q_proj, v_proj]), or write 'all-linear'.")
+    if isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets):
+        raise RecipeError(source, "lora.target_modules", f"{targets!r} is not a list of layer names.",
+                          "Write e.g. [q_proj, k_proj, v_proj, o_proj].")
+    if isinstance(targets, str) and targets != "all-linear":
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise RecipeError(source, "lora.target_modules", f"'{targets}' is neither a list nor a valid regular "
+                              f"expression ({exc}).", "Write a list, e.g. [q_proj, v_proj], or 'all-linear'.") from None
+
+
+# Counts that must be at least 1 when set, and sizes that must be positive (TrainingArguments treats
+# logging/save/eval steps below 1 as a fraction of the run).
+_AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+_POSITIVE = ("learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps")
+
+
+def check_training_values(training: dict[str, Any], source: str) -> None:
+    """Values the Trainer would only refuse after the model has loaded."""
+    for key in _AT_LEAST_ONE:
+        value = training.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise RecipeError(source, f"training.{key}", f"{value!r} is not a whole number >= 1.", "Use 1 or more.")
+    for key in _POSITIVE:
+        value = training.get(key)
+        if value is not None and _number(value) and value <= 0:
+            raise RecipeError(source, f"training.{key}", f"{value} must be positive.", "Use a value above 0.")
+    for key in ("warmup_ratio", "weight_decay"):
+        value = training.get(key)
+        if value is not None and _number(value) and not 0 <= value <= 1:
+            raise RecipeError(source, f"training.{key}", f"{value} is outside 0-1.", "Use a value from 0 to 1.")
 
 
 def where_clause(where: Any, source: str, name: str) -> dict[str, list] | None:

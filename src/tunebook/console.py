@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,8 +39,14 @@ def setup_console(log_path: Path | None, verbose: bool) -> None:
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("", encoding="utf-8")  # one log per command run; then append-only, so C-level
-        handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")  # output written beside it survives
+        # Append-only, never truncated: two commands of one recipe at once keep both logs (and C-level output
+        # written beside the handler survives). Each command opens with a header line.
+        from tunebook.config import redacted_overrides
+
+        with log_path.open("a", encoding="utf-8") as handle:
+            handle.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}: tunebook "
+                         f"{' '.join(redacted_overrides(sys.argv[1:]))}\n")
+        handler = logging.FileHandler(log_path, mode="a", encoding="utf-8")
         handler.setFormatter(formatter)
         root.addHandler(handler)
     if verbose or log_path is None:

@@ -1,30 +1,47 @@
-"""`tunebook eval`: the test split through the base and the fine-tuned model, same prompts, side by side."""
+"""`tunebook eval`: the test split through the base and the fine-tuned model, same prompts, side by side.
+
+Answers are kept as they are generated (journal.py): an interrupted or failed eval, run again, resumes from them.
+A report is named by the run it scores (runs.py); an eval of anything other than the recipe's own test selection
+and settings (`eval.limit`, `eval.where`, `--data`, `--model base` …) writes a report of its own beside it,
+`reports/<run>.<what differs>/`, and never replaces the full one.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
+import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from tunebook.config import Recipe
+from tunebook.config import EvalConfig, Recipe, load_recipe, redacted_overrides
 from tunebook.data import read_split, select_rows
 from tunebook.errors import RecipeError
 from tunebook.generation import decode_answers, generate
-from tunebook.metrics import db_path_for, perplexity, run_sql, score
+from tunebook.journal import Journal
+from tunebook.metrics import db_path_for, perplexity, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
-from tunebook.outputs import atomic_dir, clean_leftovers, fine_tuned_dir, gguf_dir, report_dir
+from tunebook.outputs import atomic_dir, clean_leftovers, eval_journal, gguf_dir, gguf_file, report_dir
 from tunebook.prompts import reference_answer, user_message
 from tunebook.reporting import metrics_table, shape_table
+from tunebook.runs import ADAPTER_WEIGHTS, Run, check_adapter_is_run, identify, run_lock
+from tunebook.sandbox import run_sql
 from tunebook.validate import check_adapter, check_metric_rows, validate_recipe
 
 N_REPORT_EXAMPLES = 5
+# Eval settings that change only speed, never the answers: not part of a report's name.
+SPEED_ONLY = ("batch_size",)
+log = logging.getLogger(__name__)
 
 
-def task_metrics(recipe: Recipe, predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
+def task_metrics(recipe: Recipe, predictions: list[str], rows: list[dict], data_file: Path,
+                 problems: list[str] | None = None) -> dict[str, float]:
     """The recipe's `eval.metrics` on these predictions (perplexity, which needs the model, apart)."""
-    return score(recipe.eval.metrics, predictions, rows, data_file)
+    return score(recipe.eval.metrics, predictions, rows, data_file, problems)
 
 
 def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
@@ -62,92 +79,204 @@ def train_db_ids(recipe: Recipe) -> set[str]:
     return {r.get("db_id") for r in rows}
 
 
-def gguf_files(recipe: Recipe, types: list[str], adapter_dir: Path) -> dict[str, Path]:
-    """The exported GGUF file of each type, checked to exist, to be newer than the adapter, and to be runnable."""
+def report_name(run: Run, which: str = "both", data: str | None = None) -> str:
+    """`<run>` for the recipe's own eval; `<run>.<what differs>` for any other selection or setting."""
+    try:
+        written: EvalConfig | None = load_recipe(run.recipe.source).eval
+    except RecipeError:
+        written = None
+    parts = []
+    for f in dataclasses.fields(EvalConfig):
+        value = getattr(run.recipe.eval, f.name)
+        if f.name not in SPEED_ONLY and (written is None or value != getattr(written, f.name)):
+            parts.append(_label(f.name, value))
+    if data:
+        parts.append(_label("data", Path(data).stem))
+    if which != "both":
+        parts.append(which)
+    return run.name if not parts else f"{run.name}.{'+'.join(parts)}"
+
+
+def _label(name: str, value: Any) -> str:
+    text = "all" if value is None else str(value)
+    if len(text) > 24 or not text.replace("_", "").replace("-", "").isalnum():
+        text = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{name}-{text}"
+
+
+def gguf_files(run: Run, types: list[str], adapter_dir: Path) -> dict[str, Path]:
+    """The exported GGUF file of each type, checked to exist, to come from this adapter, and to load in llama.cpp."""
     import importlib.util
 
+    recipe = run.recipe
+    export_command = f"tunebook export {run.command}"
     files = {}
     for qtype in types:
-        path = gguf_dir(recipe.name) / f"{recipe.name}-{qtype}.gguf"
+        path = gguf_file(run.name, qtype)
         if not path.exists():
             raise RecipeError(recipe.source, "--gguf", f"{path} does not exist.",
-                              f"Run `tunebook export {recipe.name}` first (it writes export.gguf: "
+                              f"Run `{export_command}` first (it writes export.gguf: "
                               f"{', '.join(recipe.export.gguf)}), or name only exported types.")
-        adapter = adapter_dir / "adapter_model.safetensors"
+        if exported_from(run.name) not in (None, adapter_digest(adapter_dir)):
+            raise RecipeError(recipe.source, "--gguf", f"{path.name} was exported from another adapter than the one "
+                              f"in {adapter_dir}, so it would score another training run.", f"Run `{export_command}`.")
+        adapter = adapter_dir / ADAPTER_WEIGHTS
         if adapter.exists() and adapter.stat().st_mtime > path.stat().st_mtime:
             raise RecipeError(recipe.source, "--gguf", f"{path.name} is older than the adapter in {adapter_dir}, "
-                              "so it would score an earlier training run.", f"Run `tunebook export {recipe.name}`.")
+                              "so it would score an earlier training run.", f"Run `{export_command}`.")
         files[qtype] = path
     if files and importlib.util.find_spec("llama_cpp") is None:
         raise RecipeError(recipe.source, "--gguf", "llama-cpp-python is not installed.",
                           "Run `make export` once (it builds llama-cpp-python into the venv).")
+    from tunebook import llamacpp
+
+    for path in files.values():  # a file llama.cpp refuses is found now, not after the other passes
+        try:
+            llm = llamacpp.load_gguf(path, n_ctx=64)
+        except Exception as exc:  # llama_cpp raises ValueError/RuntimeError with its own words
+            raise RecipeError(str(path), None, f"llama.cpp cannot load it ({str(exc).strip()[:200]}).",
+                              f"Run `{export_command}` again.") from None
+        del llm
     return files
 
 
+def adapter_digest(adapter_dir: Path) -> str | None:
+    """sha256 of the adapter's weights (export records it; `eval --gguf` checks it)."""
+    from tunebook.data import sha256
+
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    return sha256(weights) if weights.exists() else None
+
+
+def exported_from(run_name: str) -> str | None:
+    """The adapter digest an export recorded in verify.json (None for exports that recorded none)."""
+    try:
+        return json.loads((gguf_dir(run_name) / "verify.json").read_text()).get("adapter_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapter_dir: Path | None = None,
-             gguf: list[str] | None = None) -> Path:
-    """Run the evaluation and write reports/<recipe>/ (report.json, report.md, chart.png, predictions.jsonl).
+             gguf: list[str] | None = None, force: bool = False) -> Path:
+    """Run the evaluation and write reports/<report name>/ (report.json, report.md, chart.png, predictions.jsonl).
 
     `gguf` names exported GGUF types (e.g. q8_0, q4_k_m) to run through llama.cpp on the same rows with the same
     prompt tokens and stop tokens, greedy: the report gains a column for each, so it shows what quantisation kept.
+    `force` scores an adapter that another run trained (the report records how it differs).
     """
     validate_recipe(recipe)
+    run = identify(recipe)
     rows, data_file = load_eval_rows(recipe, data)
-    adapter_dir = adapter_dir or fine_tuned_dir(recipe.name)
+    adapter_dir = adapter_dir or run.adapter_dir
+    notes: list[str] = []
     if which in ("fine_tuned", "both"):
         check_adapter(adapter_dir, recipe)
-    ggufs = gguf_files(recipe, gguf or [], adapter_dir)
-    for note in clean_leftovers(report_dir(recipe.name)):
-        print(note)
-    kinds = ["base", "fine_tuned"] if which == "both" else [which]
-    key = eval_key(recipe, rows, kinds, adapter_dir)
-    model_path = resolve_model_path(recipe.model.name)
-    tokenizer = load_tokenizer(str(adapter_dir) if which != "base" else model_path, recipe.model.trust_remote_code)
-    results = previous_results(recipe, rows, kinds, key) if ggufs else None
-    if results:
-        print(f"{' and '.join(kinds)}: reusing {report_dir(recipe.name)} (same rows, prompts, settings and adapter)")
-    else:
-        results = hf_passes(recipe, kinds, rows, data_file, tokenizer, adapter_dir)
-    for qtype, path in ggufs.items():
-        results[f"gguf_{qtype}"] = run_gguf(recipe, path, tokenizer, rows, data_file)
+        changes = check_adapter_is_run(run, adapter_dir, "evaluate", force)
+        if changes:
+            notes.append(f"the adapter was trained by a different run: {'; '.join(changes)}")
+    ggufs = gguf_files(run, gguf or [], adapter_dir)
+    name = report_name(run, which, data)
+    with run_lock(run.name, f"eval {run.command}"):
+        for note in clean_leftovers(report_dir(name)):
+            print(note)
+        if name != run.name:
+            print(f"report {name}: not the recipe's own eval, so it gets a report of its own "
+                  f"({report_dir(run.name)}/ is left as it is)")
+        kinds = ["base", "fine_tuned"] if which == "both" else [which]
+        key = eval_key(recipe, rows, kinds, adapter_dir)
+        model_path = resolve_model_path(recipe.model.name)
+        tokenizer = load_tokenizer(str(adapter_dir) if which != "base" else model_path, recipe.model.trust_remote_code)
+        results = previous_results(name, rows, kinds, key) if ggufs else None
+        if results:
+            print(f"{' and '.join(kinds)}: reusing {report_dir(name)} (same rows, prompts, settings and adapter)")
+        else:
+            results = hf_passes(recipe, name, key, kinds, rows, tokenizer, adapter_dir)
+        for qtype, path in ggufs.items():
+            results[f"gguf_{qtype}"] = run_gguf(recipe, name, key, path, tokenizer, rows)
 
-    subsets = schema_subsets(recipe, rows, results, data_file)
-    by_shape = {shape: score_subset(recipe, idx, rows, results, data_file)
-                for shape, idx in sorted(group_indices(rows, "shape").items())}
-    return write_report(recipe, rows, results, subsets, data_file, by_shape, key)
+        problems: list[str] = []
+        for result in results.values():
+            result["metrics"] = {**task_metrics(recipe, result["predictions"], rows, data_file, problems),
+                                 **result.get("model_metrics", {})}
+        subsets = schema_subsets(recipe, rows, results, data_file)
+        by_shape = {shape: score_subset(recipe, idx, rows, results, data_file)
+                    for shape, idx in sorted(group_indices(rows, "shape").items())}
+        notes += sorted(set(problems))
+        out = write_report(name, recipe, rows, results, subsets, data_file, by_shape, key, notes)
+        shutil.rmtree(eval_journal(name, "x").parent, ignore_errors=True)  # the report now holds every answer
+    return out
 
 
-def hf_passes(recipe: Recipe, kinds: list[str], rows: list[dict], data_file: Path, tokenizer: Any,
+def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[dict], tokenizer: Any,
               adapter_dir: Path) -> dict[str, dict[str, Any]]:
-    """Base and/or fine-tuned generation with transformers: predictions, metrics (with perplexity), examples/s."""
-    from peft import PeftModel
+    """Base and/or fine-tuned generation with transformers: predictions, perplexity, examples/s.
 
-    tokenizer.padding_side = "left"
-    model = load_model(resolve_model_path(recipe.model.name), recipe.model, for_training=False)
-    if kinds != ["base"]:
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    model.eval()
+    Each pass resumes from its journal; a pass the journal holds whole loads no model.
+    """
+    journals = {kind: Journal(eval_journal(name, kind), f"{key}:{kind}") for kind in kinds}
+    perplexity_wanted = "perplexity" in recipe.eval.metrics
+    todo = [k for k in kinds if len(journals[k].answers) < len(rows) or
+            (perplexity_wanted and "perplexity" not in journals[k].values)]
+    model = load_pass_model(recipe, kinds, adapter_dir) if todo else None
     system = recipe.data.system_prompt
     results: dict[str, dict[str, Any]] = {}
     for kind in kinds:
-        # The base model is the same weights with the adapter switched off: one load, identical prompts.
-        context = model.disable_adapter() if kind == "base" and kinds != ["base"] else contextlib.nullcontext()
-        if kind == "fine_tuned" and recipe.model.quantization == "none":
-            # Generation with the adapter folded into the weights skips two extra small matmuls per LoRA layer and
-            # token; the base pass, which needs it unmerged, has already run. (Merging into 4/8-bit weights would
-            # requantise them, so QLoRA recipes keep the adapter separate.)
-            model.merge_adapter()
-        with context, progress_bar(kind) as bar:
-            task_id = bar.add_task(kind, total=len(rows), rate="")
-            started = time.perf_counter()
-            preds = generate(model, tokenizer, rows, system, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                             rate_updater(bar, task_id, started))
-            seconds = time.perf_counter() - started
-            metrics = task_metrics(recipe, preds, rows, data_file)
-            if "perplexity" in recipe.eval.metrics:
-                metrics["perplexity"] = perplexity(model, tokenizer, rows, system, batch_size=recipe.eval.batch_size)
-        results[kind] = {"predictions": preds, "metrics": metrics, "examples_per_s": len(rows) / seconds}
+        journal = journals[kind]
+        if kind in todo:
+            # The base model is the same weights with the adapter switched off: one load, identical prompts.
+            context = model.disable_adapter() if kind == "base" and kinds != ["base"] else contextlib.nullcontext()
+            if kind == "fine_tuned" and recipe.model.quantization == "none":
+                # Generation with the adapter folded into the weights skips two extra small matmuls per LoRA layer
+                # and token; the base pass, which needs it unmerged, has already run. (Merging into 4/8-bit weights
+                # would requantise them, so QLoRA recipes keep the adapter separate.)
+                model.merge_adapter()
+            with context:
+                generate_rest(journal, kind, rows, lambda part, bar, on_batch: generate(
+                    model, tokenizer, part, system, recipe.eval.max_new_tokens, recipe.eval.batch_size, bar,
+                    on_batch=on_batch))
+                if perplexity_wanted and "perplexity" not in journal.values:
+                    journal.set("perplexity", perplexity(model, tokenizer, rows, system,
+                                                         batch_size=recipe.eval.batch_size))
+        else:
+            print(f"{kind}: all {len(rows)} answers kept from an earlier run of this eval")
+        results[kind] = {"predictions": [journal.answers[i] for i in range(len(rows))],
+                         "model_metrics": {k: v for k, v in journal.values.items() if k == "perplexity"},
+                         "examples_per_s": len(rows) / max(journal.seconds, 1e-9)}
     return results
+
+
+def load_pass_model(recipe: Recipe, kinds: list[str], adapter_dir: Path) -> Any:
+    """The base model for the transformers passes, with the adapter on top unless only the base is wanted."""
+    from peft import PeftModel
+
+    model = load_model(resolve_model_path(recipe.model.name), recipe.model, for_training=False)
+    if kinds != ["base"]:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    return model.eval()
+
+
+def generate_rest(journal: Journal, label: str, rows: list[dict], run_batches: Any) -> None:
+    """Generate the rows the journal does not hold yet, adding each batch to it as it is produced.
+
+    `run_batches(rows, progress, on_batch)` generates answers for `rows` (calling `on_batch(indices, answers)`).
+    """
+    todo = [i for i in range(len(rows)) if i not in journal.answers]
+    if not todo:
+        print(f"{label}: all {len(rows)} answers kept from an earlier run of this eval")
+        return
+    if len(todo) < len(rows):
+        print(f"{label}: resuming, {len(rows) - len(todo)} of {len(rows)} answers kept from an interrupted run")
+    with progress_bar(label) as bar:
+        task_id = bar.add_task(label, total=len(rows), completed=len(rows) - len(todo), rate="")
+        started = last = time.perf_counter()
+
+        def keep(indices: list[int], answers: list[str]) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            journal.add([todo[i] for i in indices], answers, now - last)
+            last = now
+
+        run_batches([rows[i] for i in todo], rate_updater(bar, task_id, started), keep)
 
 
 def progress_bar(label: str) -> Any:
@@ -170,22 +299,20 @@ def rate_updater(bar: Any, task_id: Any, started: float) -> Any:
 
 def eval_key(recipe: Recipe, rows: list[dict], kinds: list[str], adapter_dir: Path) -> str:
     """What the transformers passes' results depend on: rows, prompt, generation settings, model and adapter."""
-    import hashlib
-
     digest = hashlib.sha256(json.dumps([rows, kinds, recipe.data.system_prompt, recipe.eval.max_new_tokens,
                                         recipe.eval.metrics,
                                         recipe.model.name, recipe.model.dtype, recipe.model.quantization],
                                        sort_keys=True, default=str).encode())
-    adapter = adapter_dir / "adapter_model.safetensors"
+    adapter = adapter_dir / ADAPTER_WEIGHTS
     if "fine_tuned" in kinds and adapter.exists():
         digest.update(adapter.read_bytes())
     return digest.hexdigest()
 
 
-def previous_results(recipe: Recipe, rows: list[dict], kinds: list[str], key: str) -> dict[str, dict] | None:
+def previous_results(name: str, rows: list[dict], kinds: list[str], key: str) -> dict[str, dict] | None:
     """The transformers passes of the current report, when it was made with the same `eval_key` (so `eval --gguf`
     after `eval` adds the GGUF columns without generating everything again); None otherwise."""
-    folder = report_dir(recipe.name)
+    folder = report_dir(name)
     try:
         report = json.loads((folder / "report.json").read_text())
         saved = [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines()]
@@ -193,29 +320,36 @@ def previous_results(recipe: Recipe, rows: list[dict], kinds: list[str], key: st
         return None
     if report.get("eval_key") != key or len(saved) != len(rows):
         return None
-    return {kind: {"predictions": [r[f"{kind}_prediction"] for r in saved], "metrics": report[kind],
+    return {kind: {"predictions": [r[f"{kind}_prediction"] for r in saved],
+                   "model_metrics": {k: v for k, v in report[kind].items() if k == "perplexity"},
                    "examples_per_s": report["timing"][kind]["examples_per_s"]} for kind in kinds}
 
 
-def run_gguf(recipe: Recipe, path: Path, tokenizer: Any, rows: list[dict], data_file: Path) -> dict:
+def run_gguf(recipe: Recipe, name: str, key: str, path: Path, tokenizer: Any, rows: list[dict]) -> dict:
     """One exported GGUF through llama.cpp on the eval rows: the prompt tokens and stop tokens of the HF passes."""
     from tunebook import llamacpp
     from tunebook.prompts import encode_prompt, stop_token_ids
 
+    qtype = path.stem.rsplit("-", 1)[-1]
+    stat = path.stat()
+    journal = Journal(eval_journal(name, f"gguf_{qtype}"), f"{key}:gguf:{stat.st_size}:{stat.st_mtime_ns}")
     system = recipe.data.system_prompt
-    prompts = [encode_prompt(tokenizer, row, system) for row in rows]
-    longest = max(len(p) for p in prompts) + recipe.eval.max_new_tokens
-    llm = llamacpp.load_gguf(path, n_ctx=max(longest, 2 * recipe.data.max_length))
-    with progress_bar(f"GGUF {path.stem.rsplit('-', 1)[-1]}") as bar:
-        task_id = bar.add_task(path.name, total=len(rows), rate="")
-        started = time.perf_counter()
-        ids = llamacpp.generate_ids(llm, prompts, stop_token_ids(tokenizer, system), recipe.eval.max_new_tokens,
-                                    rate_updater(bar, task_id, started))
-        seconds = time.perf_counter() - started
-    del llm
-    preds = decode_answers(tokenizer, ids)
-    return {"predictions": preds, "metrics": task_metrics(recipe, preds, rows, data_file),
-            "examples_per_s": len(rows) / seconds}
+    todo = [i for i in range(len(rows)) if i not in journal.answers]
+    if todo:
+        prompts = [encode_prompt(tokenizer, row, system) for row in rows]
+        longest = max(len(p) for p in prompts) + recipe.eval.max_new_tokens
+        llm = llamacpp.load_gguf(path, n_ctx=max(longest, 2 * recipe.data.max_length))
+        stops = stop_token_ids(tokenizer, system)
+
+        def run_batches(part: list[dict], progress: Any, on_batch: Any) -> None:
+            ids = [encode_prompt(tokenizer, row, system) for row in part]
+            llamacpp.generate_ids(llm, ids, stops, recipe.eval.max_new_tokens, progress,
+                                  on_batch=lambda idx, answers: on_batch(idx, decode_answers(tokenizer, answers)))
+
+        generate_rest(journal, f"GGUF {qtype}", rows, run_batches)
+        del llm
+    return {"predictions": [journal.answers[i] for i in range(len(rows))],
+            "examples_per_s": len(rows) / max(journal.seconds, 1e-9)}
 
 
 def group_indices(rows: list[dict], key: str) -> dict[str, list[int]]:
@@ -251,21 +385,26 @@ def score_subset(recipe: Recipe, indices: list[int], rows: list[dict], results: 
         for kind, r in results.items()}}
 
 
-def write_report(recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict, data_file: Path,
-                 by_shape: dict | None = None, key: str | None = None) -> Path:
-    """Write the report directory atomically and return it."""
-    final = report_dir(recipe.name)
+def write_report(name: str, recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict,
+                 data_file: Path, by_shape: dict | None = None, key: str | None = None,
+                 notes: list[str] | None = None) -> Path:
+    """Write the report directory reports/<name>/ atomically and return it."""
+    final = report_dir(name)
     with atomic_dir(final) as tmp:
-        write_report_files(tmp, recipe, rows, results, subsets, data_file, by_shape or {}, key)
+        write_report_files(tmp, name, recipe, rows, results, subsets, data_file, by_shape or {}, key, notes or [])
     return final
 
 
-def write_report_files(tmp: Path, recipe: Recipe, rows: list[dict], results: dict[str, dict], subsets: dict,
-                       data_file: Path, by_shape: dict, key: str | None = None) -> None:
+def write_report_files(tmp: Path, name: str, recipe: Recipe, rows: list[dict], results: dict[str, dict],
+                       subsets: dict, data_file: Path, by_shape: dict, key: str | None = None,
+                       notes: list[str] | None = None) -> None:
     base = results.get("base", {}).get("metrics", {})
     tuned = results.get("fine_tuned", {}).get("metrics", {})
     report = {
         "recipe": recipe.name,
+        "report": name,
+        "overrides": redacted_overrides(recipe.overrides),
+        "notes": notes or [],
         "task": recipe.task,
         "data": str(data_file),
         "n_examples": len(rows),
@@ -297,7 +436,7 @@ def write_report_files(tmp: Path, recipe: Recipe, rows: list[dict], results: dic
 
 def markdown_report(report: dict) -> str:
     parts = [
-        f"# {report['recipe']}: base vs fine-tuned",
+        f"# {report['report']}: base vs fine-tuned",
         "",
         f"Task `{report['task']}`, {report['n_examples']} examples from `{report['data']}`. "
         "Rates and text scores in percent; perplexity of the reference answers (lower is better).",
@@ -305,6 +444,8 @@ def markdown_report(report: dict) -> str:
         metrics_table(report),
         "",
     ]
+    if report.get("notes"):
+        parts += [*(f"- note: {note}" for note in report["notes"]), ""]
     for name, subset in report["subsets"].items():
         sub = {"base": subset.get("base", {}), "fine_tuned": subset.get("fine_tuned", {}),
                "gguf": {k.removeprefix("gguf_"): v for k, v in subset.items() if k.startswith("gguf_")}}
@@ -329,18 +470,24 @@ def chart(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in report["fine_tuned"] if k != "perplexity"]
-    fig, (ax, ax_ppl) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [max(len(keys), 1), 1]})
+    from tunebook.metrics import UNSCORED
+
+    keys = [k for k in report["fine_tuned"] if k not in ("perplexity", UNSCORED) and k in report["base"]]
+    ppl = all("perplexity" in report[side] for side in ("base", "fine_tuned"))
+    fig, axes = plt.subplots(1, 2 if ppl else 1, figsize=(10 if ppl else 8, 3.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(len(keys), 1), 1] if ppl else [1]})
+    ax = axes[0][0]
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], [report["base"][k] for k in keys], 0.4, label="base")
     ax.bar([x + 0.2 for x in xs], [report["fine_tuned"][k] for k in keys], 0.4, label="fine-tuned")
     ax.set_xticks(list(xs), keys, rotation=20)
     ax.set_ylabel("percent")
     ax.legend()
-    ax.set_title(f"{report['recipe']} ({report['n_examples']} examples)")
-    ax_ppl.bar(["base", "fine-tuned"], [report["base"]["perplexity"], report["fine_tuned"]["perplexity"]],
-               color=["C0", "C1"])
-    ax_ppl.set_title("perplexity (lower is better)")
+    ax.set_title(f"{report['report']} ({report['n_examples']} examples)")
+    if ppl:
+        axes[0][1].bar(["base", "fine-tuned"], [report["base"]["perplexity"], report["fine_tuned"]["perplexity"]],
+                       color=["C0", "C1"])
+        axes[0][1].set_title("perplexity (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

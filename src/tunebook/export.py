@@ -26,14 +26,15 @@ from tunebook.llamacpp import greedy_ids, load_gguf
 from tunebook.models import load_tokenizer, local_model_dir, resolve_model_path
 from tunebook.outputs import (
     clean_leftovers,
-    fine_tuned_dir,
     gguf_dir,
+    gguf_file,
     merged_dir,
     report_dir,
     swap_in_together,
     temp_sibling,
 )
 from tunebook.prompts import render_prompt, stop_strings
+from tunebook.runs import ADAPTER_WEIGHTS, Run, check_adapter_is_run, identify, run_lock
 from tunebook.validate import check_adapter, validate_recipe
 
 CONVERTER_DIR = Path(os.environ.get("TUNEBOOK_LLAMA_CPP", "build/llama.cpp"))
@@ -257,37 +258,48 @@ def check_export_tools(recipe: Recipe) -> None:
         )
 
 
-def export(recipe: Recipe, verify: bool = True) -> dict[str, Any]:
+def export(recipe: Recipe, verify: bool = True, force: bool = False) -> dict[str, Any]:
     """Write merged model, GGUFs, Modelfile and verify.json, all put in place together when every check passed.
 
-    Everything is built in temp directories beside the final ones (`.<recipe>.tmp-<pid>`); a failure or a
-    kill at any step leaves the previous export exactly as it was.
+    Everything is built in temp directories beside the final ones (`.<run>.tmp-<pid>`); a failure or a
+    kill at any step leaves the previous export exactly as it was. `force` exports an adapter that another run
+    trained (verify.json records how it differs).
     """
+    from tunebook.data import sha256
+
     validate_recipe(recipe)
-    adapter = fine_tuned_dir(recipe.name)
+    run = identify(recipe)
+    adapter = run.adapter_dir
     check_adapter(adapter, recipe)
+    changes = check_adapter_is_run(run, adapter, "export", force)
     check_export_tools(recipe)
-    for note in clean_leftovers(merged_dir(recipe.name), gguf_dir(recipe.name)):
-        print(note)
-    # Each temp directory sits beside its final place (same filesystem, so the final renames cannot fail
-    # half-way on a symlinked models/gguf); both are swapped in together.
-    work = {name: temp_sibling(final) for name, final in (("merged", merged_dir(recipe.name)),
-                                                          ("gguf", gguf_dir(recipe.name)))}
-    for path in work.values():
-        shutil.rmtree(path, ignore_errors=True)
-    try:
-        verification = build_export(recipe, adapter, work["merged"], work["gguf"], verify)
-        swap_in_together([(work["merged"], merged_dir(recipe.name)), (work["gguf"], gguf_dir(recipe.name))])
-    finally:
+    with run_lock(run.name, f"export {run.command}"):
+        for note in clean_leftovers(merged_dir(run.name), gguf_dir(run.name)):
+            print(note)
+        # Each temp directory sits beside its final place (same filesystem, so the final renames cannot fail
+        # half-way on a symlinked models/gguf); both are swapped in together.
+        work = {name: temp_sibling(final) for name, final in (("merged", merged_dir(run.name)),
+                                                              ("gguf", gguf_dir(run.name)))}
         for path in work.values():
             shutil.rmtree(path, ignore_errors=True)
+        try:
+            provenance = {"run": run.name, "adapter_sha256": sha256(adapter / ADAPTER_WEIGHTS),
+                          "adapter_differs_from_run": changes}
+            verification = build_export(run, adapter, work["merged"], work["gguf"], verify, provenance)
+            swap_in_together([(work["merged"], merged_dir(run.name)), (work["gguf"], gguf_dir(run.name))])
+        finally:
+            for path in work.values():
+                shutil.rmtree(path, ignore_errors=True)
     return verification
 
 
-def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verify: bool) -> dict[str, Any]:
+def build_export(run: Run, adapter: Path, merged: Path, ggufs: Path, verify: bool,
+                 provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge, convert, quantise, write the Modelfile and check every file; raise on the first failed check."""
     from tunebook.data import read_split
     from tunebook.prompts import stop_token_ids
+
+    recipe = run.recipe
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -295,7 +307,7 @@ def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verif
     ggufs.mkdir(parents=True)
     print(f"merging the adapter into {recipe.model.name} …")
     merge(recipe, adapter, merged)
-    write_model_card(recipe, merged)
+    write_model_card(run, merged)
     timings["merge_s"] = round(time.perf_counter() - started, 1)
     tokenizer = load_tokenizer(str(merged))
     stops = stop_token_ids(tokenizer, recipe.data.system_prompt)
@@ -305,12 +317,12 @@ def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verif
     for qtype in recipe.export.gguf:
         print(f"writing GGUF {qtype} …")
         t0 = time.perf_counter()
-        out = ggufs / f"{recipe.name}-{qtype}.gguf"
+        out = ggufs / gguf_file(run.name, qtype).name
         if qtype in GGUF_DIRECT_TYPES:
             convert(merged, out, qtype)
         else:
             if f16 is None:
-                f16 = ggufs / f"{recipe.name}-f16.gguf"
+                f16 = ggufs / gguf_file(run.name, "f16").name
                 if not f16.exists():
                     convert(merged, f16, "f16")
             quantize(f16, out, qtype)
@@ -323,10 +335,10 @@ def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verif
     default = next((q for q in ("q8_0", "f16") if q in files), next(iter(files), None))
     if default:
         (ggufs / "Modelfile").write_text(
-            modelfile(f"{recipe.name}-{default}.gguf", tokenizer, recipe.data.system_prompt, 2 * recipe.data.max_length)
+            modelfile(gguf_file(run.name, default).name, tokenizer, recipe.data.system_prompt, 2 * recipe.data.max_length)
         )
 
-    verification: dict[str, Any] = {"checked": {}, "timings": timings, "notes": []}
+    verification: dict[str, Any] = {**(provenance or {}), "checked": {}, "timings": timings, "notes": []}
     hf_shapes = hf_tensor_shapes(merged)
     for qtype, summary in files.items():
         check = {
@@ -351,7 +363,8 @@ def build_export(recipe: Recipe, adapter: Path, merged: Path, ggufs: Path, verif
         max_new = min(recipe.eval.max_new_tokens, 48)
         sequences = hf_greedy(merged, tokenizer, rows, system, max_new)
         for qtype in files:
-            llm = load_gguf(ggufs / f"{recipe.name}-{qtype}.gguf", n_ctx=2 * recipe.data.max_length, logits_all=True)
+            llm = load_gguf(ggufs / gguf_file(run.name, qtype).name, n_ctx=2 * recipe.data.max_length,
+                            logits_all=True)
             if llm is None:
                 verification["runtime"] = "llama-cpp-python not installed: read-back checks only"
                 break
@@ -403,11 +416,12 @@ def architecture_name(recipe: Recipe) -> str:
     return (config.architectures or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
 
 
-def write_model_card(recipe: Recipe, out: Path) -> None:
+def write_model_card(run: Run, out: Path) -> None:
     from tunebook.reporting import metrics_table
 
+    recipe = run.recipe
     lines = [
-        f"# {recipe.name}", "",
+        f"# {run.name}", "",
         f"`{recipe.model.name}` fine-tuned with LoRA by [tunebook](../../../README.md) on the `{recipe.task}` task "
         "and merged into the base weights.", "",
         *([f"- data card: `datasets_cards/{recipe.task}.md`"] if Path("datasets_cards", f"{recipe.task}.md").exists()
@@ -415,7 +429,7 @@ def write_model_card(recipe: Recipe, out: Path) -> None:
         f"- train split: `{recipe.data.train}`",
         f"- prompt format: the base model's chat template; system prompt: {recipe.data.system_prompt!r}", "",
     ]
-    report = report_dir(recipe.name) / "report.json"
+    report = report_dir(run.name) / "report.json"
     if report.exists():
         lines += ["## Evaluation (base vs fine-tuned)", "", metrics_table(json.loads(report.read_text())), ""]
     lines += ["## Recipe", "", "```yaml", json.dumps(recipe.to_dict(), indent=2), "```", ""]

@@ -12,10 +12,16 @@ MIN_SHARED_PREFIX = 48
 
 
 def generate(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
-             batch_size: int, progress: Any = None) -> list[str]:
-    """Greedy answers as text (special tokens dropped), in the input order."""
+             batch_size: int, progress: Any = None, on_batch: Any = None) -> list[str]:
+    """Greedy answers as text (special tokens dropped), in the input order.
+
+    `on_batch(indices, answers)` is called with each batch's answers as text as soon as they are generated.
+    """
+    def decoded(indices: list[int], ids: list[list[int]]) -> None:
+        on_batch(indices, decode_answers(tokenizer, ids))
+
     return decode_answers(tokenizer, generate_ids(model, tokenizer, examples, system_prompt, max_new_tokens,
-                                                  batch_size, progress))
+                                                  batch_size, progress, on_batch=decoded if on_batch else None))
 
 
 def decode_answers(tokenizer: Any, ids: list[list[int]]) -> list[str]:
@@ -24,13 +30,15 @@ def decode_answers(tokenizer: Any, ids: list[list[int]]) -> list[str]:
 
 
 def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
-                 batch_size: int, progress: Any = None, share_prefixes: bool = True) -> list[list[int]]:
+                 batch_size: int, progress: Any = None, share_prefixes: bool = True,
+                 on_batch: Any = None) -> list[list[int]]:
     """Greedy answer token ids, batched with the KV cache, up to the trained end-of-turn token.
 
     Prompts that share a long prefix (test questions on the same database schema) form one batch whose prefix is
     computed once: most of a text-to-SQL prompt is the schema, so this removes most of the prefill. The other
     prompts are sorted by length and left-padded so each batch pads little. Answers come back in the input order.
-    `share_prefixes=False` batches every prompt that way (the benchmark's "before").
+    `share_prefixes=False` batches every prompt that way (the benchmark's "before"). `on_batch(indices, ids)`
+    gets each batch's answers as soon as they exist.
     """
     prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
     stops = stop_token_ids(tokenizer, system_prompt)
@@ -43,6 +51,8 @@ def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt
         answers = _generate_batch(model, tokenizer, [prompts[i] for i in idx], prefix, max_new_tokens, stops)
         for i, tokens in zip(idx, answers, strict=True):
             outputs[i] = tokens
+        if on_batch is not None:
+            on_batch(list(idx), answers)
         if progress is not None:
             progress(len(idx))
     return outputs
@@ -126,12 +136,14 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], prefix
 
 def stream_side_by_side(model: Any, tokenizer: Any, example: dict, system_prompt: str | None, max_new_tokens: int,
                         sides: tuple[str, ...] = ("base", "fine_tuned"), temperature: float = 0.0,
-                        top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0) -> Any:
+                        top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, lock: Any = None) -> Any:
     """Yield {side: answer so far} after each new token, every side advancing one token per round.
 
     `model` is a PeftModel (the base side runs with its adapter switched off, as in eval) or a plain model (base
     only). Each side keeps its own KV cache and stops at the trained end-of-turn token. Temperature 0 is greedy,
     token for token what `generate` answers; otherwise transformers' own logits processors do the sampling.
+    `lock` (a threading.Lock) is held for each round of forward passes and released before each yield, so
+    requests sharing one model may interleave without one switching the other's adapter off.
     """
     import contextlib
 
@@ -151,8 +163,8 @@ def stream_side_by_side(model: Any, tokenizer: Any, example: dict, system_prompt
         processors.append(TemperatureLogitsWarper(temperature))
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
-    generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)  # on the model's device: sampling runs there
     prompt = torch.tensor([encode_prompt(tokenizer, example, system_prompt)], device=device)
     stops = set(stop_token_ids(tokenizer, system_prompt))
     state = {side: {"ids": prompt, "cache": DynamicCache(), "answer": [], "done": False, "fed": prompt}
@@ -162,13 +174,14 @@ def stream_side_by_side(model: Any, tokenizer: Any, example: dict, system_prompt
         off = side == "base" and hasattr(model, "disable_adapter")
         return model.disable_adapter() if off else contextlib.nullcontext()
 
+    lock = lock or contextlib.nullcontext()
     with torch.no_grad():
         for _ in range(max_new_tokens):
             for side in sides:
                 s = state[side]
                 if s["done"]:
                     continue
-                with adapter(side):
+                with lock, adapter(side):
                     out = model(input_ids=s["fed"], cache=s["cache"], use_cache=True)
                 logits = processors(s["ids"], out.logits[:, -1, :].float())
                 if temperature > 0:

@@ -40,11 +40,16 @@ def greedy_ids(llm: Any, prompt: list[int], stops: list[int], max_new_tokens: in
 
 
 def generate_ids(llm: Any, prompts: list[list[int]], stops: list[int], max_new_tokens: int,
-                 progress: Any = None) -> list[list[int]]:
-    """Greedy answers for many prompts, in the input order (run in token order to share cached prefixes)."""
+                 progress: Any = None, on_batch: Any = None) -> list[list[int]]:
+    """Greedy answers for many prompts, in the input order (run in token order to share cached prefixes).
+
+    `on_batch([i], [answer ids])` gets each answer as soon as it exists.
+    """
     answers: list[list[int]] = [[] for _ in prompts]
     for i in sorted(range(len(prompts)), key=lambda i: prompts[i]):
         answers[i] = greedy_ids(llm, prompts[i], stops, max_new_tokens)
+        if on_batch is not None:
+            on_batch([i], [answers[i]])
         if progress is not None:
             progress(1)
     return answers

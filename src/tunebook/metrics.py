@@ -1,7 +1,7 @@
 """Task metrics: small, separately tested functions. Rates and text scores are percentages (0-100).
 
-Generated SQL is untrusted input: `run_sql` opens the database read-only, lets an authorizer allow only
-reading, and cuts any query off after a time limit.
+Generated SQL is untrusted input: it runs only in `sandbox.py`'s worker (read-only, length and memory limits, a
+time limit that holds even inside one function call).
 """
 
 from __future__ import annotations
@@ -10,59 +10,16 @@ import difflib
 import functools
 import math
 import re
-import sqlite3
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SQL_TIME_LIMIT_S = 2.0
-MAX_ROWS = 100_000
+from tunebook.sandbox import run_sql
 
-# Everything a SELECT needs; any other action (ATTACH, writes, schema changes, transactions) is denied.
-_ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
-
-
-def _authorizer(action: int, arg1: Any, arg2: Any, db_name: Any, trigger: Any) -> int:
-    if action in _ALLOWED_ACTIONS:
-        return sqlite3.SQLITE_OK
-    if action == sqlite3.SQLITE_PRAGMA and arg2 is None:  # reading a pragma; setting one is a write
-        return sqlite3.SQLITE_OK
-    return sqlite3.SQLITE_DENY
-
-
-def run_sql(db_path: str | Path, sql: str, time_limit_s: float = SQL_TIME_LIMIT_S) -> tuple[list[tuple] | None, str | None]:
-    """Execute one untrusted query; return (rows, None) or (None, error). Never writes, never hangs."""
-    _, rows, error = query_table(db_path, sql, time_limit_s)
-    return rows, error
-
-
-def query_table(db_path: str | Path, sql: str, time_limit_s: float = SQL_TIME_LIMIT_S
-                ) -> tuple[list[str], list[tuple] | None, str | None]:
-    """`run_sql` with the result's column names: (columns, rows, None) or ([], None, error)."""
-    uri = f"file:{Path(db_path).resolve()}?mode=ro"
-    try:
-        con = sqlite3.connect(uri, uri=True, check_same_thread=False)
-    except sqlite3.Error as exc:
-        return [], None, f"cannot open database: {exc}"
-    deadline = time.monotonic() + time_limit_s
-    con.set_authorizer(_authorizer)
-    con.set_progress_handler(lambda: int(time.monotonic() > deadline), 1000)
-    try:
-        cursor = con.execute(sql)
-        rows = cursor.fetchmany(MAX_ROWS + 1)
-        if len(rows) > MAX_ROWS:
-            return [], None, f"more than {MAX_ROWS} rows"
-        return [d[0] for d in cursor.description or []], rows, None
-    except sqlite3.OperationalError as exc:
-        return [], None, "time limit exceeded" if "interrupted" in str(exc) else str(exc)
-    except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as exc:
-        return [], None, str(exc)
-    finally:
-        con.close()
-
+# The report row counting examples a metric could not score (only present when there were any).
+UNSCORED = "unscored_rows"
 
 def is_ordered(sql: str) -> bool:
     """Whether the query's outermost SELECT has ORDER BY (then row order is part of the answer)."""
@@ -88,11 +45,15 @@ def same_result(predicted: list[tuple], gold: list[tuple], ordered: bool) -> boo
     return pred == ref if ordered else Counter(pred) == Counter(ref)
 
 
+class GoldFailed(ValueError):
+    """The reference query itself fails, so the example cannot be scored."""
+
+
 def execution_match(db_path: str | Path, predicted_sql: str, gold_sql: str) -> tuple[bool, str | None]:
     """(correct, error of the prediction or None). A failing, hostile or runaway prediction is wrong."""
     gold_rows, gold_error = run_sql(db_path, gold_sql)
     if gold_error is not None:
-        raise ValueError(f"gold SQL failed on {db_path}: {gold_error}: {gold_sql}")
+        raise GoldFailed(f"gold SQL failed on {Path(db_path).name}: {gold_error}: {gold_sql}")
     pred_rows, error = run_sql(db_path, predicted_sql)
     if error is not None:
         return False, error
@@ -129,16 +90,27 @@ def extract_sql(text: str) -> str:
 
 
 def sql_metrics(predictions: list[str], references: list[str], db_paths: list[str | Path]) -> dict[str, float]:
-    """Execution accuracy, sqlglot exact match, and the share of predictions that fail to parse or run."""
-    correct = exact = errors = 0
+    """Execution accuracy, sqlglot exact match, and the share of predictions that fail to parse or run.
+
+    A row whose gold query fails (a database changed since the data was built, a gold query over the time limit
+    on a loaded machine) cannot be scored: it is left out of the rates and counted in `unscored_rows`.
+    """
+    correct = exact = errors = unscored = 0
     for pred, gold, db in zip(predictions, references, db_paths, strict=True):
         sql = extract_sql(pred)
-        ok, error = execution_match(db, sql, gold)
+        try:
+            ok, error = execution_match(db, sql, gold)
+        except GoldFailed:
+            unscored += 1
+            continue
         correct += ok
         errors += error is not None
         exact += sql_exact_match(sql, gold)
-    n = max(len(predictions), 1)
-    return {"exec_accuracy": 100 * correct / n, "exact_match": 100 * exact / n, "sql_error_rate": 100 * errors / n}
+    n = max(len(predictions) - unscored, 1)
+    out = {"exec_accuracy": 100 * correct / n, "exact_match": 100 * exact / n, "sql_error_rate": 100 * errors / n}
+    if unscored:
+        out[UNSCORED] = unscored
+    return out
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -438,10 +410,24 @@ METRICS: dict[str, Metric] = {
 }
 
 
-def score(names: list[str], predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
-    """The named metrics' columns, in order (perplexity, which needs the model, is left to the caller)."""
+def score(names: list[str], predictions: list[str], rows: list[dict], data_file: Path,
+          problems: list[str] | None = None) -> dict[str, float]:
+    """The named metrics' columns, in order (perplexity, which needs the model, is left to the caller).
+
+    A metric that fails (a scorer's tool missing, a bug) leaves its columns out and says why in `problems`
+    instead of throwing away the answers it was given; without `problems` the failure is raised.
+    """
+    import logging
+
     out: dict[str, float] = {}
     for name in names:
-        if METRICS[name].score is not None:
+        if METRICS[name].score is None:
+            continue
+        try:
             out.update(METRICS[name].score(predictions, rows, data_file))
+        except Exception as exc:
+            if problems is None:
+                raise
+            logging.getLogger(__name__).exception("metric %s failed", name)
+            problems.append(f"metric {name} could not be scored ({type(exc).__name__}: {str(exc)[:200]})")
     return out

@@ -90,8 +90,9 @@ def tiny_config(config: Any, **overrides: Any):
     return type(config)(**{k: v for k, v in kwargs.items() if k not in ("architectures", "_name_or_path")})
 
 
-def linear_module_names(config: Any) -> dict[str, str]:
-    """Leaf name -> class name of every linear layer in the architecture (built on the meta device: no memory)."""
+def linear_module_names(config: Any, full: bool = False) -> dict[str, str]:
+    """Leaf name (or, with `full`, full name) -> class name of every linear layer in the architecture (built on
+    the meta device: no memory)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -100,7 +101,7 @@ def linear_module_names(config: Any) -> dict[str, str]:
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and name.split(".")[-1] != "lm_head":
-            out[name.split(".")[-1]] = type(module).__name__
+            out[name if full else name.split(".")[-1]] = type(module).__name__
     return out
 
 

@@ -40,8 +40,23 @@ def gguf_dir(recipe_name: str) -> Path:
     return MODELS_DIR / "gguf" / recipe_name
 
 
+def gguf_file(run_name: str, qtype: str) -> Path:
+    """One exported GGUF file: models/gguf/<run>/<run>-<type>.gguf."""
+    return gguf_dir(run_name) / f"{run_name}-{qtype}.gguf"
+
+
 def report_dir(recipe_name: str) -> Path:
     return REPORTS_DIR / recipe_name
+
+
+def lock_file(run_name: str) -> Path:
+    """The lock a command holds while it writes a run's outputs (see runs.run_lock)."""
+    return MODELS_DIR / ".locks" / f"{run_name}.lock"
+
+
+def eval_journal(report_name: str, kind: str) -> Path:
+    """The answers an eval pass has generated so far (journal.py), until its report is written."""
+    return REPORTS_DIR / ".journal" / report_name / f"{kind}.jsonl"
 
 
 def demo_times_file(recipe_name: str) -> Path:

@@ -5,22 +5,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tunebook.config import RECIPES_DIR, load_recipe
+from tunebook.config import NAME_RULE, RECIPES_DIR, load_recipe
 from tunebook.errors import RecipeError
 from tunebook.metrics import METRICS
 from tunebook.outputs import write_text_atomic
 from tunebook.tasks import get_task
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
 
 def new_recipe(name: str, source: str, task: str, force: bool = False) -> Path:
     """Write recipes/<name>.yaml: `source`'s model, LoRA, training and export settings for `task`, reading
     data/<task>/{train,val,test}.jsonl, with the eval metrics of that task spelled out to edit."""
-    if not NAME.match(name):
+    if not NAME_RULE.fullmatch(name):
         raise RecipeError("tunebook new", "RECIPE_NAME", f"'{name}' is not a recipe name.",
                           "Use letters, digits, '-' and '_' (e.g. smollm2-translate).")
-    if not NAME.match(task):
+    if not NAME_RULE.fullmatch(task):
         raise RecipeError("tunebook new", "--task", f"'{task}' is not a task name.",
                           "Use letters, digits, '-' and '_' (e.g. translate).")
     template = load_recipe(source)  # a broken template is reported as itself, not as the copy

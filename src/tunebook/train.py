@@ -16,21 +16,23 @@ from typing import Any
 
 import yaml
 
-from tunebook.config import Recipe
+from tunebook.config import Recipe, redacted_overrides
 from tunebook.data import repeat_rows, sha256, share_context
 from tunebook.errors import RecipeError
-from tunebook.fingerprint import fingerprint_diff, read_fingerprint, run_fingerprint, write_fingerprint
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
-from tunebook.outputs import (
-    atomic_dir,
-    checkpoints_dir,
-    clean_leftovers,
-    fine_tuned_dir,
-    is_main_process,
-    timestamp,
-)
+from tunebook.outputs import atomic_dir, clean_leftovers, is_main_process
 from tunebook.precision import as_dict, resolve
 from tunebook.prompts import encode_example, is_chat
+from tunebook.runs import (
+    RUN_INFO_FILE,
+    Run,
+    fingerprint_callback,
+    finished_run,
+    identify,
+    plan_resume,
+    refuse_to_replace_other_run,
+    run_lock,
+)
 from tunebook.speedups import register_packed_attention, score_trained_positions_only
 from tunebook.validate import validate_recipe
 
@@ -79,124 +81,6 @@ def conversations_sharing_context(rows: list[dict], recipe: Recipe, tokenizer: A
     return grouped
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """Trainer state, weights and optimizer all written (the fingerprint, written last, is checked apart)."""
-    weights = (path / "adapter_model.safetensors").exists() or (path / "model.safetensors").exists()
-    return weights and (path / "trainer_state.json").exists() and (path / "optimizer.pt").exists()
-
-
-def checkpoint_step(path: Path) -> int | None:
-    suffix = path.name.rpartition("-")[2]
-    return int(suffix) if path.name.startswith("checkpoint-") and suffix.isdigit() else None
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Complete `checkpoint-N` directories in `folder` with their fingerprint, newest first."""
-    found = [p for p in folder.glob("checkpoint-*")
-             if checkpoint_step(p) is not None and is_complete_checkpoint(p) and read_fingerprint(p) is not None]
-    return sorted(found, key=checkpoint_step, reverse=True)
-
-
-def last_complete_checkpoint(folder: Path, fingerprint: dict[str, Any] | None = None) -> Path | None:
-    """The newest complete checkpoint in `folder` (of the run with `fingerprint`, when given), or None."""
-    for path in complete_checkpoints(folder):
-        if fingerprint is None or read_fingerprint(path) == fingerprint:
-            return path
-    return None
-
-
-def fingerprint_callback(fingerprint: dict[str, Any]):
-    """A Trainer callback that writes the run's fingerprint into each checkpoint after everything else."""
-    from transformers import TrainerCallback
-
-    class FingerprintCallback(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                write_fingerprint(Path(args.output_dir) / f"checkpoint-{state.global_step}", fingerprint)
-
-    return FingerprintCallback()
-
-
-def move_aside(ckpt_dir: Path, keep: set[Path] | None = None) -> Path | None:
-    """Move the checkpoints of earlier runs to `<recipe>.stale-<time>/` beside `ckpt_dir` (never deleted).
-
-    Everything in `ckpt_dir` goes, except the paths in `keep` (the run being resumed).
-    """
-    keep = keep or set()
-    leaving = [p for p in ckpt_dir.iterdir() if p not in keep] if ckpt_dir.is_dir() else []
-    if not leaving:
-        return None
-    stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{timestamp()}")
-    n = 1
-    while stale.exists():
-        n += 1
-        stale = ckpt_dir.with_name(f"{ckpt_dir.name}.stale-{timestamp()}-{n}")
-    if is_main_process():
-        if keep:
-            stale.mkdir(parents=True)
-            for path in leaving:
-                os.replace(path, stale / path.name)
-        else:
-            os.replace(ckpt_dir, stale)
-    return stale
-
-
-def plan_resume(recipe: Recipe, fingerprint: dict[str, Any], overrides: list[str], force: bool = False,
-                force_resume: bool = False) -> Path | None:
-    """The checkpoint to resume, or None to start fresh; decided before any model loads.
-
-    `auto` resumes the newest complete checkpoint of the same run (same fingerprint). Checkpoints of any
-    other run are moved aside, with the changed fields on one line; `force_resume` resumes the newest
-    complete checkpoint whatever its fingerprint (also one written before fingerprints existed).
-    """
-    ckpt_dir = checkpoints_dir(recipe.name)
-    value = None if force else recipe.training.get("resume_from_checkpoint")
-    again = " ".join(["tunebook train", recipe.command_name, *overrides])
-    if value not in (None, "auto"):
-        path = Path(str(value))
-        if not is_complete_checkpoint(path):
-            raise RecipeError(recipe.source, "training.resume_from_checkpoint",
-                              f"{path} is not a complete checkpoint (weights, optimizer or trainer state missing).",
-                              "Name a complete checkpoint-N directory, or use 'auto'.")
-        changes = fingerprint_diff(read_fingerprint(path), fingerprint)
-        if changes and not force_resume:
-            raise RecipeError(recipe.source, "training.resume_from_checkpoint",
-                              f"{path} was written by a different run ({'; '.join(changes)}).",
-                              f"Train without it to start fresh, or resume it anyway: `{again} --force-resume`.")
-        return path
-    found, changes = None, []
-    if value == "auto":
-        found = last_complete_checkpoint(ckpt_dir, fingerprint)
-        if found is None and force_resume:
-            candidates = sorted((p for p in ckpt_dir.glob("checkpoint-*")
-                                 if checkpoint_step(p) is not None and is_complete_checkpoint(p)),
-                                key=checkpoint_step, reverse=True)
-            found = candidates[0] if candidates else None
-        if found is not None:
-            changes = fingerprint_diff(read_fingerprint(found), fingerprint)
-            # Only complete checkpoints of the resumed run stay (and TensorBoard's runs/): a later save of this
-            # run must not land in a half-written or foreign checkpoint-N, nor rotate another run's away.
-            same_run = {p for p in complete_checkpoints(ckpt_dir) if read_fingerprint(p) == read_fingerprint(found)}
-            stale = move_aside(ckpt_dir, keep=same_run | {found, ckpt_dir / "runs"})
-            if stale is not None and is_main_process():
-                print(f"moved checkpoints of other runs (or interrupted saves) to {stale}")
-            if is_main_process():
-                print(f"resuming from {found}" + (f" despite changes ({'; '.join(changes)})" if changes else ""))
-            return found
-        newest = next(iter(complete_checkpoints(ckpt_dir)), None)
-        changes = fingerprint_diff(read_fingerprint(newest), fingerprint) if newest is not None else []
-        found = newest
-    stale = move_aside(ckpt_dir)
-    if stale is not None and is_main_process():
-        why = (f"the recipe changed since {found.name} ({'; '.join(changes)})" if found is not None
-               else "--force" if force
-               else "training.resume_from_checkpoint is not 'auto'" if value is None
-               else "no complete checkpoint of this recipe to resume")
-        hint = f"; to continue the old run instead: `{again} --force-resume`" if found is not None else ""
-        print(f"starting fresh: {why}; old checkpoints moved to {stale}{hint}")
-    return None
-
-
 def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
     """The recipe's `training:` section on top of tunebook's defaults, as a `trl.SFTConfig`."""
     from trl import SFTConfig
@@ -231,35 +115,35 @@ def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
     )
 
 
-def finished_run(recipe: Recipe, fingerprint: dict[str, Any]) -> Path | None:
-    """The adapter directory if this very run (same fingerprint) already finished, else None."""
-    final = fine_tuned_dir(recipe.name)
-    try:
-        info = json.loads((final / "run_info.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    done = info.get("fingerprint") == fingerprint and (final / "adapter_model.safetensors").exists()
-    return final if done else None
+def train(recipe: Recipe, force: bool = False, force_resume: bool = False) -> Path:
+    """Train the run's adapter and write it, atomically, to models/fine-tuned/<run>/ (see runs.py for names).
 
-
-def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = False,
-          force_resume: bool = False) -> Path:
-    """Train the recipe's adapter and write it, atomically, to models/fine-tuned/<recipe>/.
-
-    `force` starts from scratch even when this run finished or has checkpoints; `force_resume` continues a
-    checkpoint whose recipe or data differ. `overrides` only shape the commands suggested in messages.
+    `force` starts from scratch even when this run finished or has checkpoints, and replaces a finished
+    adapter of another run under this name; `force_resume` continues a checkpoint whose recipe or data differ.
     """
     report = validate_recipe(recipe)
-    fingerprint = run_fingerprint(recipe)
+    run = identify(recipe)
+    with run_lock(run.name, f"train {run.command}"):
+        return train_run(run, report, force, force_resume)
+
+
+def train_run(run: Run, report: Any, force: bool, force_resume: bool) -> Path:
+    """`train` once the run holds its lock."""
+    recipe, fingerprint = run.recipe, run.fingerprint
     if is_main_process():
-        for note in clean_leftovers(fine_tuned_dir(recipe.name)):
+        for note in clean_leftovers(run.adapter_dir):
             print(note)
-    done = finished_run(recipe, fingerprint) if not force else None
+        if run.name != recipe.name:
+            why = "" if recipe.run_label else f" (its overrides change the run {recipe.source} describes)"
+            print(f"run {run.name}: outputs go to {run.adapter_dir}{why}")
+    done = finished_run(run) if not force else None
     if done is not None:
         print(f"already trained: {done} was written by this recipe with the same data and settings; "
-              f"nothing to do (`{' '.join(['tunebook train', recipe.command_name, *(overrides or [])])} --force` retrains)")
+              f"nothing to do (`tunebook train {run.command} --force` retrains)")
         return done
-    resume = plan_resume(recipe, fingerprint, overrides or [], force, force_resume)
+    if not (force or force_resume):
+        refuse_to_replace_other_run(run)
+    resume = plan_resume(run, force, force_resume)
 
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -283,11 +167,15 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     if not train_set:
         raise RecipeError(recipe.source, "data.max_length", f"every training example is longer than "
                           f"{recipe.data.max_length} tokens.", "Raise data.max_length.")
+    if not val_set and str(recipe.training.get("eval_strategy", "no")) != "no":
+        raise RecipeError(recipe.source, "training.eval_strategy", f"every validation example is longer than "
+                          f"{recipe.data.max_length} tokens, so there is nothing to evaluate during training.",
+                          "Raise data.max_length, or set training.eval_strategy: 'no'.")
     if dropped_train or dropped_val:
         print(f"note: dropped {dropped_train} train / {dropped_val} val examples longer than "
               f"data.max_length={recipe.data.max_length} tokens (not truncated: that would cut answers)")
 
-    ckpt_dir = checkpoints_dir(recipe.name)
+    ckpt_dir = run.checkpoints_dir
     # Built before the model so k-bit preparation follows the resolved checkpointing setting: TRL's default,
     # or the recipe's `gradient_checkpointing` / `activation_checkpointing` (its transformers 5.2x name).
     args = sft_config(recipe, ckpt_dir, use_cuda)
@@ -337,11 +225,13 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
     sharded = distributed_type() in ("DEEPSPEED", "FSDP")
     full_state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if not trainer.is_world_process_zero():
-        return fine_tuned_dir(recipe.name)
+        return run.adapter_dir
     state = trainer.state
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
     run_info = {
         "recipe": recipe.name,
+        "run": run.name,
+        "overrides": redacted_overrides(recipe.overrides),
         "model": recipe.model.name,
         "model_path": model_path,
         "seed": seed,
@@ -368,7 +258,7 @@ def train(recipe: Recipe, overrides: list[str] | None = None, force: bool = Fals
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "fingerprint": fingerprint,
     }
-    return write_final(recipe, trainer, tokenizer, run_info, full_state)
+    return write_final(run, trainer, tokenizer, run_info, full_state)
 
 
 def distributed_type() -> str:
@@ -378,19 +268,19 @@ def distributed_type() -> str:
     return str(PartialState().distributed_type).rsplit(".", 1)[-1]
 
 
-def write_final(recipe: Recipe, trainer: Any, tokenizer: Any, run_info: dict[str, Any],
+def write_final(run: Run, trainer: Any, tokenizer: Any, run_info: dict[str, Any],
                 full_state: dict[str, Any] | None = None) -> Path:
     """Adapter, tokenizer, resolved recipe, run_info, loss log and curve: built in a temp dir, then renamed."""
-    final = fine_tuned_dir(recipe.name)
+    final = run.adapter_dir
     with atomic_dir(final) as tmp:
         # PEFT picks the adapter's weights out of a gathered full state dict (None: the model's own, unsharded).
         trainer.model.save_pretrained(tmp, safe_serialization=True, state_dict=full_state)
         tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        (tmp / "run_info.json").write_text(json.dumps(run_info, indent=2))
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(run.recipe.to_dict(), sort_keys=False))
+        (tmp / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))
         history = trainer.state.log_history
         (tmp / "loss_log.json").write_text(json.dumps(history, indent=2))
-        plot_loss(history, tmp / "loss_curve.png", recipe.name)
+        plot_loss(history, tmp / "loss_curve.png", run.name)
     return final
 
 

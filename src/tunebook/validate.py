@@ -42,8 +42,19 @@ def check_target_modules(recipe: Recipe, report: ValidationReport) -> None:
         return
     modules = linear_module_names(config)
     report.linear_modules = sorted(modules)
-    if targets is None or targets == "all-linear" or isinstance(targets, str):
-        return  # PEFT's own defaults, or a regex PEFT matches against full names
+    if targets is None or targets == "all-linear":
+        return  # PEFT's own defaults
+    if isinstance(targets, str):  # a regex PEFT matches against each layer's full name
+        import re
+
+        full_names = linear_module_names(config, full=True)
+        if not any(re.fullmatch(targets, name) for name in full_names):
+            raise RecipeError(
+                recipe.source, "lora.target_modules",
+                f"'{targets}' is read as a regular expression over full layer names (e.g. "
+                f"'{next(iter(full_names), 'model.layers.0.self_attn.q_proj')}') and matches none of them.",
+                f"Write a list of layer names instead, e.g. [{targets}], or a pattern like '.*{targets}'.")
+        return
     missing = [t for t in targets if t not in modules]
     if missing:
         arch = type(config).__name__.replace("Config", "")
@@ -166,6 +177,31 @@ def check_adapter(adapter_dir: Path, recipe: Recipe) -> None:
         raise RecipeError(str(weights), None, f"is truncated or corrupt ({exc}).", retrain) from None
 
 
+def check_eval_during_training(recipe: Recipe, val_rows: list[dict]) -> None:
+    """Evaluation during training needs validation rows: the Trainer refuses only after the model has loaded."""
+    strategy = str(recipe.training.get("eval_strategy", "no"))
+    usable = val_rows[: recipe.data.val_limit] if recipe.data.val_limit is not None else val_rows
+    if strategy != "no" and not usable:
+        why = "data.val_limit is 0" if recipe.data.val_limit == 0 else f"{recipe.data.val} has no usable rows"
+        raise RecipeError(recipe.source, "training.eval_strategy",
+                          f"'{strategy}' evaluates during training, but {why}.",
+                          "Set training.eval_strategy: 'no', or give the run validation rows (data.val_limit).")
+    if recipe.training.get("load_best_model_at_end") and strategy == "no":
+        raise RecipeError(recipe.source, "training.load_best_model_at_end",
+                          "needs evaluation during training to pick the best checkpoint.",
+                          "Set training.eval_strategy: steps (and eval_steps), or remove load_best_model_at_end.")
+
+
+def security_notes(recipe: Recipe, report: ValidationReport) -> None:
+    """What a user should know before running: code that runs on load, secrets kept in a file."""
+    if recipe.model.trust_remote_code:
+        report.notes.append(f"model.trust_remote_code is on: loading {recipe.model.name} runs the Python code that "
+                            "comes with it; use it only for a model you trust")
+    if recipe.training.get("hub_token"):
+        report.notes.append("training.hub_token keeps a secret in the recipe: tunebook never writes it into its "
+                            "outputs, but prefer the HF_TOKEN environment variable")
+
+
 def check_metric_rows(recipe: Recipe, rows: list[dict], path: str | Path, located: bool = True) -> None:
     """Every row must be scoreable by every chosen metric (e.g. `sql_execution` needs a database per row).
 
@@ -223,6 +259,8 @@ def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None =
         report.splits[split] = rows
     check_repeat(recipe, report.splits["train"])
     check_share_context(recipe, report.splits["train"])
+    check_eval_during_training(recipe, report.splits["val"])
+    security_notes(recipe, report)
     check_metric_rows(recipe, report.splits["test"], recipe.data.test)
     if check_model:
         check_model_source(recipe, report)
