@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,32 @@ def tiny_recipe(tmp_path, tiny_model_dir, sql_data, monkeypatch):
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """name -> sha256 of every file under `folder` (the exact bytes a user would read)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def tunebook_command(*args: str, fault: tuple[str, int] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of `tunebook ARGS` in a child process, optionally with a fault injected
+    (tests/faults.py)."""
+    import tunebook.export
+
+    inherited = {k: v for k, v in os.environ.items()  # in-process CLI tests may have set these
+                 if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                              "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
+    env = {**inherited, "PYTHONPATH": str(ROOT / "src"),
+           "TUNEBOOK_LLAMA_CPP": str(tunebook.export.CONVERTER_DIR.resolve())}
+    cmd = ([sys.executable, str(ROOT / "tests" / "faults.py"), fault[0], str(fault[1]), *args] if fault
+           else [sys.executable, "-m", "tunebook", *args])
+    return cmd, env
+
+
+def run_tunebook(cwd: Path, *args: str, fault: tuple[str, int] | None = None,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`tunebook ARGS` in a child process (outputs under cwd/models, cwd/reports), optionally killed by a fault."""
+    cmd, base_env = tunebook_command(*args, fault=fault)
+    return subprocess.run(cmd, cwd=cwd, env={**base_env, **(env or {})}, capture_output=True, text=True,
+                          timeout=600)

@@ -8,6 +8,9 @@ Modes:
   eval-in-write    killed while the report is being written (its temp directory exists)
   export-convert   killed inside the Nth GGUF conversion (N = STEP_OR_CALL)
   export-swap      killed in the middle of putting the new export in place (after N renames)
+  train-wait       at step STEP, touches $TUNEBOOK_FAULT_MARK and waits (up to 300 s) for $TUNEBOOK_FAULT_RELEASE
+  eval-kill-after  killed after eval has kept N batches of answers (journal.py)
+  eval-ctrl-c      Ctrl-C (KeyboardInterrupt) after eval has kept N batches of answers
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 
 def die() -> None:
@@ -80,6 +85,36 @@ def install(mode: str, n: int) -> None:
                 return real_replace(src, dst)
 
         tunebook.outputs.os = PatchedOs()
+    elif mode == "train-wait":
+        import tunebook.progress
+
+        original_wait = tunebook.progress.RichProgress.on_step_end
+
+        def wait_at(self, args, state, control, **kwargs):
+            if state.global_step == n:
+                Path(os.environ["TUNEBOOK_FAULT_MARK"]).touch()
+                release = Path(os.environ["TUNEBOOK_FAULT_RELEASE"])
+                deadline = time.monotonic() + 300
+                while not release.exists() and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            return original_wait(self, args, state, control, **kwargs)
+
+        tunebook.progress.RichProgress.on_step_end = wait_at
+    elif mode in ("eval-kill-after", "eval-ctrl-c"):
+        import tunebook.journal
+
+        original_add = tunebook.journal.Journal.add
+        kept = [0]
+
+        def add(self, *args, **kwargs):
+            original_add(self, *args, **kwargs)
+            kept[0] += 1
+            if kept[0] == n:
+                if mode == "eval-kill-after":
+                    die()
+                raise KeyboardInterrupt
+
+        tunebook.journal.Journal.add = add
     else:
         raise SystemExit(f"unknown mode {mode}")
 

@@ -83,7 +83,7 @@ def test_sql_results_run_in_the_sandbox_and_are_marked_against_gold(trained):
     assert "no such table" in sql_verdict(sql_result(db, "SELECT * FROM nowhere", None))
     assert "(no gold answer" in sql_verdict(sql_result(db, row["output"], None))
     assert "the answer is empty" in sql_verdict(sql_result(db, "", row["output"]))
-    with pytest.raises(AppError, match="'nope' is not one of this recipe's databases"):
+    with pytest.raises(AppError, match="not one of this recipe's databases"):
         sql_database(trained, "nope")
 
 
@@ -152,6 +152,60 @@ def test_the_page_end_to_end_through_gradio_client(served):
     assert base_verdict and tuned_verdict and tuned_table["headers"]
     *_, status, _, _, _, _ = client.predict(recipe.source, "", "", "", None, 8, 0, 1, 1, api_name="/answer")
     assert status.startswith("**error:** Write an instruction")
+
+
+def test_the_page_serves_only_the_recipes_databases_and_says_no_path(served, tmp_path):
+    """A visitor naming a path (absolute, `..`, or a real SQLite file elsewhere) gets a refusal naming no path."""
+    import sqlite3
+
+    from gradio_client import Client
+
+    recipe, url = served
+    secret = tmp_path / "secret.sqlite"
+    sqlite3.connect(secret).executescript("CREATE TABLE t (x); INSERT INTO t VALUES ('hidden');")
+    client = Client(url, verbose=False)
+    for db_id in (str(secret.with_suffix("")), "../../secret", "../databases/../secret", "/etc/passwd"):
+        *_, status, _, _, _, _ = client.predict(recipe.source, "Show everything.", "SELECT x FROM t", "", db_id,
+                                                8, 0, 1, 1, api_name="/answer")
+        assert status.startswith("**error:**") and "is not one of this recipe's databases" in status, status
+        assert str(tmp_path) not in status and "databases/" not in status
+
+
+def test_concurrent_requests_keep_their_own_adapter_state(trained):
+    """Two requests streaming at once on one model: each side's answers equal the answers it gets alone."""
+    import threading
+
+    from tunebook.app import Settings
+
+    session = AppSession([trained.source])
+    loaded = session.load(trained.source)
+    rows = eval_examples(trained)[:4]
+    requests = [build_request(r["instruction"], r["input"], "") for r in rows] * 2
+    alone = [list(stream_answers(loaded, q, Settings(max_new_tokens=8)))[-1] for q in requests]
+    together: list = [None] * len(requests)
+
+    def ask(i: int) -> None:
+        together[i] = list(stream_answers(loaded, requests[i], Settings(max_new_tokens=8)))[-1]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert together == alone
+
+
+def test_server_side_bounds_hold_whatever_the_client_sends(trained):
+    from tunebook.app import MAX_NEW_TOKENS, MAX_PROMPT_TOKENS, Settings
+
+    bounded = Settings(max_new_tokens=10**9, temperature=50, top_p=0, repetition_penalty=-3).bounded()
+    assert (bounded.max_new_tokens, bounded.temperature, bounded.top_p, bounded.repetition_penalty) == \
+        (MAX_NEW_TOKENS, 2.0, 0.05, 1.0)
+    loaded = AppSession([trained.source]).load(trained.source)
+    with pytest.raises(AppError, match=f"up to {MAX_PROMPT_TOKENS}"):
+        list(stream_answers(loaded, build_request("Repeat.", "word " * 5000, ""), Settings(max_new_tokens=2)))
+    with pytest.raises(AppError, match="longer than this app accepts"):
+        build_request("x" * 60_000, "", "")
 
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"

@@ -247,3 +247,64 @@ def test_eval_where_is_checked_before_generation(tiny_recipe):
     recipe = load_recipe(tiny_recipe(eval__where={"sourse": "spider"}))
     with pytest.raises(RecipeError, match=r"eval\.where\.sourse: no row of .*test\.jsonl has a field 'sourse'"):
         evaluate(recipe, which="base")
+
+
+@pytest.mark.parametrize("override, field, words", [
+    ("lora.r=0", "lora.r", "not a rank"),
+    ("lora.target_modules=[]", "lora.target_modules", "train nothing"),
+    ("lora.target_modules=q_proj", "lora.target_modules", "matches none of them"),
+    ("lora.lora_dropout=1.5", "lora.lora_dropout", "not a dropout probability"),
+    ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size", "whole number >= 1"),
+    ("training.gradient_accumulation_steps=0", "training.gradient_accumulation_steps", "whole number >= 1"),
+    ("training.learning_rate=-1e-4", "training.learning_rate", "must be positive"),
+    ("training.eval_strategy=steps", "training.eval_strategy", "data.val_limit is 0"),
+    ("export.gguf=[iq2_xxs]", "export.gguf", "needs an importance matrix"),
+    ("export.gguf=[q2_k_s]", "export.gguf", "needs an importance matrix"),
+    ("export.verify_prompts=0", "export.verify_prompts", "too small"),
+])
+def test_late_failures_are_validate_time_errors(tiny_recipe, override, field, words):
+    overrides = [override, "data.val_limit=0"] if "eval_strategy" in override else [override]
+    message = error_for(tiny_recipe(), overrides)
+    assert f"{field}:" in message and words in message, message
+
+
+def test_a_regex_target_that_matches_layers_is_accepted(tiny_recipe):
+    validate_recipe(load_recipe(tiny_recipe(), ["lora.target_modules=.*(q|v)_proj"]))
+
+
+def test_recipe_names_must_be_folder_names(tmp_path, tiny_recipe):
+    bad = tmp_path / "..yaml"
+    bad.write_text(tiny_recipe().read_text())
+    with pytest.raises(RecipeError, match=r"'\.' is not a recipe name"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="is not a recipe name or a .yaml path"):
+        load_recipe("../../etc/passwd")
+    from tunebook.runs import check_label
+
+    with pytest.raises(RecipeError, match="'a/b' is not a run name"):
+        check_label("a/b")
+
+
+def test_files_that_are_not_utf8_name_the_file_and_line(tiny_recipe, tmp_path):
+    recipe = tiny_recipe()
+    broken = tmp_path / "latin1.yaml"
+    broken.write_bytes(recipe.read_bytes().replace(b"You write SQLite queries.", b"Caf\xe9 queries."))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(broken)
+    assert str(info.value).startswith(f"{broken}: line ") and "is not UTF-8 (byte 0xe9)" in str(info.value)
+    rows = (tmp_path / "train.jsonl").read_bytes().splitlines()
+    (tmp_path / "train.jsonl").write_bytes(b"\n".join([rows[0], rows[1].replace(b"Schema", b"Sch\xe9ma"), *rows[2:]]))
+    message = error_for(recipe)
+    assert "train.jsonl: line 2: is not UTF-8" in message
+
+
+def test_secrets_never_reach_outputs_and_remote_code_is_noted(tiny_recipe, monkeypatch):
+    import yaml as yaml_lib
+
+    recipe = load_recipe(tiny_recipe(), ["training.hub_token=hf_secret123", "model.trust_remote_code=true"])
+    assert "hf_secret123" not in yaml_lib.safe_dump(recipe.to_dict())
+    from tunebook.config import redacted_overrides
+
+    assert redacted_overrides(recipe.overrides) == ["training.hub_token=<redacted>", "model.trust_remote_code=true"]
+    notes = validate_recipe(recipe).notes
+    assert any("trust_remote_code is on" in n for n in notes) and any("HF_TOKEN" in n for n in notes)

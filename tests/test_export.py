@@ -117,10 +117,28 @@ def test_eval_gguf_adds_a_column_per_exported_file(trained, tmp_path, monkeypatc
     assert len(rows) == report["n_examples"] and all(isinstance(r["gguf_q8_0_prediction"], str) for r in rows)
     assert "| GGUF f16 | GGUF q8_0 |" in (out / "report.md").read_text()
 
+    q8 = gguf_dir(trained.name) / f"{trained.name}-q8_0.gguf"
+    whole = q8.read_bytes()
+    q8.write_bytes(whole[: len(whole) // 3])  # a file llama.cpp refuses: found before any generation
+    with pytest.raises(RecipeError, match="llama.cpp cannot load it"):
+        evaluate(load_recipe(trained.source, ["eval.limit=3"]), which="fine_tuned", gguf=["q8_0"])
+    assert not list((tmp_path / "reports").glob(".journal/*limit-3*")), "refused before anything was generated"
+    q8.write_bytes(whole)
+
     adapter = fine_tuned_dir(trained.name) / "adapter_model.safetensors"
     later = adapter.stat().st_mtime + 60
     os.utime(adapter, (later, later))
     with pytest.raises(RecipeError, match="older than the adapter"):
+        evaluate(trained, which="fine_tuned", gguf=["q8_0"])
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(adapter)  # other weights, with a timestamp older than the export: the digest tells
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1.0
+    save_file(weights, adapter, metadata={"format": "pt"})
+    earlier = q8.stat().st_mtime - 60
+    os.utime(adapter, (earlier, earlier))
+    with pytest.raises(RecipeError, match="exported from another adapter"):
         evaluate(trained, which="fine_tuned", gguf=["q8_0"])
 
 

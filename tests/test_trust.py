@@ -3,16 +3,14 @@ outputs whole, exports are swapped in together, and the console carries tunebook
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_tunebook, tree_digest
 
 import tunebook.export
 import tunebook.outputs
@@ -24,7 +22,6 @@ from tunebook.outputs import checkpoints_dir, fine_tuned_dir, gguf_dir, merged_d
 from tunebook.runs import NOT_IN_FINGERPRINT, read_fingerprint, run_fingerprint
 from tunebook.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_CONVERTER = tunebook.export.CONVERTER_DIR.joinpath("convert_hf_to_gguf.py").exists()
 needs_converter = pytest.mark.skipif(not HAS_CONVERTER, reason="llama.cpp converter not extracted")
 
@@ -32,24 +29,6 @@ needs_converter = pytest.mark.skipif(not HAS_CONVERTER, reason="llama.cpp conver
 def losses(out_dir: Path) -> dict[int, float]:
     history = json.loads((out_dir / "loss_log.json").read_text())
     return {h["step"]: h["loss"] for h in history if "loss" in h}
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    """name -> sha256 of every file under `folder` (the exact bytes a user would read)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def run_tunebook(cwd: Path, *args: str, fault: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
-    """`tunebook ARGS` in a child process (outputs under cwd/models, cwd/reports), optionally killed by a fault."""
-    inherited = {k: v for k, v in os.environ.items()  # in-process CLI tests may have set these
-                 if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
-                              "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
-    env = {**inherited, "PYTHONPATH": str(ROOT / "src"),
-           "TUNEBOOK_LLAMA_CPP": str(tunebook.export.CONVERTER_DIR.resolve())}
-    cmd = ([sys.executable, str(ROOT / "tests" / "faults.py"), fault[0], str(fault[1]), *args] if fault
-           else [sys.executable, "-m", "tunebook", *args])
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 # ---------------------------------------------------------------- resume only the same run

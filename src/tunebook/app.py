@@ -244,12 +244,13 @@ def sql_database(recipe: Recipe, db_id: str | None) -> Path | None:
     """
     if not db_id:
         return None
+    refusal = AppError("That database is not one of this recipe's databases. Pick one from the list.")
     if db_id not in sql_databases(recipe):
-        raise AppError(f"'{str(db_id)[:80]}' is not one of this recipe's databases. Pick one from the list.")
+        raise refusal
     folder = databases_folder(recipe).resolve()
     path = (folder / f"{db_id}.sqlite").resolve()
     if not path.is_relative_to(folder) or not path.is_file():
-        raise AppError(f"'{db_id}' is not one of this recipe's databases. Pick one from the list.")
+        raise refusal
     return path
 
 

@@ -139,7 +139,7 @@ DEMO_STAGES = ("train", "eval", "export", "eval_gguf")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """train -> eval -> export -> eval of the quantised GGUF files, each stage timed (reports/demo-times/)."""
+    """train -> eval -> export -> eval of the quantised GGUF files, each stage timed (reports/<run>.demo-times.json)."""
     import time
 
     from tunebook.bench import machine
@@ -147,6 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tunebook.evaluate import evaluate
     from tunebook.export import export
     from tunebook.outputs import demo_times_file, write_text_atomic
+    from tunebook.runs import identify
     from tunebook.train import train
 
     recipe = load_run_recipe(args)
@@ -164,7 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stages[stage]()
         seconds[stage] = round(time.perf_counter() - started, 1)
     total = round(sum(seconds.values()), 1)
-    write_text_atomic(demo_times_file(recipe.name), json.dumps(
+    write_text_atomic(demo_times_file(identify(recipe).name), json.dumps(
         {"recipe": recipe.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stage_seconds": seconds,
          "total_seconds": total, "machine": machine()}, indent=2))
     print("\ndemo stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items())

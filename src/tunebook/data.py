@@ -61,8 +61,13 @@ def raw_examples(path: Path) -> list[tuple[str, Any]]:
     """(where, example) for each example of a file: `line N` for JSONL, `example N`/`row N` otherwise."""
     if path.suffix == ".jsonl":
         out = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise RecipeError(str(path), f"line {number}", f"is not UTF-8 (byte 0x{raw[exc.start]:02x} at "
+                                      f"column {exc.start + 1}).", "Save the file as UTF-8.") from None
                 if not line.strip():
                     continue
                 try:
@@ -72,8 +77,10 @@ def raw_examples(path: Path) -> list[tuple[str, Any]]:
                                       f"{exc.colno}).", "Each line must be one JSON object.") from None
         return out
     if path.suffix == ".json":
+        from tunebook.config import read_utf8
+
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(read_utf8(path))
         except json.JSONDecodeError as exc:
             raise RecipeError(str(path), f"line {exc.lineno}", f"is not valid JSON ({exc.msg}).",
                               "A .json split is one JSON list of examples (or use JSONL).") from None
@@ -247,7 +254,7 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write rows atomically (temp file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # two builders at once never share a temp file
     with tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")

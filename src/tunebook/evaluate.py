@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 
 def task_metrics(recipe: Recipe, predictions: list[str], rows: list[dict], data_file: Path,
                  problems: list[str] | None = None) -> dict[str, float]:
-    """The recipe's `eval.metrics` on these predictions (perplexity, which needs the model, apart)."""
-    return score(recipe.eval.metrics, predictions, rows, data_file, problems)
+    """The recipe's `eval.metrics` on these predictions (perplexity, which needs the model, apart). A metric that
+    fails is left out and named in `problems`: the answers generated are never thrown away for it."""
+    return score(recipe.eval.metrics, predictions, rows, data_file, problems if problems is not None else [])
 
 
 def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:

@@ -146,8 +146,12 @@ def materialise_smollm2(target: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    if target.exists() and not (target / "model.safetensors").exists():
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete copy from before atomic writes
+    try:
+        os.rename(tmp, target)
+    except OSError:  # another process materialised it meanwhile: keep its copy, which may be in use already
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

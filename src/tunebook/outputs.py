@@ -59,9 +59,10 @@ def eval_journal(report_name: str, kind: str) -> Path:
     return REPORTS_DIR / ".journal" / report_name / f"{kind}.jsonl"
 
 
-def demo_times_file(recipe_name: str) -> Path:
-    """Wall time of each stage of the last `tunebook demo` (read by `tunebook bench`)."""
-    return REPORTS_DIR / "demo-times" / f"{recipe_name}.json"
+def demo_times_file(run_name: str) -> Path:
+    """Wall time of each stage of the last `tunebook demo` of a run (read by `tunebook bench`). The dot in the
+    name keeps it apart from every report folder: recipe and run names have none."""
+    return REPORTS_DIR / f"{run_name}.demo-times.json"
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -14,13 +14,16 @@ def columns(report: dict) -> list[tuple[str, dict]]:
 def metrics_table(report: dict) -> str:
     """Markdown table: metric | base | fine-tuned | delta | GGUF … (whichever columns the report has)."""
     cols = columns(report)
+    if not cols:
+        return "(no metric could be scored: see the notes)"
     with_delta = bool(report.get("base") and report.get("fine_tuned"))
     heads = [name for name, _ in cols[:2]] + (["delta"] if with_delta else []) + [name for name, _ in cols[2:]]
     lines = ["| metric | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
     for key in cols[0][1]:
         cells = [_cell(m.get(key), ".2f") for _, m in cols]
         if with_delta:
-            cells.insert(2, f"{report['delta'][key]:+.2f}")
+            delta = report["delta"].get(key)
+            cells.insert(2, "–" if delta is None else f"{delta:+.2f}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -166,6 +166,9 @@ def _set_heap_limit() -> None:
 
 
 def _worker_main(conn: Any) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the worker
     _set_heap_limit()
     _worker(conn)
 
