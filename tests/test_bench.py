@@ -24,6 +24,8 @@ def test_bench_quick_on_tiny_model(tiny_recipe, tmp_path, monkeypatch):
     assert written["eval"]["examples"] == 4 and written["eval"]["adapter"] == "untrained LoRA"
     assert written["eval"]["identical_outputs"] is True
     assert written["eval"]["new_examples_per_s"]["median"] > 0
+    scoring = written["sql_scoring"]
+    assert scoring["examples"] == 6 and scoring["worker_s"]["median"] > 0 and scoring["in_process_s"]["median"] > 0
     assert set(written["targets"]) >= {"eval_speedup", "training_peak_rss_gib", "demo_minutes_after_install"}
     rss = written["targets"]["training_peak_rss_gib"]
     assert rss["measured"] == round(training["tunebook"]["peak_rss_mb"]["median"] / 1024, 2)

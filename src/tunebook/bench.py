@@ -171,6 +171,73 @@ def bench_eval(recipe_name: str, n: int, repeats: int) -> dict[str, Any]:
             "same_outputs": sum(a == b for a, b in zip(new, old, strict=True))}
 
 
+class InProcessSql:
+    """The sandbox's connection, limits and authorizer run in this process: the baseline of `bench_sql_scoring`
+    (what eval paid before queries moved to a worker that can be killed)."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, Any] = {}
+        self.deadline = [float("inf")]
+        self.memo: dict[tuple[str, str], Any] = {}
+
+    def query(self, db_path: Any, sql: str, time_limit_s: float | None = None) -> Any:
+        from tunebook.sandbox import SQL_TIME_LIMIT_S, execute, open_read_only
+
+        key = (str(db_path), sql)
+        if key not in self.memo:
+            if key[0] not in self.connections:
+                self.connections[key[0]] = open_read_only(db_path, self.deadline)
+            self.memo[key] = execute(self.connections[key[0]], self.deadline, sql, time_limit_s or SQL_TIME_LIMIT_S)
+        return self.memo[key]
+
+
+def bench_sql_scoring(recipe_name: str, repeats: int) -> dict[str, Any] | None:
+    """What the SQL sandbox's worker costs eval: scoring the recipe's eval rows as `tunebook eval` does (gold check,
+    both models, the unseen-schema subsets and every shape), queries in this process vs in the worker (started
+    fresh each time, so its start is counted). Predictions: the last report's where it scored the same rows, else
+    the gold queries and one wrong query per row."""
+    from tunebook.evaluate import group_indices, load_eval_rows
+    from tunebook.metrics import db_path_for, sql_metrics
+    from tunebook.outputs import report_dir
+    from tunebook.prompts import reference_answer
+    from tunebook.sandbox import SqlSandbox
+
+    recipe = load_recipe(recipe_name)
+    if "sql_execution" not in recipe.eval.metrics:
+        return None
+    rows, data_file = load_eval_rows(recipe, None)
+    gold = [reference_answer(r) for r in rows]
+    predictions = {"base": [f"SELECT count(*) FROM ({g}) WHERE 0" for g in gold], "fine_tuned": gold}
+    saved = report_dir(recipe.name) / "predictions.jsonl"
+    source = "gold queries and a wrong query per row"
+    if saved.exists():
+        lines = [json.loads(line) for line in saved.read_text().splitlines()]
+        if [reference_answer(r) for r in lines] == gold:
+            predictions = {kind: [r[f"{kind}_prediction"] for r in lines] for kind in ("base", "fine_tuned")}
+            source = str(saved)
+    dbs = [db_path_for(r, data_file) for r in rows]
+    groups = [list(range(len(rows))), *group_indices(rows, "shape").values(), list(range(len(rows)))]
+
+    def score_all(box: Any) -> float:
+        started = time.perf_counter()
+        for db, g in zip(dbs, gold, strict=True):
+            box.query(db, g)
+        for preds in predictions.values():
+            for idx in groups:
+                sql_metrics([preds[i] for i in idx], [gold[i] for i in idx], [dbs[i] for i in idx], sandbox=box)
+        return time.perf_counter() - started
+
+    in_process, worker = [], []
+    for _ in range(repeats):
+        in_process.append(score_all(InProcessSql()))
+        box = SqlSandbox()
+        worker.append(score_all(box))
+        box.close()
+    a, b = spread(in_process), spread(worker)
+    return {"examples": len(rows), "predictions": source, "repeats": repeats, "in_process_s": a, "worker_s": b,
+            "extra_s": round(b["median"] - a["median"], 3)}
+
+
 def demo_stages(recipe: str) -> dict[str, Any] | None:
     """The stage times of the last `tunebook demo` of this recipe (make demo), if one ran here."""
     from tunebook.outputs import demo_times_file
@@ -226,6 +293,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| fine-tuned eval examples/s ({e['examples']} rows × {e['repeats']}) | "
                      f"{fmt(e['old_examples_per_s'])} (adapter apart, full prefill) | {fmt(e['new_examples_per_s'])} "
                      f"(merged, shared prefixes) | **{e['speedup']}x** (same outputs {e['same_outputs']}/{e['examples']}) |")
+    q = results.get("sql_scoring")
+    if q:
+        lines.append(f"| scoring {q['examples']} SQL rows as eval does, s | {fmt(q['in_process_s'])} (queries in "
+                     f"this process) | {fmt(q['worker_s'])} (sandbox worker, started fresh) | +{q['extra_s']} s |")
     for label, entry in (results.get("memory") or {}).items():
         lines.append(f"| peak RSS, 2-step train, {label} | | {entry['peak_rss_mb']:.0f} MB | |")
     d = results.get("demo")
@@ -249,6 +320,7 @@ def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, q
     with tempfile.TemporaryDirectory() as tmp:
         results["training"] = bench_training(recipe, steps, Path(tmp), repeats)
         results["eval"] = bench_eval(recipe, eval_examples, repeats)
+        results["sql_scoring"] = bench_sql_scoring(recipe, repeats)
         if not quick:
             results["memory"] = bench_memory(recipe, Path(tmp))
     results["demo"] = demo_stages(recipe)

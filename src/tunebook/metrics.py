@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunebook.sandbox import run_sql
+from tunebook.sandbox import SqlSandbox, default_sandbox
 
 # The report row counting examples a metric could not score (only present when there were any).
 UNSCORED = "unscored_rows"
@@ -49,12 +49,15 @@ class GoldFailed(ValueError):
     """The reference query itself fails, so the example cannot be scored."""
 
 
-def execution_match(db_path: str | Path, predicted_sql: str, gold_sql: str) -> tuple[bool, str | None]:
+def execution_match(db_path: str | Path, predicted_sql: str, gold_sql: str,
+                    sandbox: SqlSandbox | None = None) -> tuple[bool, str | None]:
     """(correct, error of the prediction or None). A failing, hostile or runaway prediction is wrong."""
-    gold_rows, gold_error = run_sql(db_path, gold_sql)
-    if gold_error is not None:
-        raise GoldFailed(f"gold SQL failed on {Path(db_path).name}: {gold_error}: {gold_sql}")
-    pred_rows, error = run_sql(db_path, predicted_sql)
+    box = sandbox or default_sandbox()
+    gold = box.query(db_path, gold_sql)
+    if gold.error is not None:
+        raise GoldFailed(f"gold SQL failed on {Path(db_path).name}: {gold.error}: {gold_sql}")
+    predicted = box.query(db_path, predicted_sql)
+    pred_rows, error, gold_rows = predicted.rows, predicted.error, gold.rows
     if error is not None:
         return False, error
     return same_result(pred_rows, gold_rows, is_ordered(gold_sql)), None
@@ -89,7 +92,8 @@ def extract_sql(text: str) -> str:
     return sql.strip().rstrip(";").strip()
 
 
-def sql_metrics(predictions: list[str], references: list[str], db_paths: list[str | Path]) -> dict[str, float]:
+def sql_metrics(predictions: list[str], references: list[str], db_paths: list[str | Path],
+                sandbox: SqlSandbox | None = None) -> dict[str, float]:
     """Execution accuracy, sqlglot exact match, and the share of predictions that fail to parse or run.
 
     A row whose gold query fails (a database changed since the data was built, a gold query over the time limit
@@ -99,7 +103,7 @@ def sql_metrics(predictions: list[str], references: list[str], db_paths: list[st
     for pred, gold, db in zip(predictions, references, db_paths, strict=True):
         sql = extract_sql(pred)
         try:
-            ok, error = execution_match(db, sql, gold)
+            ok, error = execution_match(db, sql, gold, sandbox)
         except GoldFailed:
             unscored += 1
             continue
