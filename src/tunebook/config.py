@@ -275,7 +275,10 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     export = build_section(ExportConfig, raw.get("export") or {}, source, "export")
     if isinstance(export.gguf, str):
         export.gguf = [export.gguf]  # `gguf: q8_0` means one type
-    check_counts(export, source, "export", at_least={"verify_prompts": 1})
+    if export.verify_prompts is not None and export.verify_prompts < 1:
+        raise RecipeError(source, "export.verify_prompts", f"{export.verify_prompts} is too small: the GGUF files are "
+                          "compared with the merged model on this many test prompts.",
+                          "Use 1 or more; `tunebook export --no-verify` skips the comparison.")
     for qtype in export.gguf:
         if qtype not in GGUF_TYPES:
             hint = difflib.get_close_matches(str(qtype).lower(), GGUF_TYPES, n=1)

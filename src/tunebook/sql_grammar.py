@@ -1,0 +1,132 @@
+"""A grammar for SQLite SELECT queries that can only name what a database has.
+
+`schema_grammar(db_path)` reads a database's tables and columns and writes a GBNF grammar (llama.cpp's grammar
+format, which xgrammar also reads) for one SELECT query: tables are the database's tables, a column qualified by a
+table is one of that table's columns, an unqualified column is one of the database's columns, aliases are `T1`,
+`T2`, … (the training data's style). Keywords, functions, literals and nesting are SQLite's; keywords are
+accepted in upper or lower case. What a grammar cannot see — an alias bound to the wrong table, a column of another
+table unqualified — is left to the execution check (`verify.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sqlite3
+from pathlib import Path
+
+from tunebook.sandbox import read_only_uri
+
+KEYWORDS = ("SELECT", "DISTINCT", "FROM", "WHERE", "GROUP", "BY", "HAVING", "ORDER", "LIMIT", "OFFSET", "AS", "JOIN",
+            "LEFT", "INNER", "OUTER", "CROSS", "ON", "AND", "OR", "NOT", "IN", "IS", "NULL", "LIKE", "BETWEEN",
+            "EXISTS", "ASC", "DESC", "UNION", "ALL", "INTERSECT", "EXCEPT", "CASE", "WHEN", "THEN", "ELSE", "END",
+            "CAST", "INTEGER", "REAL", "TEXT", "NUMERIC")
+AGGREGATES = ("COUNT", "SUM", "AVG", "MIN", "MAX", "TOTAL", "GROUP_CONCAT")
+FUNCTIONS = ("ABS", "ROUND", "LENGTH", "LOWER", "UPPER", "SUBSTR", "TRIM", "REPLACE", "INSTR", "COALESCE", "IFNULL",
+             "STRFTIME", "DATE", "JULIANDAY")
+PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ALIAS_COUNT = 9
+
+_RULES = r"""
+root ::= query (ws? ";")?
+query ::= select (ws setop ws select)*
+setop ::= kw-union (ws kw-all)? | kw-intersect | kw-except
+select ::= kw-select ws (kw-distinct ws)? items (ws kw-from ws source)? (ws kw-where ws expr)? (ws group)? (ws order)? (ws limit)?
+items ::= item (ws? "," ws? item)*
+item ::= "*" | qualifier "." "*" | expr (ws kw-as ws label)?
+label ::= [A-Za-z_] [A-Za-z0-9_]*
+source ::= tableref (join)*
+tableref ::= tablename (ws (kw-as ws)? alias)? | "(" ws? query ws? ")" (ws (kw-as ws)? alias)?
+join ::= ws? "," ws? tableref | ws (joinkind ws)? kw-join ws tableref (ws kw-on ws expr)?
+joinkind ::= kw-left (ws kw-outer)? | kw-inner | kw-cross
+group ::= kw-group ws kw-by ws expr (ws? "," ws? expr)* (ws kw-having ws expr)?
+order ::= kw-order ws kw-by ws orderitem (ws? "," ws? orderitem)*
+orderitem ::= expr (ws (kw-asc | kw-desc))?
+limit ::= kw-limit ws number (ws kw-offset ws number)?
+expr ::= conj (ws kw-or ws conj)*
+conj ::= neg (ws kw-and ws neg)*
+neg ::= (kw-not ws)? cmp
+cmp ::= sum (ws? cmpop ws? sum | ws kw-is ws (kw-not ws)? kw-null | ws (kw-not ws)? kw-in ws? "(" ws? (query | exprs) ws? ")" | ws (kw-not ws)? kw-like ws sum | ws (kw-not ws)? kw-between ws sum ws kw-and ws sum)?
+cmpop ::= "=" | "==" | "!=" | "<>" | "<=" | ">=" | "<" | ">"
+sum ::= term (ws? ("+" | "-" | "||") ws? term)*
+term ::= factor (ws? ("*" | "/" | "%") ws? factor)*
+factor ::= "-"? atom
+atom ::= number | string | kw-null | column | call | "(" ws? (query | expr) ws? ")" | kw-exists ws? "(" ws? query ws? ")" | case | cast
+exprs ::= expr (ws? "," ws? expr)*
+call ::= aggregate ws? "(" ws? ("*" | (kw-distinct ws)? expr) ws? ")" | function ws? "(" ws? exprs? ws? ")"
+case ::= kw-case (ws expr)? (ws kw-when ws expr ws kw-then ws expr)+ (ws kw-else ws expr)? ws kw-end
+cast ::= kw-cast ws? "(" ws? expr ws kw-as ws (kw-integer | kw-real | kw-text | kw-numeric) ws? ")"
+number ::= [0-9]+ ("." [0-9]+)?
+string ::= "'" ([^'] | "''")* "'"
+ws ::= [ \t\n]+
+"""
+
+
+def _literal(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _keyword_rule(word: str) -> str:
+    name = "kw-" + word.lower().replace("_", "-")
+    forms = dict.fromkeys([word, word.lower(), word.capitalize()])
+    return f"{name} ::= " + " | ".join(_literal(f) for f in forms)
+
+
+def _identifier(name: str) -> str:
+    """How a query may write one identifier: bare when SQLite allows it, and always double-quoted."""
+    quoted = _literal('"' + name.replace('"', '""') + '"')
+    if PLAIN_IDENTIFIER.fullmatch(name) and name.upper() not in KEYWORDS:
+        return f"{_literal(name)} | {quoted}"
+    return quoted
+
+
+def schema_of(db_path: str | Path) -> dict[str, list[str]]:
+    """Table -> column names of a SQLite file (read-only; SQLite's own tables left out)."""
+    con = sqlite3.connect(read_only_uri(db_path), uri=True)
+    try:
+        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")
+                  if not t.lower().startswith("sqlite_")]
+        return {t: [row[1] for row in con.execute(f"PRAGMA table_info({_sql_quote(t)})")] for t in tables}
+    finally:
+        con.close()
+
+
+def _sql_quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def grammar_for_schema(schema: dict[str, list[str]]) -> str:
+    """The GBNF grammar of one SELECT query over these tables and columns."""
+    lines = [_RULES.strip()]
+    tables = list(schema)
+    rule_of = {t: f"cols-{i}" for i, t in enumerate(tables)}
+    lines.append("tablename ::= " + " | ".join(f"({_identifier(t)})" for t in tables))
+    for table, columns in schema.items():
+        lines.append(f"{rule_of[table]} ::= " + " | ".join(f"({_identifier(c)})" for c in columns))
+    every_column = list(dict.fromkeys(c for columns in schema.values() for c in columns))
+    lines.append("anycol ::= " + " | ".join(f"({_identifier(c)})" for c in every_column))
+    qualified = [f"({_identifier(t)}) \".\" {rule_of[t]}" for t in tables]
+    lines.append("column ::= " + " | ".join([*qualified, 'alias "." anycol', "anycol"]))
+    lines.append("qualifier ::= tablename | alias")
+    lines.append("alias ::= " + " | ".join(_literal(f"T{i}") for i in range(1, ALIAS_COUNT + 1)))
+    lines.append("aggregate ::= " + " | ".join(f"kw-{a.lower().replace('_', '-')}" for a in AGGREGATES))
+    lines.append("function ::= " + " | ".join(f"kw-{f.lower()}" for f in FUNCTIONS))
+    lines += [_keyword_rule(w) for w in (*KEYWORDS, *AGGREGATES, *FUNCTIONS)]
+    return "\n".join(lines) + "\n"
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(path: str, mtime_ns: int) -> str:
+    return grammar_for_schema(schema_of(path))
+
+
+def schema_grammar(db_path: str | Path) -> str:
+    """The grammar for one database file (cached until the file changes)."""
+    path = Path(db_path).resolve()
+    return _cached(str(path), path.stat().st_mtime_ns)
+
+
+def identifiers(db_path: str | Path) -> set[str]:
+    """Every table and column name of a database (lower case, as SQLite compares them)."""
+    schema = schema_of(db_path)
+    return {n.lower() for t, cols in schema.items() for n in (t, *cols)}
