@@ -89,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def print_eval_summary(out: Path) -> None:
     """The report's tables on the console: overall, each subset, by shape; then where the files are."""
-    from tunebook.reporting import metrics_table, shape_table
+    from tunebook.reporting import columns, error_table, metrics_table, shape_table, view
 
     report = json.loads((out / "report.json").read_text())
     print(metrics_table(report))
@@ -97,12 +97,11 @@ def print_eval_summary(out: Path) -> None:
         print(f"note: {note}")
     main = report["main_metric"]
     for name, subset in report["subsets"].items():
-        tuned = subset.get("fine_tuned", subset.get("base", {}))
-        base = subset.get("base", {}) if "fine_tuned" in subset else {}
-        shown = [f"{k} {base[k]:.1f} -> {v:.1f}" if k in base else f"{k} {v:.1f}" for k, v in tuned.items()]
-        shown += [f"GGUF {k.removeprefix('gguf_')} {main} {v[main]:.1f}" for k, v in subset.items()
-                  if k.startswith("gguf_") and main in v]
-        print(f"{name} ({subset['n_examples']} examples): " + ", ".join(shown))
+        shown = [f"{header} {metrics[main]:.1f}" for header, metrics in columns(view(subset)) if main in metrics]
+        print(f"{name} ({subset['n_examples']} examples), {main}: " + ", ".join(shown))
+    errors = error_table(report)
+    if errors:
+        print("\nwhat kind of answer (percent of rows):\n" + errors)
     if report.get("by_shape"):
         print(f"\nby shape ({main}):\n" + shape_table(report))
     print(f"report: {out}/report.md  chart: {out}/chart.png  predictions: {out}/predictions.jsonl")

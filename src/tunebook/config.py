@@ -89,6 +89,9 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=list)  # names in metrics.METRICS; empty: the task's defaults
     main_metric: str | None = None  # the report column that headlines; None: the task's, else the first column
     where: dict[str, list] | None = None  # evaluate only rows with these field values (before `limit`)
+    limit_per: str | None = None  # `limit` rows for each value of this field (e.g. source), instead of in all
+    # plain: greedy; verified: also a pass constrained to what can exist and checked without the reference
+    decoding: list[str] = field(default_factory=lambda: ["plain"])
 
 
 @dataclass
@@ -272,6 +275,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     check_counts(eval_cfg, source, "eval", at_least={"max_new_tokens": 1, "batch_size": 1, "limit": 1})
     eval_cfg.where = where_clause(eval_cfg.where, source, "eval.where")
     eval_cfg.metrics, eval_cfg.main_metric = chosen_metrics(eval_cfg, task, source)
+    eval_cfg.decoding = decoding_choice(eval_cfg, source)
     export = build_section(ExportConfig, raw.get("export") or {}, source, "export")
     if isinstance(export.gguf, str):
         export.gguf = [export.gguf]  # `gguf: q8_0` means one type
@@ -406,6 +410,27 @@ def repeat_clause(repeat: Any, source: str) -> dict[str, dict[str, int]] | None:
                                   example)
         out[str(key)] = {str(v): t for v, t in times_by_value.items()}
     return out
+
+
+DECODINGS = ("plain", "verified")
+
+
+def decoding_choice(eval_cfg: EvalConfig, source: str) -> list[str]:
+    """`eval.decoding` as a list of known modes; `verified` needs a metric that can judge one answer alone."""
+    from tunebook.metrics import METRICS
+
+    modes = [eval_cfg.decoding] if isinstance(eval_cfg.decoding, str) else list(eval_cfg.decoding)
+    for mode in modes:
+        if mode not in DECODINGS:
+            raise RecipeError(source, "eval.decoding", f"'{mode}' is not a decoding.", f"Use {' and/or '.join(DECODINGS)}.")
+    if "plain" not in modes:
+        raise RecipeError(source, "eval.decoding", "has no 'plain': the report always scores greedy answers first.",
+                          "Write [plain] or [plain, verified].")
+    checkable = [name for name, m in METRICS.items() if m.check is not None]
+    if "verified" in modes and not any(METRICS[name].check is not None for name in eval_cfg.metrics):
+        raise RecipeError(source, "eval.decoding", "'verified' needs a metric that can check an answer on its own.",
+                          f"Add one of {', '.join(checkable)} to eval.metrics, or use decoding: [plain].")
+    return modes
 
 
 def chosen_metrics(eval_cfg: EvalConfig, task: str, source: str) -> tuple[list[str], str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from tunebook.metrics import db_path_for, perplexity, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import atomic_dir, clean_leftovers, eval_journal, gguf_dir, gguf_file, report_dir
 from tunebook.prompts import reference_answer, user_message
-from tunebook.reporting import metrics_table, shape_table
+from tunebook.reporting import VERIFIED, error_table, metrics_table, shape_table, view
 from tunebook.runs import ADAPTER_WEIGHTS, Run, check_adapter_is_run, identify, run_lock
 from tunebook.sandbox import TIME_LIMIT_ERROR, run_sql
 from tunebook.validate import check_adapter, check_metric_rows, validate_recipe
@@ -51,9 +52,18 @@ def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
     rows = read_split(data_file, recipe.source, field)
     if recipe.eval.where:
         rows = select_rows(rows, recipe.eval.where, data_file, recipe.source, "eval.where")
-    if recipe.eval.limit:
+    if recipe.eval.limit and recipe.eval.limit_per:
+        taken: dict[str, int] = {}
+        kept = []
+        for row in rows:
+            group = str(row.get(recipe.eval.limit_per))
+            if taken.get(group, 0) < recipe.eval.limit:
+                taken[group] = taken.get(group, 0) + 1
+                kept.append(row)
+        rows = kept
+    elif recipe.eval.limit:
         rows = rows[: recipe.eval.limit]
-    check_metric_rows(recipe, rows, data_file, located=not recipe.eval.where)
+    check_metric_rows(recipe, rows, data_file, located=not recipe.eval.where and not recipe.eval.limit_per)
     if "sql_execution" in recipe.eval.metrics:
         for number, row in enumerate(rows, start=1):
             db_path = db_path_for(row, data_file)
@@ -192,9 +202,9 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
         if results:
             print(f"{' and '.join(kinds)}: reusing {report_dir(name)} (same rows, prompts, settings and adapter)")
         else:
-            results = hf_passes(recipe, name, key, kinds, rows, tokenizer, adapter_dir)
-        for qtype, path in ggufs.items():
-            results[f"gguf_{qtype}"] = run_gguf(recipe, name, key, path, tokenizer, rows)
+            results = hf_passes(recipe, name, key, kinds, rows, tokenizer, adapter_dir, data_file)
+        for path in ggufs.values():
+            results.update(run_gguf(recipe, name, key, path, tokenizer, rows, data_file))
 
         problems: list[str] = []
         for result in results.values():
@@ -210,41 +220,74 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
 
 
 def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[dict], tokenizer: Any,
-              adapter_dir: Path) -> dict[str, dict[str, Any]]:
-    """Base and/or fine-tuned generation with transformers: predictions, perplexity, examples/s.
+              adapter_dir: Path, data_file: Path) -> dict[str, dict[str, Any]]:
+    """Base and/or fine-tuned generation with transformers: predictions, perplexity, examples/s; with
+    `eval.decoding: [plain, verified]` also a verified pass of the last model (verify.py).
 
-    Each pass resumes from its journal; a pass the journal holds whole loads no model.
+    Each pass resumes from its journal; passes the journals hold whole load no model.
     """
-    journals = {kind: Journal(eval_journal(name, kind), f"{key}:{kind}") for kind in kinds}
+    from tunebook.verify import Tally, hf_verified, verifier_for
+
+    verifier = verifier_for(recipe) if "verified" in recipe.eval.decoding else None
+    passes = [*kinds, *([kinds[-1] + VERIFIED] if verifier else [])]
+    journals = {p: Journal(eval_journal(name, p), f"{key}:{p}") for p in passes}
     perplexity_wanted = "perplexity" in recipe.eval.metrics
-    todo = [k for k in kinds if len(journals[k].answers) < len(rows) or
-            (perplexity_wanted and "perplexity" not in journals[k].values)]
-    model = load_pass_model(recipe, kinds, adapter_dir) if todo else None
+
+    def complete(p: str) -> bool:
+        plain = not p.endswith(VERIFIED)
+        return len(journals[p].answers) == len(rows) and not (
+            plain and perplexity_wanted and "perplexity" not in journals[p].values)
+
+    model = load_pass_model(recipe, kinds, adapter_dir) if not all(map(complete, passes)) else None
     system = recipe.data.system_prompt
     results: dict[str, dict[str, Any]] = {}
-    for kind in kinds:
-        journal = journals[kind]
-        if kind in todo:
+    for p in passes:
+        journal, kind = journals[p], p.removesuffix(VERIFIED)
+        if complete(p):
+            print(f"{p}: all {len(rows)} answers kept from an earlier run of this eval")
+        else:
             # The base model is the same weights with the adapter switched off: one load, identical prompts.
             context = model.disable_adapter() if kind == "base" and kinds != ["base"] else contextlib.nullcontext()
-            if kind == "fine_tuned" and recipe.model.quantization == "none":
+            if kind == "fine_tuned" and recipe.model.quantization == "none" and not getattr(model, "merged", False):
                 # Generation with the adapter folded into the weights skips two extra small matmuls per LoRA layer
                 # and token; the base pass, which needs it unmerged, has already run. (Merging into 4/8-bit weights
                 # would requantise them, so QLoRA recipes keep the adapter separate.)
                 model.merge_adapter()
+                model.merged = True
             with context:
-                generate_rest(journal, kind, rows, lambda part, bar, on_batch: generate(
-                    model, tokenizer, part, system, recipe.eval.max_new_tokens, recipe.eval.batch_size, bar,
-                    on_batch=on_batch))
-                if perplexity_wanted and "perplexity" not in journal.values:
-                    journal.set("perplexity", perplexity(model, tokenizer, rows, system,
-                                                         batch_size=recipe.eval.batch_size))
-        else:
-            print(f"{kind}: all {len(rows)} answers kept from an earlier run of this eval")
-        results[kind] = {"predictions": [journal.answers[i] for i in range(len(rows))],
-                         "model_metrics": {k: v for k, v in journal.values.items() if k == "perplexity"},
-                         "examples_per_s": len(rows) / max(journal.seconds, 1e-9)}
+                if p.endswith(VERIFIED):
+                    tally = Tally()
+                    generate_rest(journal, p, rows, functools.partial(
+                        hf_verified, model, tokenizer, data_file=data_file, recipe=recipe, verifier=verifier,
+                        tally=tally))
+                    journal.set("verified", add_counts(journal.values.get("verified"), tally.as_dict()))
+                else:
+                    generate_rest(journal, p, rows, functools.partial(
+                        plain_batches, model, tokenizer, system, recipe.eval.max_new_tokens, recipe.eval.batch_size))
+                    if perplexity_wanted and "perplexity" not in journal.values:
+                        journal.set("perplexity", perplexity(model, tokenizer, rows, system,
+                                                             batch_size=recipe.eval.batch_size))
+        results[p] = pass_result(journal, rows)
     return results
+
+
+def plain_batches(model: Any, tokenizer: Any, system: str | None, max_new_tokens: int, batch_size: int,
+                  rows: list[dict], progress: Any, on_batch: Any) -> None:
+    generate(model, tokenizer, rows, system, max_new_tokens, batch_size, progress, on_batch=on_batch)
+
+
+def pass_result(journal: Journal, rows: list[dict]) -> dict[str, Any]:
+    """A pass's answers in row order, its model-side metrics, speed and (verified passes) how it chose."""
+    result = {"predictions": [journal.answers[i] for i in range(len(rows))],
+              "model_metrics": {k: v for k, v in journal.values.items() if k == "perplexity"},
+              "examples_per_s": len(rows) / max(journal.seconds, 1e-9)}
+    if "verified" in journal.values:
+        result["verified"] = journal.values["verified"]
+    return result
+
+
+def add_counts(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int]:
+    return {k: (old or {}).get(k, 0) + v for k, v in new.items()}
 
 
 def load_pass_model(recipe: Recipe, kinds: list[str], adapter_dir: Path) -> Any:
@@ -327,31 +370,50 @@ def previous_results(name: str, rows: list[dict], kinds: list[str], key: str) ->
                    "examples_per_s": report["timing"][kind]["examples_per_s"]} for kind in kinds}
 
 
-def run_gguf(recipe: Recipe, name: str, key: str, path: Path, tokenizer: Any, rows: list[dict]) -> dict:
-    """One exported GGUF through llama.cpp on the eval rows: the prompt tokens and stop tokens of the HF passes."""
+def run_gguf(recipe: Recipe, name: str, key: str, path: Path, tokenizer: Any, rows: list[dict],
+             data_file: Path) -> dict[str, dict]:
+    """One exported GGUF through llama.cpp on the eval rows: the prompt tokens and stop tokens of the HF passes,
+    greedy; with `eval.decoding: [plain, verified]` also verified (llama.cpp's GBNF sampler)."""
     from tunebook import llamacpp
     from tunebook.prompts import encode_prompt, stop_token_ids
+    from tunebook.verify import Tally, gguf_verified, verifier_for
 
     qtype = path.stem.rsplit("-", 1)[-1]
     stat = path.stat()
-    journal = Journal(eval_journal(name, f"gguf_{qtype}"), f"{key}:gguf:{stat.st_size}:{stat.st_mtime_ns}")
+    verifier = verifier_for(recipe) if "verified" in recipe.eval.decoding else None
+    passes = [f"gguf_{qtype}", *([f"gguf_{qtype}{VERIFIED}"] if verifier else [])]
+    journals = {p: Journal(eval_journal(name, p), f"{key}:{p}:{stat.st_size}:{stat.st_mtime_ns}") for p in passes}
     system = recipe.data.system_prompt
-    todo = [i for i in range(len(rows)) if i not in journal.answers]
-    if todo:
-        prompts = [encode_prompt(tokenizer, row, system) for row in rows]
-        longest = max(len(p) for p in prompts) + recipe.eval.max_new_tokens
-        llm = llamacpp.load_gguf(path, n_ctx=max(longest, 2 * recipe.data.max_length))
-        stops = stop_token_ids(tokenizer, system)
+    llm = None
+    for p in passes:
+        journal = journals[p]
+        if len(journal.answers) == len(rows):
+            print(f"{p}: all {len(rows)} answers kept from an earlier run of this eval")
+            continue
+        if llm is None:
+            longest = max(len(encode_prompt(tokenizer, row, system)) for row in rows) + recipe.eval.max_new_tokens
+            llm = llamacpp.load_gguf(path, n_ctx=max(longest, 2 * recipe.data.max_length))
+        label = f"GGUF {qtype}" + (" verified" if p.endswith(VERIFIED) else "")
+        if p.endswith(VERIFIED):
+            tally = Tally()
+            generate_rest(journal, label, rows, functools.partial(
+                gguf_verified, llm, tokenizer, data_file=data_file, recipe=recipe, verifier=verifier, tally=tally))
+            journal.set("verified", add_counts(journal.values.get("verified"), tally.as_dict()))
+        else:
+            generate_rest(journal, label, rows, functools.partial(
+                gguf_batches, llm, tokenizer, system, stop_token_ids(tokenizer, system), recipe.eval.max_new_tokens))
+    llm = None  # llama.cpp frees the model with its last reference
+    return {p: pass_result(journals[p], rows) for p in passes}
 
-        def run_batches(part: list[dict], progress: Any, on_batch: Any) -> None:
-            ids = [encode_prompt(tokenizer, row, system) for row in part]
-            llamacpp.generate_ids(llm, ids, stops, recipe.eval.max_new_tokens, progress,
-                                  on_batch=lambda idx, answers: on_batch(idx, decode_answers(tokenizer, answers)))
 
-        generate_rest(journal, f"GGUF {qtype}", rows, run_batches)
-        del llm
-    return {"predictions": [journal.answers[i] for i in range(len(rows))],
-            "examples_per_s": len(rows) / max(journal.seconds, 1e-9)}
+def gguf_batches(llm: Any, tokenizer: Any, system: str | None, stops: list[int], max_new_tokens: int,
+                 rows: list[dict], progress: Any, on_batch: Any) -> None:
+    from tunebook import llamacpp
+    from tunebook.prompts import encode_prompt
+
+    ids = [encode_prompt(tokenizer, row, system) for row in rows]
+    llamacpp.generate_ids(llm, ids, stops, max_new_tokens, progress,
+                          on_batch=lambda idx, answers: on_batch(idx, decode_answers(tokenizer, answers)))
 
 
 def group_indices(rows: list[dict], key: str) -> dict[str, list[int]]:
@@ -376,6 +438,9 @@ def schema_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], d
     real = [i for i in unseen if rows[i].get("source") == "spider"]
     if real:
         groups["unseen_real_schema"] = real
+    people = [i for i in unseen if rows[i].get("source") == "people"]
+    if people:
+        groups["people"] = people  # hand-written questions, asked as people ask them (datasets_cards/sql.md)
     return {name: score_subset(recipe, idx, rows, results, data_file) for name, idx in groups.items()}
 
 
@@ -415,7 +480,11 @@ def write_report_files(tmp: Path, name: str, recipe: Recipe, rows: list[dict], r
         "base": base,
         "fine_tuned": tuned,
         "delta": {k: tuned[k] - base[k] for k in tuned if k in base},
-        "gguf": {kind.removeprefix("gguf_"): r["metrics"] for kind, r in results.items() if kind.startswith("gguf_")},
+        "gguf": {kind.removeprefix("gguf_"): r["metrics"] for kind, r in results.items()
+                 if kind.startswith("gguf_") and not kind.endswith(VERIFIED)},
+        "verified": {kind.removesuffix(VERIFIED): r["metrics"] for kind, r in results.items() if kind.endswith(VERIFIED)},
+        "verified_choices": {kind.removesuffix(VERIFIED): r["verified"] for kind, r in results.items()
+                             if kind.endswith(VERIFIED) and "verified" in r},
         "subsets": subsets,
         "by_shape": by_shape,
         "timing": {kind: {"examples_per_s": round(r["examples_per_s"], 3)} for kind, r in results.items()},
@@ -449,12 +518,14 @@ def markdown_report(report: dict) -> str:
     if report.get("notes"):
         parts += [*(f"- note: {note}" for note in report["notes"]), ""]
     for name, subset in report["subsets"].items():
-        sub = {"base": subset.get("base", {}), "fine_tuned": subset.get("fine_tuned", {}),
-               "gguf": {k.removeprefix("gguf_"): v for k, v in subset.items() if k.startswith("gguf_")}}
-        sub["delta"] = {k: sub["fine_tuned"][k] - sub["base"][k] for k in sub["fine_tuned"] if k in sub["base"]}
-        parts += [f"## Subset: {name} ({subset['n_examples']} examples)", "", metrics_table(sub), ""]
+        parts += [f"## Subset: {name} ({subset['n_examples']} examples)", "", metrics_table(view(subset)), ""]
+    errors = error_table(report)
+    if errors:
+        parts += ["## What kind of answer (percent of rows)", "", errors, ""]
+    for kind, counts in (report.get("verified_choices") or {}).items():
+        parts.append(f"- verified decoding, {kind}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items()))
     if report.get("by_shape"):
-        parts += [f"## By shape ({report['main_metric']})", "", shape_table(report), ""]
+        parts += ["", f"## By shape ({report['main_metric']})", "", shape_table(report), ""]
     parts += ["## Speed", ""]
     parts += [f"- {kind}: {t['examples_per_s']:.2f} examples/s" for kind, t in report["timing"].items()]
     parts += ["", "## Examples", ""]

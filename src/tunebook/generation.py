@@ -12,16 +12,18 @@ MIN_SHARED_PREFIX = 48
 
 
 def generate(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
-             batch_size: int, progress: Any = None, on_batch: Any = None) -> list[str]:
+             batch_size: int, progress: Any = None, on_batch: Any = None, grammars: Any = None) -> list[str]:
     """Greedy answers as text (special tokens dropped), in the input order.
 
     `on_batch(indices, answers)` is called with each batch's answers as text as soon as they are generated.
+    `grammars` (a `constrained.HFGrammars` and one grammar text per example) constrains each answer.
     """
     def decoded(indices: list[int], ids: list[list[int]]) -> None:
         on_batch(indices, decode_answers(tokenizer, ids))
 
     return decode_answers(tokenizer, generate_ids(model, tokenizer, examples, system_prompt, max_new_tokens,
-                                                  batch_size, progress, on_batch=decoded if on_batch else None))
+                                                  batch_size, progress, on_batch=decoded if on_batch else None,
+                                                  grammars=grammars))
 
 
 def decode_answers(tokenizer: Any, ids: list[list[int]]) -> list[str]:
@@ -31,7 +33,7 @@ def decode_answers(tokenizer: Any, ids: list[list[int]]) -> list[str]:
 
 def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
                  batch_size: int, progress: Any = None, share_prefixes: bool = True,
-                 on_batch: Any = None) -> list[list[int]]:
+                 on_batch: Any = None, grammars: Any = None) -> list[list[int]]:
     """Greedy answer token ids, batched with the KV cache, up to the trained end-of-turn token.
 
     Prompts that share a long prefix (test questions on the same database schema) form one batch whose prefix is
@@ -48,7 +50,8 @@ def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt
     batches = [(prefix, idx) for prefix, idx in shared]
     batches += [(0, rest[start:start + batch_size]) for start in range(0, len(rest), batch_size)]
     for prefix, idx in batches:
-        answers = _generate_batch(model, tokenizer, [prompts[i] for i in idx], prefix, max_new_tokens, stops)
+        processor = grammars[0].processor([grammars[1][i] for i in idx]) if grammars else None
+        answers = _generate_batch(model, tokenizer, [prompts[i] for i in idx], prefix, max_new_tokens, stops, processor)
         for i, tokens in zip(idx, answers, strict=True):
             outputs[i] = tokens
         if on_batch is not None:
@@ -97,7 +100,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], prefix: int, max_new_tokens: int,
-                    stops: list[int]) -> list[list[int]]:
+                    stops: list[int], processor: Any = None) -> list[list[int]]:
     """One batch: [shared prefix][padding][rest of the prompt], the prefix's KV cache computed once and repeated.
 
     Padding sits between the prefix and each prompt's own tail, masked out; position ids follow the mask, so every
@@ -116,6 +119,8 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], prefix
         ids[row, prefix + width - len(tail):] = torch.tensor(tail)
         mask[row, prefix + width - len(tail):] = 1
     extra: dict[str, Any] = {}
+    if processor is not None:
+        extra["logits_processor"] = [processor]
     with torch.no_grad():
         if prefix:
             cache = model(input_ids=ids[:1, :prefix].to(device), use_cache=True).cache
@@ -131,6 +136,41 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], prefix
         tokens = out[row, prefix + width:].tolist()
         cut = next((n for n, t in enumerate(tokens) if t in stops), None)  # drop the stop and padding after it
         answers.append(tokens if cut is None else tokens[: cut + 1])
+    return answers
+
+
+def sample_batch(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
+                 n: int, temperature: float, seed: int, grammars: Any = None,
+                 grammar_texts: list[str] | None = None) -> list[list[list[int]]]:
+    """`n` sampled answers to each prompt (token ids through the stop token), optionally grammar-constrained, in
+    one left-padded batch: the candidates verified decoding chooses from."""
+    import torch
+
+    device = next(model.parameters()).device
+    prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt)
+        mask[row, width - len(prompt):] = 1
+    stops = stop_token_ids(tokenizer, system_prompt)
+    extra: dict[str, Any] = {}
+    if grammars is not None and grammar_texts is not None:  # generate() repeats each row n times, in place
+        extra["logits_processor"] = [grammars.processor([t for t in grammar_texts for _ in range(n)])]
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=True, temperature=temperature, top_p=0.95, top_k=None, num_return_sequences=n,
+                             use_cache=True, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **extra)
+    answers: list[list[list[int]]] = []
+    for row in range(len(prompts)):
+        group = []
+        for k in range(n):
+            tokens = out[row * n + k, width:].tolist()
+            cut = next((j for j, t in enumerate(tokens) if t in stops), None)
+            group.append(tokens if cut is None else tokens[: cut + 1])
+        answers.append(group)
     return answers
 
 

@@ -100,6 +100,7 @@ def sql_metrics(predictions: list[str], references: list[str], db_paths: list[st
     on a loaded machine) cannot be scored: it is left out of the rates and counted in `unscored_rows`.
     """
     correct = exact = errors = unscored = 0
+    kinds: Counter = Counter()
     for pred, gold, db in zip(predictions, references, db_paths, strict=True):
         sql = extract_sql(pred)
         try:
@@ -110,11 +111,32 @@ def sql_metrics(predictions: list[str], references: list[str], db_paths: list[st
         correct += ok
         errors += error is not None
         exact += sql_exact_match(sql, gold)
+        kinds[sql_error_kind(error, ok)] += 1
     n = max(len(predictions) - unscored, 1)
-    out = {"exec_accuracy": 100 * correct / n, "exact_match": 100 * exact / n, "sql_error_rate": 100 * errors / n}
+    out = {"exec_accuracy": 100 * correct / n, "exact_match": 100 * exact / n, "sql_error_rate": 100 * errors / n,
+           **{kind: 100 * kinds[kind] / n for kind in SQL_ERROR_KINDS}}
     if unscored:
         out[UNSCORED] = unscored
     return out
+
+
+# What went wrong with an answer, read from SQLite's error: grounding (a name the schema lacks) vs logic.
+SQL_ERROR_KINDS = ("unknown_table", "unknown_column", "syntax_error", "other_error", "wrong_result")
+
+
+def sql_error_kind(error: str | None, correct: bool) -> str:
+    """`correct`, `wrong_result` (runs, other rows), or why it does not run: unknown_table / unknown_column (names
+    what the schema lacks, or a column of another table), syntax_error, other_error (time limit, refused …)."""
+    if error is None:
+        return "correct" if correct else "wrong_result"
+    text = error.lower()
+    if text.startswith("no such table"):
+        return "unknown_table"
+    if text.startswith(("no such column", "ambiguous column")):
+        return "unknown_column"
+    if "syntax error" in text or "incomplete input" in text or "unrecognized token" in text:
+        return "syntax_error"
+    return "other_error"
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
@@ -344,6 +366,11 @@ class Metric:
     row_problem: Callable[[dict], str | None] = lambda row: None
     row_fix: str = ""
     about: str = ""
+    # Verified decoding (verify.py): how well one answer passes on its own (answer, row without its reference, data
+    # file; 0 = fails, up to `check_best` = passes whole), and the GBNF grammar its answers must follow.
+    check: Callable[[str, dict, Path], int] | None = None
+    check_best: int = 1
+    grammar: Callable[[dict, Path], str | None] | None = None
 
 
 def _refs(rows: list[dict]) -> list[str]:
@@ -384,6 +411,26 @@ def _json_problem(row: dict) -> str | None:
     return None if parse_json_answer(reference_answer(row))[0] else "has a reference answer that is not JSON"
 
 
+def _sql_runs(answer: str, row: dict, data_file: Path) -> int:
+    """2: the query runs and returns rows; 1: it runs and returns nothing; 0: it does not run (or is empty)."""
+    sql = extract_sql(answer)
+    if not sql:
+        return 0
+    result = default_sandbox().query(db_path_for(row, data_file), sql)
+    return 0 if result.error is not None else 2 if result.rows else 1
+
+
+def _sql_grammar(row: dict, data_file: Path) -> str | None:
+    from tunebook.sql_grammar import schema_grammar
+
+    path = db_path_for(row, data_file)
+    return schema_grammar(path) if path.is_file() else None
+
+
+def _code_parses(answer: str, row: dict, data_file: Path) -> bool:
+    return code_tokens(last_code_block(answer)) is not None
+
+
 def _code_fixed(predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
     from tunebook.prompts import user_message
 
@@ -399,18 +446,21 @@ METRICS: dict[str, Metric] = {
     "chrf": Metric(("chrf",), _sacrebleu("chrf"), about="corpus chrF (sacrebleu)"),
     "perplexity": Metric(("perplexity",), None, about="of the reference answers under the model (lower is better)"),
     "sql_execution": Metric(
-        ("exec_accuracy", "exact_match", "sql_error_rate"),
+        ("exec_accuracy", "exact_match", "sql_error_rate", *SQL_ERROR_KINDS),
         lambda p, rows, f: sql_metrics(p, _refs(rows), [db_path_for(r, f) for r in rows]),
         row_problem=_sql_problem,
         row_fix="Give each row its database: 'db_id' (databases/<db_id>.sqlite beside the split) or 'db_path'",
         about="runs the SQL on the row's database: same result set as the gold query; sqlglot exact match; errors",
+        check=_sql_runs, check_best=2, grammar=_sql_grammar,
     ),
     "code_fixed": Metric(("code_fixed", "fix_parses", "rule_checked", "rule_fixed", "fix_matches_reference",
                           "fix_unchanged", "rule_named"), _code_fixed,
-                         about="the improved code fixes the row's `rule` (ruff) or equals the reference fix"),
+                         about="the improved code fixes the row's `rule` (ruff) or equals the reference fix",
+                         check=_code_parses),
     "json_match": Metric(("json_match", "json_valid"), lambda p, rows, f: json_metrics(p, _refs(rows)),
                          row_problem=_json_problem, row_fix="Make each reference answer valid JSON",
-                         about="the answer parses as JSON and equals the reference"),
+                         about="the answer parses as JSON and equals the reference",
+                         check=lambda answer, row, data_file: parse_json_answer(answer)[0]),
 }
 
 

@@ -425,20 +425,53 @@ def held_out_spider(db_ids: list[str], seed: int, count: int = SPIDER_HELD_OUT) 
     return set(sorted(db_ids, key=lambda d: hashlib.sha256(f"{seed}:spider-test:{d}".encode()).hexdigest())[:count])
 
 
-def spider_examples(wheel: Path, db_dir: Path, seed: int, limit: int | None = None) -> tuple[list[dict], set[str]]:
-    """Recreate each Spider training schema with seeded rows and generate its question/SQL pairs."""
+PEOPLE_FILE = Path(__file__).with_name("people_sql.jsonl")
+PEOPLE_SHAPES = ("count", "select", "where", "agg", "group", "group+having", "order", "superlative", "distinct",
+                 "like", "between", "in", "nested", "setop", "join1", "join1+group", "join2", "join3")
+
+
+def people_examples(db_dir: Path, ddl_of: dict[str, str], held: set[str], path: Path = PEOPLE_FILE) -> list[dict]:
+    """The hand-written test questions (`people_sql.jsonl`, see the card): each on a held-out database, its gold
+    query run here and required to return informative rows. Labelled `source: people`; test split only."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        where = f"{path.name}: line {number}"
+        if item["db_id"] not in held:
+            raise ValueError(f"{where}: {item['db_id']} is not a held-out database; people rows are test-only")
+        if item["shape"] not in PEOPLE_SHAPES:
+            raise ValueError(f"{where}: shape {item['shape']!r} is not one of {', '.join(PEOPLE_SHAPES)}")
+        con = sqlite3.connect(db_dir / f"{item['db_id']}.sqlite")
+        try:
+            if not returns_rows(con, item["query"]):
+                raise ValueError(f"{where}: the gold query returns nothing on the built database")
+        finally:
+            con.close()
+        rows.append({**example(item["db_id"], ddl_of[item["db_id"]], item["question"], item["query"]),
+                     "source": "people", "shape": item["shape"]})
+    return rows
+
+
+def spider_examples(wheel: Path, db_dir: Path, seed: int, limit: int | None = None
+                    ) -> tuple[list[dict], set[str], dict[str, str]]:
+    """Recreate each Spider training schema with seeded rows and generate its question/SQL pairs; also return
+    the held-out databases and each database's DDL."""
     schemas = spider.load_schemas(wheel)[:limit]
     held = held_out_spider([s.db_id for s in schemas], seed, min(SPIDER_HELD_OUT, max(1, len(schemas) // 5)))
     rows = []
+    ddl_of = {}
     for schema in schemas:
         path = db_dir / f"{schema.db_id}.sqlite"
         spider.build_database(schema, path, seed)
         con = sqlite3.connect(path)
-        ddl = spider.render_ddl(schema)
-        for question, sql, _ in examples_for(schema, con, rng_for(seed, "spider-q", schema.db_id)):
+        ddl = ddl_of[schema.db_id] = spider.render_ddl(schema)
+        for question, sql, _ in examples_for(schema, con, rng_for(seed, "spider-q", schema.db_id),
+                                             people_style=schema.db_id not in held):
             rows.append({**example(schema.db_id, ddl, question, sql), "source": "spider"})
         con.close()
-    return rows, held
+    return rows, held, ddl_of
 
 
 def build_dataset(out_dir: Path, seed: int = 42, sources: Path = Path("build/sources")) -> dict[str, Any]:
@@ -492,10 +525,13 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
 
     held_spider: set[str] = set()
     matching_dev = 0
+    people: list[dict] = []
     if spider_wheel is not None:
-        spider_rows, held_spider = spider_examples(spider_wheel, db_dir, seed, spider_limit)
+        spider_rows, held_spider, ddl_of = spider_examples(spider_wheel, db_dir, seed, spider_limit)
         seen += [r for r in spider_rows if r["db_id"] not in held_spider]
         unseen += [r for r in spider_rows if r["db_id"] in held_spider]
+        if spider_limit is None:  # the hand-written rows are on the full build's held-out databases
+            people = people_examples(db_dir, ddl_of, held_spider)
         # Spider's dev set is an outside check: a generated pair that happens to equal a dev question or query
         # (e.g. `SELECT COUNT(*) FROM Documents`) is dropped. dev.json is read for this blocklist only.
         dev_questions, dev_queries = spider.dev_questions_and_queries(spider_wheel)
@@ -504,6 +540,10 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
         seen = [e for e in seen if normalise(e["question"]) not in blocked and normalise(e["output"]) not in blocked]
         unseen = [e for e in unseen if normalise(e["question"]) not in blocked and normalise(e["output"]) not in blocked]
         matching_dev = before - len(seen) - len(unseen)
+        clashing = [e["question"] for e in people if normalise(e["question"]) in blocked]
+        if clashing:
+            raise ValueError(f"{PEOPLE_FILE.name}: {len(clashing)} questions equal a Spider dev question, e.g. "
+                             f"{clashing[0]!r}; dev questions must never be used")
 
     # One example per (database, question); then whole question texts go to one split, so no question text
     # appears in two splits even when two databases share it.
@@ -524,12 +564,17 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
     splits["test"].extend(e for e in unseen if normalise(e["question"]) not in taken)
     dropped = drop_cross_split_duplicates(splits, input_of=lambda e: e["question"])
     held = {e["db_id"] for e in splits["test"]} - {e["db_id"] for e in splits["train"] + splits["val"]}
+    # Each row's place depends on that row alone (a seeded hash), so a change to the training questions never
+    # reorders the test rows that `eval.limit` picks; the hand-written rows come last.
+    people = [e for e in people if normalise(e["question"]) not in taken]
     for name, rows in splits.items():
-        rows.sort(key=lambda e: (e["db_id"], e["question"]))
-        random.Random(f"{seed}-{name}").shuffle(rows)
+        rows.sort(key=lambda e: hashlib.sha256(f"{seed}|{name}|{e['db_id']}|{e['question']}".encode()).hexdigest())
+        if name == "test":
+            rows.extend(sorted(people, key=lambda e: hashlib.sha256(f"{seed}|people|{e['db_id']}|{e['question']}"
+                                                                    .encode()).hexdigest()))
         for row in rows:
             row.pop("question")
-            row["shape"] = shape_of(row["output"])
+            row.setdefault("shape", shape_of(row["output"]))  # hand-written rows carry their author's label
             row["unseen_schema"] = row["db_id"] in held  # a test-only database (for `eval.where`)
         write_jsonl(out_dir / f"{name}.jsonl", rows)
     return {
@@ -540,6 +585,7 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
         "skipped_empty_gold": skipped,
         "dropped_duplicates": dropped,
         "spider_test_only_databases": sorted(held_spider),
+        "people_rows": len(people),
         "dropped_matching_spider_dev": matching_dev,
         "by_source": {name: dict(sorted(Counter(r["source"] for r in rows).items())) for name, rows in splits.items()},
         "by_shape": {name: dict(sorted(Counter(r["shape"] for r in rows).items())) for name, rows in splits.items()},

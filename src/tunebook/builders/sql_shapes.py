@@ -25,6 +25,7 @@ class Ctx:
     schema: Schema
     con: sqlite3.Connection
     rng: random.Random
+    people_style: bool = False  # also ask as people do (other words for names, implicit joins, casual typing)
 
     def rows(self, sql: str) -> list[tuple]:
         return self.con.execute(sql).fetchall()
@@ -65,13 +66,65 @@ def lit(value: Any) -> str:
     return str(value)
 
 
-def say(value: Any, rng: random.Random) -> str:
-    """A value as a person would write it in a question."""
+def say(value: Any, rng: random.Random, casually: bool = False) -> str:
+    """A value as a person would write it in a question: sometimes quoted; `casually`, sometimes in lower case
+    (the query keeps the value as the data has it, so the model learns to restore it)."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
+    if casually and isinstance(value, str) and value != value.lower() and rng.random() < 0.25:
+        return value.lower()
     if isinstance(value, str) and (" " in value or rng.random() < 0.5):
         return f'"{value}"' if rng.random() < 0.6 else value
     return str(value)
+
+
+# ---------------------------------------------------------------- saying it as people do
+
+NAME_SYNONYM_P = 0.4  # how often one table or column name is said in other words than the schema's
+CASUAL_P = 0.35  # how often a question is asked casually (lower case, no full stop, "can you tell me …")
+
+
+def people_words(words: str, rng: random.Random) -> str:
+    """A table's or column's plain-English name, sometimes in the words a person would use instead (the
+    hand-written lexicon in sql_synonyms.py): the model must find the schema's name for it."""
+    from tunebook.builders.sql_synonyms import PHRASES, SYNONYMS
+
+    low = words.lower()
+    if low in PHRASES and rng.random() < NAME_SYNONYM_P:
+        return rng.choice(PHRASES[low])
+    out = []
+    for word in words.split():
+        key = word.lower()
+        if key in SYNONYMS and rng.random() < NAME_SYNONYM_P:
+            out.append(rng.choice(SYNONYMS[key]))
+        elif key.endswith("s") and key[:-1] in SYNONYMS and rng.random() < NAME_SYNONYM_P:
+            out.append(plural(rng.choice(SYNONYMS[key[:-1]])))
+        else:
+            out.append(word)
+    return " ".join(out)
+
+
+def as_people_say(schema: Schema, rng: random.Random) -> Schema:
+    """The schema with its tables' and columns' words (never their SQL names) said as people might."""
+    from dataclasses import replace
+
+    tables = {name: replace(t, words=people_words(t.words, rng),
+                            columns=[replace(c, words=people_words(c.words, rng)) for c in t.columns])
+              for name, t in schema.tables.items()}
+    return replace(schema, tables=tables)
+
+
+def casual(question: str, rng: random.Random) -> str:
+    """Some questions typed as people type them: lower case, no closing punctuation, a polite opening."""
+    if rng.random() >= CASUAL_P:
+        return question
+    text = question[0].lower() + question[1:]
+    roll = rng.random()
+    if roll < 0.3 and text.split()[0] in ("what", "which", "how", "who"):
+        return "can you tell me " + text.rstrip("?") + "?"
+    if roll < 0.55 and text.split()[0] in ("list", "show", "find", "give", "count"):
+        return rng.choice(["please ", "i need to ", "could you "]) + text.rstrip(".")
+    return text.rstrip(".?")
 
 
 def q(name: str) -> str:
@@ -146,7 +199,7 @@ def filter_on(ctx: Ctx, table: Table, alias: str = "") -> Filter | None:
     if not vals:
         return None
     value = pick(ctx, vals)
-    words, said, ident = column.words, say(value, ctx.rng), f"{prefix}{q(column.name)}"
+    words, said, ident = column.words, say(value, ctx.rng, ctx.people_style), f"{prefix}{q(column.name)}"
     if column.kind in ("integer", "real") and len(vals) > 2:
         op, phrase = ctx.rng.choice([(">", "greater than"), ("<", "less than"), (">", "more than"),
                                      ("<", "below"), (">=", "at least"), ("<=", "at most")])
@@ -219,9 +272,9 @@ def shape_between(ctx: Ctx) -> Example | None:
     low, high = sorted(ctx.rng.sample(vals, 2))
     label = label_column(ctx, t)
     sql = f"SELECT {q(label.name)} FROM {q(t.name)} WHERE {q(column.name)} BETWEEN {lit(low)} AND {lit(high)}"
-    question = ctx.rng.choice([f"Which {plural(t.words)} have a {column.words} between {say(low, ctx.rng)} and {say(high, ctx.rng)}? Give their {label.words}.",
-                               f"List the {label.words} of {plural(t.words)} whose {column.words} is from {say(low, ctx.rng)} to {say(high, ctx.rng)}.",
-                               f"Find {plural(t.words)} with {column.words} in the range {say(low, ctx.rng)} to {say(high, ctx.rng)}; show the {label.words}."])
+    question = ctx.rng.choice([f"Which {plural(t.words)} have a {column.words} between {say(low, ctx.rng, ctx.people_style)} and {say(high, ctx.rng, ctx.people_style)}? Give their {label.words}.",
+                               f"List the {label.words} of {plural(t.words)} whose {column.words} is from {say(low, ctx.rng, ctx.people_style)} to {say(high, ctx.rng, ctx.people_style)}.",
+                               f"Find {plural(t.words)} with {column.words} in the range {say(low, ctx.rng, ctx.people_style)} to {say(high, ctx.rng, ctx.people_style)}; show the {label.words}."])
     return question, sql, "between"
 
 
@@ -237,7 +290,7 @@ def shape_in(ctx: Ctx) -> Example | None:
     if label.name == column.name:
         return None
     sql = f"SELECT {q(label.name)} FROM {q(t.name)} WHERE {q(column.name)} IN ({lit(chosen[0])}, {lit(chosen[1])})"
-    a_, b_ = (say(v, ctx.rng) for v in chosen)
+    a_, b_ = (say(v, ctx.rng, ctx.people_style) for v in chosen)
     question = ctx.rng.choice([f"Show the {label.words} of {plural(t.words)} whose {column.words} is {a_} or {b_}.",
                                f"Which {plural(t.words)} have {column.words} {a_} or {b_}? List their {label.words}.",
                                f"Find the {label.words} for {plural(t.words)} with a {column.words} of either {a_} or {b_}."])
@@ -434,6 +487,9 @@ def shape_join(ctx: Ctx, hops: int) -> Example | None:
         f"What are the {label.words} of the {plural(first.words)} linked to {plural(last.words)} with {cond.with_}{via}?",
         f"Find the {label.words} of {plural(first.words)} whose {last.words} has {cond.with_}.",
         f"List the {label.words} of every {first.words} associated with {a(last.words)} whose {cond.whose}{via}.",
+        # the joined table left unnamed, as people ask: the schema says where the column lives
+        *([f"Which {plural(first.words)} have {cond.with_}? Give their {label.words}.",
+           f"Find the {label.words} of {plural(first.words)} with {cond.with_}."] if ctx.people_style else []),
     ])
     return question, sql, f"join{hops}"
 
@@ -534,7 +590,7 @@ def shape_setop(ctx: Ctx) -> Example | None:
     op = ctx.rng.choice(["INTERSECT", "EXCEPT", "UNION"])
     part = f"SELECT {q(target.name)} FROM {q(t.name)} WHERE {q(g.name)} = "
     sql = f"{part}{lit(v1)} {op} {part}{lit(v2)}"
-    s1, s2 = say(v1, ctx.rng), say(v2, ctx.rng)
+    s1, s2 = say(v1, ctx.rng, ctx.people_style), say(v2, ctx.rng, ctx.people_style)
     question = {
         "INTERSECT": f"Which {target.words} values appear both for {plural(t.words)} with {g.words} {s1} and for those with {g.words} {s2}?",
         "EXCEPT": f"Which {target.words} values belong to {plural(t.words)} with {g.words} {s1} but not to any with {g.words} {s2}?",
@@ -574,14 +630,24 @@ def informative(ctx: Ctx, sql: str) -> bool:
     return bool(rows) and not all(v is None for row in rows for v in row) and len(rows) <= 60
 
 
-def examples_for(schema: Schema, con: sqlite3.Connection, rng: random.Random) -> list[Example]:
-    """The informative, distinct question/SQL pairs of one database, over every shape."""
-    ctx = Ctx(schema, con, rng)
+def examples_for(schema: Schema, con: sqlite3.Connection, rng: random.Random,
+                 people_style: bool = False) -> list[Example]:
+    """The informative, distinct question/SQL pairs of one database, over every shape.
+
+    `people_style` also asks as people do: names in other words (`as_people_say`), joins with the joined table
+    left unnamed, casual typing. The held-out test databases are asked without it, so that test subset stays
+    the same questions whatever the training data does (the hand-written `people` subset is the other test).
+    """
+    ctx = Ctx(schema, con, rng, people_style)
     out: list[Example] = []
     seen_sql: set[str] = set()
     for generator, draws in SHAPES.values():
         for _ in range(draws):
+            if people_style:
+                ctx.schema = as_people_say(schema, rng)  # each question names things its own way
             made = generator(ctx)
+            if made is not None and people_style:
+                made = (casual(made[0], rng), *made[1:])
             if made is None or made[1] in seen_sql or not informative(ctx, made[1]):
                 continue
             seen_sql.add(made[1])

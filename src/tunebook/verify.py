@@ -1,0 +1,162 @@
+"""Verified decoding: answers constrained to what can exist, and checked without the reference answer.
+
+A metric that can judge one answer on its own says how (`metrics.Metric.grammar` and `.check`): SQL answers are
+constrained to the row's schema and SQLite's grammar (`sql_grammar.py`) and must run on the row's database; JSON
+answers must parse; code must parse. Verified decoding takes the constrained greedy answer when it passes the
+check; otherwise it samples a few constrained candidates and keeps the first that passes (execution-guided
+decoding), falling back to the greedy answer. The row it sees has its reference answer removed
+(`without_reference`), so no choice can depend on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunebook.config import Recipe
+from tunebook.prompts import is_chat
+
+CANDIDATES = 4
+TEMPERATURE = 0.7
+
+
+@dataclass(frozen=True)
+class Verifier:
+    """How to constrain and check one task's answers: a grammar per row, and a check per answer (0 = fails, up
+    to `best` = passes whole: for SQL, 1 = runs, 2 = runs and returns rows)."""
+
+    grammar: Callable[[dict, Path], str | None] | None
+    check: Callable[[str, dict, Path], int]
+    best: int = 1
+
+
+def verifier_for(recipe: Recipe) -> Verifier | None:
+    """The first chosen metric that can judge an answer on its own, as a Verifier (None: the task has none)."""
+    from tunebook.metrics import METRICS
+
+    for name in recipe.eval.metrics:
+        metric = METRICS[name]
+        if metric.check is not None:
+            return Verifier(metric.grammar, metric.check, metric.check_best)
+    return None
+
+
+def without_reference(row: dict) -> dict:
+    """The row as verified decoding may see it: the question, its context (database), never the answer."""
+    if is_chat(row):
+        return {**row, "messages": row["messages"][:-1]}
+    return {k: v for k, v in row.items() if k != "output"}
+
+
+@dataclass
+class Tally:
+    """How verified decoding got its answers."""
+
+    greedy_passed: int = 0
+    rescued: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"greedy_passed": self.greedy_passed, "rescued_by_a_candidate": self.rescued,
+                "no_candidate_passed": self.failed}
+
+
+def choose(greedy: str, candidates: list[str], level: Callable[[str], int], best: int, tally: Tally) -> str:
+    """The greedy answer if it passes whole, else the first candidate that passes best (ties: the greedy answer,
+    then candidate order)."""
+    top, chosen = level(greedy), greedy
+    if top < best:
+        for answer in candidates:
+            score = level(answer)
+            if score > top:
+                top, chosen = score, answer
+            if top == best:
+                break
+    if chosen is greedy and top == best:
+        tally.greedy_passed += 1
+    elif top == best:
+        tally.rescued += 1
+    else:
+        tally.failed += 1
+    return chosen
+
+
+def row_grammars(verifier: Verifier, rows: list[dict], data_file: Path) -> list[str | None]:
+    if verifier.grammar is None:
+        return [None] * len(rows)
+    return [verifier.grammar(without_reference(row), data_file) for row in rows]
+
+
+def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
+                on_batch: Callable[[list[int], list[str]], None], *, data_file: Path, recipe: Recipe,
+                verifier: Verifier, tally: Tally) -> None:
+    """Verified answers from a transformers model, batch by batch into `on_batch` (the eval journal). The
+    candidates of a batch's failing rows are sampled in one call."""
+    from tunebook.constrained import HFGrammars
+    from tunebook.generation import decode_answers, generate, sample_batch
+    from tunebook.prompts import stop_token_ids
+
+    system = recipe.data.system_prompt
+    texts = row_grammars(verifier, rows, data_file)
+    hf = None
+    if all(t is not None for t in texts):
+        hf = HFGrammars(tokenizer, model.config.vocab_size, stop_token_ids(tokenizer, system))
+    views = [without_reference(row) for row in rows]
+
+    def checked(indices: list[int], answers: list[str]) -> None:
+        levels = {i: verifier.check(a, views[i], data_file) for i, a in zip(indices, answers, strict=True)}
+        failing = [i for i in indices if levels[i] < verifier.best]
+        sampled: dict[int, list[str]] = {}
+        if failing:
+            ids = sample_batch(model, tokenizer, [rows[i] for i in failing], system, recipe.eval.max_new_tokens,
+                               CANDIDATES, TEMPERATURE, seed=failing[0], grammars=hf,
+                               grammar_texts=[texts[i] for i in failing] if hf else None)
+            sampled = {i: decode_answers(tokenizer, group) for i, group in zip(failing, ids, strict=True)}
+        final = [choose(a, sampled.get(i, []), lambda text, i=i: verifier.check(text, views[i], data_file),
+                        verifier.best, tally) for i, a in zip(indices, answers, strict=True)]
+        on_batch(indices, final)
+
+    generate(model, tokenizer, rows, system, recipe.eval.max_new_tokens, recipe.eval.batch_size, progress,
+             on_batch=checked, grammars=(hf, texts) if hf else None)
+
+
+def gguf_verified(llm: Any, tokenizer: Any, rows: list[dict], progress: Any,
+                  on_batch: Callable[[list[int], list[str]], None], *, data_file: Path, recipe: Recipe,
+                  verifier: Verifier, tally: Tally) -> None:
+    """Verified answers from a GGUF file through llama.cpp's own GBNF sampler, one row at a time."""
+    from tunebook.constrained import llama_grammar
+    from tunebook.generation import decode_answers
+    from tunebook.prompts import encode_prompt, stop_token_ids
+
+    system = recipe.data.system_prompt
+    stops = stop_token_ids(tokenizer, system)
+    texts = row_grammars(verifier, rows, data_file)
+    max_new = recipe.eval.max_new_tokens
+    prompts = [encode_prompt(tokenizer, row, system) for row in rows]
+    for i in sorted(range(len(rows)), key=lambda i: prompts[i]):  # shared prefixes stay in llama.cpp's cache
+        grammar = llama_grammar(texts[i]) if texts[i] else None
+        view = without_reference(rows[i])
+        greedy = decode_answers(tokenizer, [_llama_answer(llm, prompts[i], stops, max_new, grammar, 0.0, 0)])[0]
+        candidates = []
+        if verifier.check(greedy, view, data_file) < verifier.best:
+            candidates = decode_answers(tokenizer, [_llama_answer(llm, prompts[i], stops, max_new, grammar,
+                                                                  TEMPERATURE, i * 31 + k) for k in range(CANDIDATES)])
+        on_batch([i], [choose(greedy, candidates, lambda text, view=view: verifier.check(text, view, data_file),
+                              verifier.best, tally)])
+        if progress is not None:
+            progress(1)
+
+
+def _llama_answer(llm: Any, prompt: list[int], stops: list[int], max_new: int, grammar: Any, temperature: float,
+                  seed: int) -> list[int]:
+    answer: list[int] = []
+    if temperature > 0:
+        llm.set_seed(seed)
+    kwargs = {"temp": 0.0, "top_k": 1} if temperature == 0 else {"temp": temperature, "top_k": 40, "top_p": 0.95}
+    for token in llm.generate(prompt, reset=True, grammar=grammar, **kwargs):
+        answer.append(token)
+        if token in stops or len(answer) >= max_new:
+            break
+    return answer

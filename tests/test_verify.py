@@ -1,0 +1,178 @@
+"""Verified decoding: the schema grammar names only what exists (transformers and llama.cpp), the choice never
+reads the reference, and the report says what kind of error each answer made."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+import sqlglot
+from sqlglot import exp
+from transformers import AutoModelForCausalLM, LogitsProcessor
+
+import tunebook.export
+from tunebook.constrained import HFGrammars
+from tunebook.generation import decode_answers, generate_ids
+from tunebook.metrics import sql_error_kind
+from tunebook.prompts import stop_token_ids
+from tunebook.sql_grammar import identifiers, schema_grammar
+
+SCHEMA = """
+CREATE TABLE owner (owner_id INTEGER PRIMARY KEY, first_name TEXT, age INTEGER);
+CREATE TABLE pets (pet_id INTEGER PRIMARY KEY, owner_id INTEGER REFERENCES owner(owner_id), "Pet Type" TEXT, weight REAL);
+INSERT INTO owner VALUES (1, 'Ann', 22), (2, 'Bo', 19);
+INSERT INTO pets VALUES (1, 1, 'dog', 12.5), (2, 2, 'cat', 4.0);
+"""
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "pets.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(SCHEMA)
+    con.commit()
+    con.close()
+    return path
+
+
+def accepts(grammar: str, tokenizer, text: str) -> bool:
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer), stop_token_ids=[2])
+    matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(grammar))
+    return matcher.accept_string(text) and matcher.accept_token(2)
+
+
+def test_the_grammar_takes_real_queries_and_refuses_names_the_schema_lacks(db, tokenizer):
+    grammar = schema_grammar(db)
+    for good in ("SELECT first_name FROM owner WHERE age > 20",
+                 'SELECT T1.first_name, T2."Pet Type" FROM owner AS T1 JOIN pets AS T2 ON T1.owner_id = T2.owner_id',
+                 "select count(*) from pets group by owner_id having count(*) > 1 order by count(*) desc limit 1",
+                 "SELECT first_name FROM owner WHERE owner_id IN (SELECT owner_id FROM pets WHERE weight < 5)",
+                 "SELECT avg(weight) FROM pets;"):
+        assert accepts(grammar, tokenizer, good), good
+    for bad in ("SELECT name FROM Students", "SELECT owner.weight FROM owner", "SELECT Pet Type FROM pets",
+                "DROP TABLE pets", "SELECT first_name FROM owner WHERE name = \"Ann\"", "Here is the query: SELECT 1"):
+        assert not accepts(grammar, tokenizer, bad), bad
+
+
+class PushThenMask(LogitsProcessor):
+    """Forced bad logits: the tokens of names the schema lacks get +1000, then the grammar's mask applies."""
+
+    def __init__(self, token_ids: list[int], mask: LogitsProcessor):
+        self.token_ids, self.mask = token_ids, mask
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token_ids] += 1000.0
+        return self.mask(input_ids, scores)
+
+
+class Pushed:
+    """HFGrammars whose processors push the bad tokens first."""
+
+    def __init__(self, grammars: HFGrammars, token_ids: list[int]):
+        self.grammars, self.token_ids = grammars, token_ids
+
+    def processor(self, texts: list[str]) -> LogitsProcessor:
+        return PushThenMask(self.token_ids, self.grammars.processor(texts))
+
+
+def test_constrained_decoding_never_names_what_the_schema_lacks(db, tiny_model_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    rows = [{"instruction": "Write a SQLite query.", "input": f"Question: which students own dogs? ({i})"}
+            for i in range(3)]
+    bad = sorted({t for word in (" Students", " Dogs", " Nation", "students", " FROM Students")
+                  for t in tokenizer(word, add_special_tokens=False)["input_ids"]})
+    grammars = HFGrammars(tokenizer, model.config.vocab_size, stop_token_ids(tokenizer, None))
+    grammar = schema_grammar(db)
+    answers = decode_answers(tokenizer, generate_ids(model, tokenizer, rows, None, 40, 3,
+                                                     grammars=(Pushed(grammars, bad), [grammar] * 3)))
+    free = decode_answers(tokenizer, generate_ids(model, tokenizer, rows[:1], None, 12, 1,
+                                                  grammars=None))[0]
+    assert answers and all(a.upper().startswith("SELECT") for a in answers), answers
+    known = identifiers(db) | {f"t{i}" for i in range(1, 10)}
+    for answer in answers:
+        complete = answer if answer.count("'") % 2 == 0 else answer + "'"
+        try:
+            tree = sqlglot.parse_one(complete, read="sqlite")
+        except sqlglot.errors.ParseError:
+            tree = None  # cut off at the token limit: check the names it wrote so far, word by word
+        names = ({n.name.lower() for n in tree.find_all(exp.Column, exp.Table, exp.TableAlias)} if tree is not None
+                 else set())
+        assert names <= known, (answer, names - known)
+        assert "students" not in answer.lower() and "dogs" not in answer.lower()
+    assert not free.upper().startswith("SELECT"), "control: unconstrained, the tiny model writes no SQL"
+
+
+def test_verified_choice_never_reads_the_reference(db, tiny_model_dir, tokenizer, tmp_path):
+    from conftest import write_recipe
+
+    from tunebook.config import load_recipe
+    from tunebook.verify import Tally, hf_verified, verifier_for, without_reference
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"instruction": "Write a SQLite query.", "input": f"Question: pets heavier than {w}?",
+             "output": "SELECT pet_id FROM pets WHERE weight > 5", "db_path": str(db)} for w in (1, 5, 10)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(write_recipe(
+        tmp_path / "v.yaml", model={"name": str(tiny_model_dir)}, task="sql",
+        data={"train": str(data), "val": str(data), "test": str(data), "max_length": 256},
+        lora={"r": 4}, training={"max_steps": 1}, eval={"max_new_tokens": 24, "batch_size": 3,
+                                                         "decoding": ["plain", "verified"]}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    verifier = verifier_for(recipe)
+    assert without_reference(rows[0]).keys() == {"instruction", "input", "db_path"}
+
+    def run(batch: list[dict]) -> tuple[list[str], dict]:
+        got: dict[int, str] = {}
+        tally = Tally()
+        hf_verified(model, tokenizer, batch, None, lambda idx, answers: got.update(zip(idx, answers, strict=True)),
+                    data_file=data, recipe=recipe, verifier=verifier, tally=tally)
+        return [got[i] for i in range(len(batch))], tally.as_dict()
+
+    first, tally = run(rows)
+    corrupted, tally_again = run([{**r, "output": "SELECT nonsense"} for r in rows])
+    assert first == corrupted and tally == tally_again
+    assert sum(tally.values()) == 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
+@pytest.mark.skipif(not tunebook.export.CONVERTER_DIR.joinpath("convert_hf_to_gguf.py").exists(),
+                    reason="llama.cpp converter not extracted")
+def test_llama_cpp_follows_the_same_grammar(db, tiny_model_dir, tokenizer, tmp_path):
+    from tunebook.constrained import llama_grammar
+    from tunebook.llamacpp import load_gguf
+    from tunebook.prompts import encode_prompt
+    from tunebook.verify import _llama_answer
+
+    gguf = tmp_path / "tiny-f16.gguf"
+    subprocess.run([sys.executable, str(tunebook.export.converter_script()), str(tiny_model_dir), "--outfile",
+                    str(gguf), "--outtype", "f16"], check=True, capture_output=True)
+    llm = load_gguf(gguf, n_ctx=512)
+    prompt = encode_prompt(tokenizer, {"instruction": "Write a SQLite query.", "input": "Question: owners?"})
+    stops = stop_token_ids(tokenizer, None)
+    plain = decode_answers(tokenizer, [_llama_answer(llm, prompt, stops, 16, None, 0.0, 0)])[0]
+    constrained = decode_answers(tokenizer, [_llama_answer(llm, prompt, stops, 48, llama_grammar(schema_grammar(db)),
+                                                           0.0, 0)])[0]
+    assert constrained.upper().startswith("SELECT") and not plain.upper().startswith("SELECT")
+    words = {w.lower() for w in constrained.replace(",", " ").replace("(", " ").replace(")", " ").split()}
+    assert not words & {"students", "dogs"}
+
+
+def test_error_kinds_are_read_from_sqlite(db):
+    from tunebook.sandbox import run_sql
+
+    cases = {"SELECT * FROM Students": "unknown_table", "SELECT name FROM owner": "unknown_column",
+             "SELECT owner_id FROM owner JOIN pets ON owner.owner_id = pets.owner_id": "unknown_column",
+             "SELEC 1": "syntax_error", "SELECT first_name FROM owner WHERE": "syntax_error",
+             "DROP TABLE pets": "other_error"}
+    for sql, kind in cases.items():
+        _, error = run_sql(db, sql)
+        assert sql_error_kind(error, False) == kind, (sql, error)
+    assert sql_error_kind(None, True) == "correct" and sql_error_kind(None, False) == "wrong_result"
