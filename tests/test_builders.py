@@ -38,7 +38,29 @@ def test_sql_every_gold_query_runs_and_returns_rows(sql_data):
             result, error = run_sql(sql_data / "databases" / f"{row['db_id']}.sqlite", row["output"])
             assert error is None and result, row["output"]
             assert not all(v is None for r in result for v in r), row["output"]
-            assert row["shape"] == shape_of(row["output"]) and row["source"] in ("chinook", "generated", "spider")
+            assert row["source"] in ("chinook", "generated", "spider", "people")
+            # generated rows are labelled from their SQL; the hand-written ones by their author
+            assert row["shape"] == shape_of(row["output"]) or row["source"] == "people"
+
+
+def test_sql_people_rows_are_informative_hand_written_and_only_on_held_out_databases(sql_data):
+    splits = load(sql_data)
+    people = [r for r in splits["test"] if r["source"] == "people"]
+    assert len(people) >= 200 and not [r for r in splits["train"] + splits["val"] if r["source"] == "people"]
+    trained_on = {r["db_id"] for r in splits["train"] + splits["val"]}
+    assert {r["db_id"] for r in people}.isdisjoint(trained_on) and all(r["unseen_schema"] for r in people)
+    assert len({r["db_id"] for r in people}) == 24
+    for row in people:
+        result, error = run_sql(sql_data / "databases" / f"{row['db_id']}.sqlite", row["output"])
+        assert error is None and result, row
+        assert not all(v in (None, 0, "") for r in result for v in r), row  # informative, not all empty
+        assert row["shape"] in sql.PEOPLE_SHAPES
+    questions = [r["input"].split("Question: ")[1] for r in people]
+    assert len(set(questions)) == len(questions)
+    dev_questions, _ = spider.dev_questions_and_queries(Path("build/sources") / spider.WHEEL)
+    assert not {normalise(q) for q in questions} & {normalise(q) for q in dev_questions}
+    generated = {normalise(r["input"].split("Question: ")[1]) for r in splits["train"]}
+    assert not {normalise(q) for q in questions} & generated, "never a generated training question"
 
 
 def test_sql_splits_sizes_leakage_and_unseen_schemas(sql_data):

@@ -68,6 +68,11 @@ def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeyp
     for entry in by_shape.values():
         assert 0 <= entry["fine_tuned"]["exec_accuracy"] <= 100 and "exec_accuracy" in entry["base"]
     assert "## By shape (exec_accuracy)" in (out / "report.md").read_text()
+    for side in ("base", "fine_tuned"):  # every answer is exactly one kind: correct, wrong, or why it fails
+        kinds = ("exec_accuracy", "wrong_result", "unknown_table", "unknown_column", "syntax_error", "other_error")
+        assert sum(report[side][k] for k in kinds) == pytest.approx(100.0)
+    assert "## What kind of answer (percent of rows)" in (out / "report.md").read_text()
+    assert "| all rows | fine-tuned |" in (out / "report.md").read_text()
 
     # eval folds the adapter into the weights for the fine-tuned pass: same answers as the adapter kept apart
     from peft import PeftModel

@@ -102,8 +102,8 @@ def test_constrained_decoding_never_names_what_the_schema_lacks(db, tiny_model_d
             tree = sqlglot.parse_one(complete, read="sqlite")
         except sqlglot.errors.ParseError:
             tree = None  # cut off at the token limit: check the names it wrote so far, word by word
-        names = ({n.name.lower() for n in tree.find_all(exp.Column, exp.Table, exp.TableAlias)} if tree is not None
-                 else set())
+        names = ({n.name.lower() for n in tree.find_all(exp.Column, exp.Table, exp.TableAlias) if n.name != "*"}
+                 if tree is not None else set())
         assert names <= known, (answer, names - known)
         assert "students" not in answer.lower() and "dogs" not in answer.lower()
     assert not free.upper().startswith("SELECT"), "control: unconstrained, the tiny model writes no SQL"
@@ -176,3 +176,26 @@ def test_error_kinds_are_read_from_sqlite(db):
         _, error = run_sql(db, sql)
         assert sql_error_kind(error, False) == kind, (sql, error)
     assert sql_error_kind(None, True) == "correct" and sql_error_kind(None, False) == "wrong_result"
+
+
+def test_eval_reports_plain_and_verified_side_by_side_and_keeps_them_for_gguf(tiny_recipe):
+    from tunebook.config import load_recipe
+    from tunebook.evaluate import evaluate
+    from tunebook.export import export
+    from tunebook.train import train
+
+    recipe = load_recipe(tiny_recipe(training__max_steps=1, eval__limit=4, eval__max_new_tokens=12,
+                                     eval__decoding=["plain", "verified"], export__gguf=["f16"]))
+    train(recipe)
+    report = json.loads((evaluate(recipe) / "report.json").read_text())
+    assert set(report["verified"]) == {"fine_tuned"} and report["verified"]["fine_tuned"]["unknown_table"] == 0
+    assert sum(report["verified_choices"]["fine_tuned"].values()) == 4
+    assert report["timing"]["fine_tuned_verified"]["examples_per_s"] > 0
+    if importlib.util.find_spec("llama_cpp") is None or not tunebook.export.CONVERTER_DIR.joinpath(
+            "convert_hf_to_gguf.py").exists():
+        return
+    export(recipe, verify=False)
+    with_gguf = json.loads((evaluate(recipe, gguf=["f16"], gguf_verified=True) / "report.json").read_text())
+    assert with_gguf["verified"]["fine_tuned"] == report["verified"]["fine_tuned"], "reused, not lost"
+    assert set(with_gguf["verified"]) == {"fine_tuned", "gguf_f16"} and "f16" in with_gguf["gguf"]
+    assert with_gguf["verified"]["gguf_f16"]["unknown_table"] == 0

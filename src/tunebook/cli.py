@@ -83,7 +83,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     gguf = None
     if args.gguf:
         gguf = recipe.export.gguf if args.gguf == "exported" else [t.strip() for t in args.gguf.split(",") if t.strip()]
-    print_eval_summary(evaluate(recipe, which=args.model, data=args.data, gguf=gguf, force=args.force))
+    if args.verified_gguf and not gguf:
+        raise RecipeError(recipe.source, "--verified-gguf", "needs GGUF files to run.", "Add --gguf (or --gguf TYPES).")
+    print_eval_summary(evaluate(recipe, which=args.model, data=args.data, gguf=gguf, force=args.force,
+                                gguf_verified=args.verified_gguf))
     return 0
 
 
@@ -138,7 +141,8 @@ DEMO_STAGES = ("train", "eval", "export", "eval_gguf")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """train -> eval -> export -> eval of the quantised GGUF files, each stage timed (reports/<run>.demo-times.json)."""
+    """train -> eval -> export -> eval of the smallest quantised GGUF file, each stage timed
+    (reports/<run>.demo-times.json)."""
     import time
 
     from tunebook.bench import machine
@@ -150,7 +154,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tunebook.train import train
 
     recipe = load_run_recipe(args)
-    quantised = [t for t in recipe.export.gguf if t not in UNQUANTISED_GGUF_TYPES] or recipe.export.gguf
+    # The file that ships smallest: what quantisation costs, measured on it (`tunebook eval --gguf` runs the rest).
+    quantised = ([t for t in recipe.export.gguf if t not in UNQUANTISED_GGUF_TYPES] or recipe.export.gguf)[-1:]
     stages = {
         "train": lambda: print_train_summary(train(recipe)),
         "eval": lambda: print_eval_summary(evaluate(recipe)),
@@ -240,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "export.gguf, or a comma list (e.g. q8_0,q4_k_m)")
     ev.add_argument("--force", action="store_true",
                     help="evaluate the adapter even if another run trained it (the report says how it differs)")
+    ev.add_argument("--verified-gguf", action="store_true",
+                    help="also run the GGUF files with verified decoding (llama.cpp's GBNF grammar; slower)")
     run_name_option(ev)
     ex = recipe_command("export", "merged model, GGUF files and an Ollama Modelfile", cmd_export)
     ex.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,

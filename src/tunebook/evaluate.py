@@ -169,12 +169,13 @@ def exported_from(run_name: str) -> str | None:
 
 
 def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapter_dir: Path | None = None,
-             gguf: list[str] | None = None, force: bool = False) -> Path:
+             gguf: list[str] | None = None, force: bool = False, gguf_verified: bool = False) -> Path:
     """Run the evaluation and write reports/<report name>/ (report.json, report.md, chart.png, predictions.jsonl).
 
     `gguf` names exported GGUF types (e.g. q8_0, q4_k_m) to run through llama.cpp on the same rows with the same
     prompt tokens and stop tokens, greedy: the report gains a column for each, so it shows what quantisation kept.
-    `force` scores an adapter that another run trained (the report records how it differs).
+    `force` scores an adapter that another run trained (the report records how it differs). `gguf_verified`
+    also runs each GGUF with verified decoding (llama.cpp's GBNF sampler; several times slower than plain).
     """
     validate_recipe(recipe)
     run = identify(recipe)
@@ -198,13 +199,13 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
         key = eval_key(recipe, rows, kinds, adapter_dir)
         model_path = resolve_model_path(recipe.model.name)
         tokenizer = load_tokenizer(str(adapter_dir) if which != "base" else model_path, recipe.model.trust_remote_code)
-        results = previous_results(name, rows, kinds, key) if ggufs else None
+        results = previous_results(name, rows, kinds, key, "verified" in recipe.eval.decoding) if ggufs else None
         if results:
             print(f"{' and '.join(kinds)}: reusing {report_dir(name)} (same rows, prompts, settings and adapter)")
         else:
             results = hf_passes(recipe, name, key, kinds, rows, tokenizer, adapter_dir, data_file)
         for path in ggufs.values():
-            results.update(run_gguf(recipe, name, key, path, tokenizer, rows, data_file))
+            results.update(run_gguf(recipe, name, key, path, tokenizer, rows, data_file, gguf_verified))
 
         problems: list[str] = []
         for result in results.values():
@@ -354,7 +355,8 @@ def eval_key(recipe: Recipe, rows: list[dict], kinds: list[str], adapter_dir: Pa
     return digest.hexdigest()
 
 
-def previous_results(name: str, rows: list[dict], kinds: list[str], key: str) -> dict[str, dict] | None:
+def previous_results(name: str, rows: list[dict], kinds: list[str], key: str,
+                     verified: bool = False) -> dict[str, dict] | None:
     """The transformers passes of the current report, when it was made with the same `eval_key` (so `eval --gguf`
     after `eval` adds the GGUF columns without generating everything again); None otherwise."""
     folder = report_dir(name)
@@ -365,22 +367,31 @@ def previous_results(name: str, rows: list[dict], kinds: list[str], key: str) ->
         return None
     if report.get("eval_key") != key or len(saved) != len(rows):
         return None
-    return {kind: {"predictions": [r[f"{kind}_prediction"] for r in saved],
-                   "model_metrics": {k: v for k, v in report[kind].items() if k == "perplexity"},
-                   "examples_per_s": report["timing"][kind]["examples_per_s"]} for kind in kinds}
+    passes = [*kinds, *([kinds[-1] + VERIFIED] if verified else [])]
+    out = {}
+    for p in passes:
+        metrics = report[p] if p in ("base", "fine_tuned") else report.get("verified", {}).get(p.removesuffix(VERIFIED))
+        if metrics is None or f"{p}_prediction" not in saved[0]:
+            return None
+        out[p] = {"predictions": [r[f"{p}_prediction"] for r in saved],
+                  "model_metrics": {k: v for k, v in metrics.items() if k == "perplexity"},
+                  "examples_per_s": report["timing"][p]["examples_per_s"]}
+        if p.endswith(VERIFIED) and p.removesuffix(VERIFIED) in report.get("verified_choices", {}):
+            out[p]["verified"] = report["verified_choices"][p.removesuffix(VERIFIED)]
+    return out
 
 
 def run_gguf(recipe: Recipe, name: str, key: str, path: Path, tokenizer: Any, rows: list[dict],
-             data_file: Path) -> dict[str, dict]:
+             data_file: Path, verified: bool = False) -> dict[str, dict]:
     """One exported GGUF through llama.cpp on the eval rows: the prompt tokens and stop tokens of the HF passes,
-    greedy; with `eval.decoding: [plain, verified]` also verified (llama.cpp's GBNF sampler)."""
+    greedy; with `verified` also verified decoding (llama.cpp's own GBNF sampler)."""
     from tunebook import llamacpp
     from tunebook.prompts import encode_prompt, stop_token_ids
     from tunebook.verify import Tally, gguf_verified, verifier_for
 
     qtype = path.stem.rsplit("-", 1)[-1]
     stat = path.stat()
-    verifier = verifier_for(recipe) if "verified" in recipe.eval.decoding else None
+    verifier = verifier_for(recipe) if verified else None
     passes = [f"gguf_{qtype}", *([f"gguf_{qtype}{VERIFIED}"] if verifier else [])]
     journals = {p: Journal(eval_journal(name, p), f"{key}:{p}:{stat.st_size}:{stat.st_mtime_ns}") for p in passes}
     system = recipe.data.system_prompt
@@ -477,6 +488,7 @@ def write_report_files(tmp: Path, name: str, recipe: Recipe, rows: list[dict], r
         "n_examples": len(rows),
         "main_metric": recipe.eval.main_metric,
         "metrics": recipe.eval.metrics,
+        "decoding": recipe.eval.decoding,
         "base": base,
         "fine_tuned": tuned,
         "delta": {k: tuned[k] - base[k] for k in tuned if k in base},

@@ -12,7 +12,7 @@ tunebook process, never in the caller's own:
   call runs long (SQLite checks nothing inside `instr()` on megabyte strings) the caller kills the worker after a
   short grace and starts a new one.
 
-A worker costs one interpreter start (~50 ms) once, then about 0.1 ms per query of IPC, so a 300-row eval pays
+A worker costs one interpreter start (~40 ms) once, then about 0.1 ms per query of IPC, so a 300-row eval pays
 well under a second for it. Results are memoised per (database, query): a metric that scores subsets and shapes
 asks the same query many times.
 """
@@ -22,8 +22,10 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import multiprocessing
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -129,7 +131,7 @@ def execute(con: sqlite3.Connection, deadline: list[float], sql: str, time_limit
         deadline[0] = float("inf")
 
 
-def _worker(conn: Any) -> None:
+def _worker(conn_in: Any, conn_out: Any) -> None:
     """The worker's loop: (db_path, sql, time limit) in, a QueryResult out, until the pipe closes."""
     import resource
 
@@ -141,7 +143,7 @@ def _worker(conn: Any) -> None:
     deadline = [float("inf")]
     while True:
         try:
-            db_path, sql, time_limit_s = conn.recv()
+            db_path, sql, time_limit_s = conn_in.recv()
         except (EOFError, OSError):
             return
         key = str(db_path)
@@ -154,7 +156,7 @@ def _worker(conn: Any) -> None:
             result = execute(connections[key], deadline, sql, time_limit_s)
         except sqlite3.Error as exc:
             result = QueryResult(error=f"cannot open database: {exc}")
-        conn.send(result)
+        conn_out.send(result)
 
 
 def _set_heap_limit() -> None:
@@ -165,44 +167,52 @@ def _set_heap_limit() -> None:
         con.close()
 
 
-def _worker_main(conn: Any) -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the worker
-    _set_heap_limit()
-    _worker(conn)
-
-
 class SqlSandbox:
     """Runs untrusted queries in a worker process that is killed and replaced when a query outlives its limit.
 
-    Thread-safe (the app's request threads share one); queries run one at a time.
+    The worker is `python -m tunebook.sandbox` in a session of its own (a Ctrl-C is the parent's to handle),
+    talking over two pipes; it imports nothing but this module, so it starts the same from any caller. Thread-safe
+    (the app's request threads share one); queries run one at a time.
     """
 
     def __init__(self, time_limit_s: float = SQL_TIME_LIMIT_S, grace_s: float = KILL_GRACE_S):
         self.time_limit_s = time_limit_s
         self.grace_s = grace_s
         self._lock = threading.Lock()
-        self._process: Any = None
-        self._conn: Any = None
+        self._process: subprocess.Popen | None = None
+        self._send: Any = None
+        self._receive: Any = None
         self._memo: OrderedDict[tuple[str, str, float], QueryResult] = OrderedDict()
         self.kills = 0
 
     def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")  # never fork a process that holds torch's threads
-        parent, child = ctx.Pipe()
-        self._process = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="tunebook-sql")
-        self._process.start()
-        child.close()
-        self._conn = parent
+        from multiprocessing.connection import Connection
+
+        to_worker, from_parent = os.pipe()
+        from_worker, to_parent = os.pipe()
+        package_root = str(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
+                                                           if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tunebook.sandbox", str(to_worker), str(to_parent)], pass_fds=(to_worker, to_parent),
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        os.close(to_worker)
+        os.close(to_parent)
+        self._send = Connection(from_parent, readable=False)
+        self._receive = Connection(from_worker, writable=False)
 
     def _stop(self) -> None:
+        for conn in (self._send, self._receive):
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.close()
         if self._process is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._process.kill()
-            self._process.join(timeout=5)
-        self._process = self._conn = None
+            with contextlib.suppress(OSError):
+                self._process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=5)
+        self._process = self._send = self._receive = None
 
     def close(self) -> None:
         with self._lock:
@@ -227,14 +237,14 @@ class SqlSandbox:
             return result
 
     def _ask(self, db_path: str, sql: str, limit: float) -> QueryResult:
-        if self._process is None or not self._process.is_alive():
+        if self._process is None or self._process.poll() is not None:
             self._stop()
             self._start()
         try:
-            self._conn.send((db_path, sql, limit))
-            if self._conn.poll(limit + self.grace_s):
-                return self._conn.recv()
-        except (EOFError, OSError, BrokenPipeError):
+            self._send.send((db_path, sql, limit))
+            if self._receive.poll(limit + self.grace_s):
+                return self._receive.recv()
+        except (EOFError, OSError):
             self._stop()
             return QueryResult(error="the query stopped the sandbox (out of memory?)")
         # Still running past the limit: inside one long function call, where SQLite checks nothing.
@@ -262,3 +272,17 @@ def run_sql(db_path: str | Path, sql: str, time_limit_s: float | None = None) ->
     """(rows, None) of one untrusted query, or (None, error)."""
     _, rows, error = query_table(db_path, sql, time_limit_s)
     return rows, error
+
+
+def serve_worker(read_fd: int, write_fd: int) -> None:
+    """The worker process's main: set the heap ceiling, then answer queries until the parent goes."""
+    from multiprocessing.connection import Connection
+
+    _set_heap_limit()
+    _worker(Connection(read_fd, writable=False), Connection(write_fd, readable=False))
+
+
+if __name__ == "__main__":  # python -m tunebook.sandbox READ_FD WRITE_FD
+    from tunebook import sandbox  # results are pickled as tunebook.sandbox.QueryResult, not __main__'s
+
+    sandbox.serve_worker(int(sys.argv[1]), int(sys.argv[2]))

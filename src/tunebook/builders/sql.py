@@ -566,7 +566,9 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
     held = {e["db_id"] for e in splits["test"]} - {e["db_id"] for e in splits["train"] + splits["val"]}
     # Each row's place depends on that row alone (a seeded hash), so a change to the training questions never
     # reorders the test rows that `eval.limit` picks; the hand-written rows come last.
-    people = [e for e in people if normalise(e["question"]) not in taken]
+    answers = {normalise(e["output"]) for e in splits["train"] + splits["val"]}
+    kept = [e for e in people if normalise(e["question"]) not in taken and normalise(e["output"]) not in answers]
+    people_dropped, people = len(people) - len(kept), kept  # the rule every split keeps: no shared answer
     for name, rows in splits.items():
         rows.sort(key=lambda e: hashlib.sha256(f"{seed}|{name}|{e['db_id']}|{e['question']}".encode()).hexdigest())
         if name == "test":
@@ -586,6 +588,7 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
         "dropped_duplicates": dropped,
         "spider_test_only_databases": sorted(held_spider),
         "people_rows": len(people),
+        "people_dropped_same_answer_as_train_or_val": people_dropped,
         "dropped_matching_spider_dev": matching_dev,
         "by_source": {name: dict(sorted(Counter(r["source"] for r in rows).items())) for name, rows in splits.items()},
         "by_shape": {name: dict(sorted(Counter(r["shape"] for r in rows).items())) for name, rows in splits.items()},
