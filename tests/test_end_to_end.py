@@ -46,7 +46,9 @@ def test_real_smollm2_trains_reloads_evaluates_and_exports(smol_recipe, base_mod
     assert generated.shape[1] > ids.shape[1]
 
     report = json.loads((evaluate(smol_recipe) / "report.json").read_text())
-    assert report["n_examples"] == 4 and "exec_accuracy" in report["fine_tuned"]
+    assert report["n_examples"] == 8 and "exec_accuracy" in report["fine_tuned"]  # 4 generated + 4 people rows
+    assert set(report["subsets"]) >= {"unseen_real_schema", "people"} and "fine_tuned" in report["verified"]
+    assert report["verified"]["fine_tuned"]["unknown_table"] == 0.0
 
     result = export(smol_recipe)
     run = result["run"]

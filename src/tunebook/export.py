@@ -71,6 +71,9 @@ def merge(recipe: Recipe, adapter_dir: Path, out: Path) -> Path:
                                                 trust_remote_code=recipe.model.trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     tokenizer = load_tokenizer(str(adapter_dir))
+    from tunebook.prompts import template_as_trained
+
+    tokenizer.chat_template = template_as_trained(tokenizer)  # the GGUF's own template writes the trained prompt
     stops = stop_token_ids(tokenizer, recipe.data.system_prompt)
     merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -78,7 +81,22 @@ def merge(recipe: Recipe, adapter_dir: Path, out: Path) -> Path:
     with torch.no_grad():
         merged.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    copy_tokenizer_sources(recipe.model.name, out)
     return out
+
+
+# Tokenizer files llama.cpp's converter may read that a fast tokenizer's save_pretrained does not write (Phi-3's
+# and Mistral's converters read the sentencepiece model).
+TOKENIZER_SOURCES = ("tokenizer.model", "added_tokens.json")
+
+
+def copy_tokenizer_sources(model_name: str, out: Path) -> None:
+    """Copy the base model's tokenizer source files into `out` where the saved tokenizer lacks them."""
+    base = local_model_dir(model_name)
+    for name in TOKENIZER_SOURCES:
+        source = base / name if base is not None else None
+        if source is not None and source.exists() and not (out / name).exists():
+            shutil.copy(source, out / name)
 
 
 # ---------------------------------------------------------------- GGUF
@@ -95,9 +113,16 @@ def converter_script() -> Path:
     return script
 
 
-def convert(model_dir: Path, outfile: Path, outtype: str) -> None:
-    """HF directory -> GGUF with llama.cpp's converter (tokenizer, chat template and special ids included)."""
+def convert(model_dir: Path, outfile: Path, outtype: str, model_name: str | None = None) -> None:
+    """HF directory -> GGUF with llama.cpp's converter (tokenizer, chat template and special ids included).
+
+    `model_name` becomes the GGUF's `general.name`. llama.cpp reads tokenizer rules from it: for a name with
+    "phi3"/"phi-3" it strips the whitespace after Phi-3's special tokens, as Phi-3's own tokenizer does. The
+    converter's default is the folder's name, which for `models/merged/<run>/` says nothing about the base model.
+    """
     cmd = [sys.executable, str(converter_script()), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    if model_name:
+        cmd += ["--model-name", model_name]
     done = subprocess.run(cmd, capture_output=True, text=True)
     log.info("%s\n%s%s", " ".join(cmd), done.stdout, done.stderr)
     if done.returncode != 0:
@@ -240,6 +265,16 @@ def hf_greedy(model_dir: Path, tokenizer: Any, rows: list[dict], system: str | N
 # ---------------------------------------------------------------- the command
 
 
+def gguf_model_name(run: Run) -> str:
+    """`general.name` of a run's GGUF files: the base model's own name, then the run's (e.g.
+    `Phi-3-mini-4k-instruct-phi3-sql`), so llama.cpp applies the base model's tokenizer rules."""
+    from tunebook.models import registry_entry
+
+    entry = registry_entry(run.recipe.model.name)
+    base = entry.hub_id if entry is not None else run.recipe.model.name
+    return f"{Path(base.rstrip('/')).name}-{run.name}"
+
+
 def check_export_tools(recipe: Recipe) -> None:
     """Everything the GGUF step needs, checked before the merge starts."""
     if not recipe.export.gguf:
@@ -319,12 +354,12 @@ def build_export(run: Run, adapter: Path, merged: Path, ggufs: Path, verify: boo
         t0 = time.perf_counter()
         out = ggufs / gguf_file(run.name, qtype).name
         if qtype in GGUF_DIRECT_TYPES:
-            convert(merged, out, qtype)
+            convert(merged, out, qtype, gguf_model_name(run))
         else:
             if f16 is None:
                 f16 = ggufs / gguf_file(run.name, "f16").name
                 if not f16.exists():
-                    convert(merged, f16, "f16")
+                    convert(merged, f16, "f16", gguf_model_name(run))
             quantize(f16, out, qtype)
         timings[f"gguf_{qtype}_s"] = round(time.perf_counter() - t0, 1)
         files[qtype] = gguf_summary(out)
@@ -371,7 +406,7 @@ def build_export(run: Run, adapter: Path, merged: Path, ggufs: Path, verify: boo
             verification["checked"][qtype]["agreement"] = agreement(llm, sequences, stops, max_new)
             del llm
         if "f16" in files and "runtime" not in verification:
-            control_check(recipe, ggufs, sequences, stops, max_new, verification)
+            control_check(recipe, ggufs, sequences, stops, max_new, verification, gguf_model_name(run))
         f16_check = verification["checked"].get("f16", {}).get("agreement")
         if f16_check and not f16_check["confident_positions"]:
             verification["notes"].append("no position where the merged model is confident: the f16 agreement "
@@ -385,7 +420,7 @@ def build_export(run: Run, adapter: Path, merged: Path, ggufs: Path, verify: boo
 
 
 def control_check(recipe: Recipe, ggufs: Path, sequences: list[tuple], stops: list[int], max_new: int,
-                  verification: dict[str, Any]) -> None:
+                  verification: dict[str, Any], model_name: str | None = None) -> None:
     """Negative control: the base model without the adapter, converted the same way, should disagree visibly
     more; if it does not, the check could not tell whether the adapter is in the file. Needs the base weights
     on this machine; skipped with a note (never failing a finished export) where they are not."""
@@ -396,7 +431,7 @@ def control_check(recipe: Recipe, ggufs: Path, sequences: list[tuple], stops: li
         return
     control = ggufs / ".control-base-f16.gguf"
     try:
-        convert(base, control, "f16")
+        convert(base, control, "f16", model_name)
         llm = load_gguf(control, n_ctx=2 * recipe.data.max_length, logits_all=True)
         verification["control_base_without_adapter"] = agreement(llm, sequences, stops, max_new)
         del llm

@@ -15,6 +15,7 @@ puts loss on every assistant turn and its end-of-turn marker; evaluation generat
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 PLAIN_USER = "### Instruction:\n{content}\n\n### Response:\n"
@@ -72,10 +73,65 @@ def render_prompt(tokenizer: Any, example: dict[str, Any], system_prompt: str | 
     return render_messages(tokenizer, chat_messages(example, system_prompt), add_generation_prompt=True)
 
 
+SYSTEM_PROBE, USER_PROBE, ANSWER_PROBE = "SYSTEM_PROBE_1", "USER_PROBE_1", "ANSWER_PROBE_1"
+
+
+def system_handling(tokenizer: Any) -> str:
+    """What the tokenizer's chat template does with a system turn: `kept` where it is written (SmolLM2, Llama-3),
+    `dropped` (Phi-3-mini's template has no system role: it writes nothing for it), or `moved` (Mistral's writes
+    it into the last user turn)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return "kept"
+    return _system_handling(tokenizer, template)
+
+
+@functools.lru_cache(maxsize=16)
+def _system_handling(tokenizer: Any, template: str) -> str:
+    system = {"role": "system", "content": SYSTEM_PROBE}
+    one = tokenizer.apply_chat_template([system, {"role": "user", "content": USER_PROBE}], tokenize=False,
+                                        add_generation_prompt=True)
+    if SYSTEM_PROBE not in one:
+        return "dropped"
+    two = tokenizer.apply_chat_template([system, {"role": "user", "content": USER_PROBE},
+                                         {"role": "assistant", "content": ANSWER_PROBE},
+                                         {"role": "user", "content": "USER_PROBE_2"}], tokenize=False,
+                                        add_generation_prompt=True)
+    return "moved" if two.find(SYSTEM_PROBE) > two.find(ANSWER_PROBE) else "kept"
+
+
+def for_template(tokenizer: Any, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation as this template can write it: where the template drops system turns (Phi-3-mini), the
+    system prompt opens the first user turn instead ("system\n\nuser"), so it is never silently lost."""
+    if not messages or messages[0]["role"] != "system" or system_handling(tokenizer) != "dropped":
+        return messages
+    system, rest = messages[0]["content"], [dict(m) for m in messages[1:]]
+    first_user = next((m for m in rest if m["role"] == "user"), None)
+    if first_user is not None:
+        first_user["content"] = f"{system}\n\n{first_user['content']}"
+    return rest
+
+
+# Put in front of a template that drops system turns (exported with the model): the system prompt opens the first
+# user turn, as `for_template` does in training, so a client of the GGUF's own template gets the trained prompt.
+FOLD_SYSTEM = ("{%- if messages and messages[0]['role'] == 'system' and messages | length > 1 -%}"
+               "{%- set messages = [{'role': messages[1]['role'], 'content': messages[0]['content'] + '\\n\\n' + "
+               "messages[1]['content']}] + messages[2:] -%}{%- endif -%}")
+
+
+def template_as_trained(tokenizer: Any) -> str | None:
+    """The chat template that writes conversations exactly as tunebook trains on them (for the exported model)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template and system_handling(tokenizer) == "dropped":
+        return FOLD_SYSTEM + template
+    return template
+
+
 def render_messages(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
     """A conversation as text: the model's chat template, or the plain format where it has none."""
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(for_template(tokenizer, messages), tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     parts = []
     for message in messages:
         if message["role"] == "assistant":
@@ -85,12 +141,32 @@ def render_messages(tokenizer: Any, messages: list[dict[str, str]], add_generati
     return "".join(parts)
 
 
+def trains_last_turn_only(tokenizer: Any, messages: list[dict[str, str]]) -> bool:
+    """Whether only the last answer of this conversation can be trained: a template that moves the system prompt
+    into the last user turn (Mistral-7B-Instruct-v0.3) writes it only while a user turn is last, so a whole
+    conversation renders without it and every earlier answer follows a prompt the model is never asked."""
+    return bool(messages) and messages[0]["role"] == "system" and system_handling(tokenizer) == "moved"
+
+
 def turn_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
     """The conversation as (text, trained) pieces: each assistant turn through its end-of-turn marker is trained.
 
     Rendered prefix by prefix with the template itself, so whatever the template writes around a turn is kept
-    exactly; a template that rewrites earlier turns (so a prefix is not a prefix) is refused.
+    exactly. Where the template moves the system prompt (`trains_last_turn_only`), the conversation is written as
+    the template writes it whole, and only its last answer is trained. A template that rewrites earlier turns in
+    any other way (so a prefix is not a prefix) is refused.
     """
+    if trains_last_turn_only(tokenizer, messages):
+        # The prompt as inference writes it (system prompt in the last user turn), then the answer as the template
+        # writes an answer (measured without the system turn, which the template would otherwise drop).
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = render_messages(tokenizer, messages[:last], add_generation_prompt=True)
+        plain = messages[1:]
+        bare_prompt = render_messages(tokenizer, plain[: last - 1], add_generation_prompt=True)
+        bare_full = render_messages(tokenizer, plain[:last])
+        if not bare_full.startswith(bare_prompt):
+            raise ValueError("The tokenizer's chat template does not write an answer after its own generation prompt.")
+        return [(prompt, False), (_answer_text(tokenizer, bare_full[len(bare_prompt):], messages[last]), True)]
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
@@ -103,12 +179,18 @@ def turn_segments(tokenizer: Any, messages: list[dict[str, str]]) -> list[tuple[
                 "The tokenizer's chat template renders a conversation that does not start with its own generation "
                 "prompt, so training and inference prompts would differ. Use a tokenizer with a consistent template."
             )
-        answer = full[len(prompt):].rstrip()
-        if not any(stop in answer[len(message["content"].rstrip()):] for stop in end_markers(tokenizer)):
-            answer += tokenizer.eos_token  # a template that writes no end marker: train EOS so the model stops
+        answer = _answer_text(tokenizer, full[len(prompt):], message)
         segments += [(prompt[len(done):], False), (answer, True)]
         done = prompt + answer
     return segments
+
+
+def _answer_text(tokenizer: Any, written: str, message: dict[str, str]) -> str:
+    """What the template wrote for one answer, through its end-of-turn marker (EOS added where it writes none)."""
+    answer = written.rstrip()
+    if not any(stop in answer[len(message["content"].rstrip()):] for stop in end_markers(tokenizer)):
+        answer += tokenizer.eos_token  # a template that writes no end marker: train EOS so the model stops
+    return answer
 
 
 def render_completion(tokenizer: Any, example: dict[str, Any], system_prompt: str | None = None) -> str:
@@ -159,6 +241,26 @@ def encode_prompt(tokenizer: Any, example: dict[str, Any], system_prompt: str | 
     )["input_ids"]
 
 
+def earlier_answer_labels(tokenizer: Any, segments: list[tuple[str, bool]], prompt_ids: list[int]) -> list[int]:
+    """Labels for the prompt before the last answer: its earlier answers (and their end-of-turn markers) trained.
+
+    The prompt is tokenized whole, exactly as `encode_prompt` feeds it at inference; which of its tokens belong to
+    an answer is read from the tokenizer's character offsets. (Tokenizing the turns one by one would not give the
+    same ids: Phi-3's special tokens swallow the newline after them only when it follows them in one string.)
+    """
+    text = "".join(piece for piece, _ in segments)
+    trained, start = [], 0
+    for piece, is_answer in segments:
+        if is_answer:
+            trained.append((start, start + len(piece)))
+        start += len(piece)
+    encoded = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer), return_offsets_mapping=True)
+    if encoded["input_ids"] != prompt_ids:
+        raise ValueError("The chat template's turns do not add up to the prompt it writes for the last answer.")
+    return [token if any(a <= begin < b for a, b in trained) else -100
+            for token, (begin, _) in zip(prompt_ids, encoded["offset_mapping"], strict=True)]
+
+
 def encode_example(
     tokenizer: Any, example: dict[str, Any], system_prompt: str | None = None, max_length: int | None = None,
     all_turns: bool = True,
@@ -172,14 +274,9 @@ def encode_example(
     """
     segments = turn_segments(tokenizer, conversation(example, system_prompt))
     input_ids = encode_prompt(tokenizer, example, system_prompt)
-    last_prompt_len = len(input_ids)
-    labels = [-100] * last_prompt_len
+    labels = [-100] * len(input_ids)
     if all_turns and len(segments) > 2:
-        input_ids, labels = [], []
-        for n, (text, trained) in enumerate(segments[:-1]):
-            ids = tokenizer(text, add_special_tokens=n == 0 and not has_chat_template(tokenizer))["input_ids"]
-            input_ids += ids
-            labels += ids if trained else [-100] * len(ids)
+        labels = earlier_answer_labels(tokenizer, segments[:-1], input_ids)
     completion_ids = tokenizer(segments[-1][0], add_special_tokens=False)["input_ids"]
     input_ids = input_ids + completion_ids
     if max_length is not None and len(input_ids) > max_length:
