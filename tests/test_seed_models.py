@@ -205,3 +205,19 @@ def assert_every_prompt_path_agrees(name, tokenizer, llm, gguf_folder) -> None:
     modelfile = (gguf_folder / "Modelfile").read_text()
     stops = [line.split('"')[1] for line in modelfile.splitlines() if line.startswith("PARAMETER stop")]
     assert stops[0] == SEEDS[name]["end_of_turn"] and stops == stop_strings(tokenizer, None)
+
+
+@pytest.mark.parametrize("name", list(SEEDS))
+def test_gpu_recipes_keep_almost_every_training_row_under_their_real_tokenizer(name, all_data):
+    """data.max_length of each seed model's recipes, against the real token counts of (a sample of) its data."""
+    from tunebook.config import load_recipe
+    from tunebook.data import read_split
+    from tunebook.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(seed_tokenizer_dir(name)))
+    for task in ("sql", "review", "qa", "summarize"):
+        recipe = load_recipe(f"{name}-{task}")
+        rows = read_split(recipe.data.train)[::6]
+        lengths = [len(encode_example(tokenizer, row, recipe.data.system_prompt)["input_ids"]) for row in rows]
+        dropped = sum(n > recipe.data.max_length for n in lengths) / len(rows)
+        assert dropped <= 0.02, (recipe.name, dropped)
