@@ -154,6 +154,11 @@ def test_seed_model_validates_trains_evaluates_exports_and_stops_where_it_should
     train(recipe)
     report = json.loads((evaluate(recipe, which="fine_tuned") / "report.json").read_text())
     assert report["fine_tuned"]["exact_match"] == 100.0, report["examples"]
+    from tunebook.app import AppSession, Settings, build_request, stream_answers
+
+    loaded = AppSession([recipe.source]).load(recipe.source)
+    asked = build_request("", "", json.dumps(echo_rows(1)[0]["messages"][:-1]))
+    assert list(stream_answers(loaded, asked, Settings(max_new_tokens=12)))[-1]["fine_tuned"] == "Yes", "the app too"
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "models" / "fine-tuned" / recipe.name)
     end_id = tokenizer.convert_tokens_to_ids(SEEDS[name]["end_of_turn"])
