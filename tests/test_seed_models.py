@@ -9,6 +9,7 @@ import json
 
 import pytest
 import transformers
+from seed_tokenizers import SEEDS, reference_tokenisations, seed_tokenizer_dir, tiny_seed_model, vocab_file
 
 import tunebook.export
 from tunebook.prompts import (
@@ -19,8 +20,6 @@ from tunebook.prompts import (
     stop_token_ids,
     system_handling,
 )
-
-from seed_tokenizers import SEEDS, reference_tokenisations, seed_tokenizer_dir, tiny_seed_model, vocab_file
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 HAS_CONVERTER = tunebook.export.CONVERTER_DIR.joinpath("convert_hf_to_gguf.py").exists()
@@ -64,7 +63,6 @@ def test_mistral_prompts_equal_mistral_commons_encoding():
     from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
-
     from seed_tokenizers import mistral_v3_model
 
     reference = MistralTokenizer.from_file(str(mistral_v3_model()))
@@ -126,14 +124,14 @@ def echo_rows(n: int) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SEEDS))
 def test_seed_model_validates_trains_evaluates_exports_and_stops_where_it_should(name, tmp_path, monkeypatch):
+    from conftest import write_recipe
+
     import tunebook.outputs
     from tunebook.config import load_recipe
     from tunebook.evaluate import evaluate
     from tunebook.export import export
     from tunebook.train import train
     from tunebook.validate import validate_recipe
-
-    from conftest import write_recipe
 
     for root, folder in (("MODELS_DIR", "models"), ("REPORTS_DIR", "reports"), ("LOGS_DIR", "logs")):
         monkeypatch.setattr(tunebook.outputs, root, tmp_path / folder)

@@ -102,6 +102,24 @@ class ExportConfig:
     verify_prompts: int = 6
 
 
+METHODS = ("sft", "dpo", "grpo")
+# The section a method's trainer settings live in, and the TRL config class they are checked against.
+METHOD_SECTIONS = {"sft": "training", "dpo": "dpo", "grpo": "grpo"}
+
+
+@dataclass
+class StageConfig:
+    """A training stage after SFT (`stage:`): TRL's DPO or GRPO, starting from another recipe's adapter."""
+
+    method: str = "sft"
+    parent: str | None = None  # the recipe (name or path) whose adapter this stage starts from
+    rewards: list[str] = field(default_factory=list)  # GRPO: metric names (rewards.py) or module:function
+    # DPO: pairs made from the parent's own answers on training prompts, judged by the task's metric
+    samples: int = 4  # answers sampled per prompt
+    temperature: float = 0.8
+    prompts: int | None = 400  # training prompts to sample from (None: all)
+
+
 @dataclass
 class Recipe:
     """A whole recipe, resolved and validated."""
@@ -115,6 +133,7 @@ class Recipe:
     training: dict[str, Any]
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
     overrides: list[str] = field(default_factory=list)  # the dotted overrides it was loaded with
     run_label: str | None = None  # `--name LABEL`: the run's outputs go to <name>@LABEL
 
@@ -129,7 +148,12 @@ class Recipe:
             "eval": dataclasses.asdict(self.eval),
             "export": dataclasses.asdict(self.export),
         }
+        if self.method != "sft":
+            out["stage"] = dataclasses.asdict(self.stage)
+            out[METHOD_SECTIONS[self.method]] = out.pop("training")
         for section, keys in SECRET_FIELDS.items():
+            if section == "training" and self.method != "sft":
+                section = METHOD_SECTIONS[self.method]
             for key in keys:
                 if out[section].get(key) is not None:
                     out[section][key] = REDACTED
@@ -144,6 +168,11 @@ class Recipe:
     def seed(self) -> int:
         return int(self.training.get("seed", 42))
 
+    @property
+    def method(self) -> str:
+        """sft, dpo or grpo: which TRL trainer trains this recipe (`training` holds that trainer's settings)."""
+        return self.stage.method
+
 
 SECTIONS: dict[str, type | None] = {
     "model": ModelConfig,
@@ -151,6 +180,9 @@ SECTIONS: dict[str, type | None] = {
     "data": DataConfig,
     "lora": None,
     "training": None,
+    "stage": StageConfig,
+    "dpo": None,
+    "grpo": None,
     "eval": EvalConfig,
     "export": ExportConfig,
 }
@@ -243,9 +275,20 @@ def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
 def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     """Turn the YAML mapping into a typed Recipe, raising RecipeError on the first problem found."""
     unknown_keys(raw, SECTIONS, source, prefix="")
-    for required in ("model", "task", "data", "lora", "training"):
-        if required not in raw:
-            raise RecipeError(source, required, "is missing.", f"Every recipe needs the sections {', '.join(SECTIONS)}.")
+    stage = build_section(StageConfig, raw.get("stage") or {}, source, "stage")
+    check_choice(stage.method, METHODS, source, "stage.method")
+    section = METHOD_SECTIONS[stage.method]
+    required = ("model", "task", "data", "lora", "training") if stage.method == "sft" else ("model", "task", "data",
+                                                                                          section)
+    for name in required:
+        if name not in raw:
+            raise RecipeError(source, name, "is missing.", f"A {stage.method} recipe needs the sections "
+                              f"{', '.join(required)}.")
+    for other in set(METHOD_SECTIONS.values()) - {section}:
+        if other in raw:
+            raise RecipeError(source, other, f"is the settings of another method (this recipe's stage.method is "
+                              f"{stage.method}).", f"Put the trainer's settings under `{section}:`.")
+    check_stage(stage, source)
     task = raw["task"]
     if not isinstance(task, str) or not NAME_RULE.fullmatch(task):
         raise RecipeError(source, "task", f"{task!r} is not a task name.",
@@ -258,17 +301,19 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     data.where = where_clause(data.where, source, "data.where")
     data.repeat = repeat_clause(data.repeat, source)
     data.share_context = share_context_clause(data.share_context, source)
-    lora = library_section(raw["lora"], lora_fields(), source, "lora", "peft.LoraConfig")
+    # A stage trains its parent's adapter further: that adapter's LoRA settings are the stage's.
+    lora = library_section(raw.get("lora") or {}, lora_fields(), source, "lora", "peft.LoraConfig")
     check_lora_values(lora, source)
-    training = library_section(raw["training"], sft_fields(), source, "training", "trl.SFTConfig")
-    check_training_values(training, source)
+    owner = {"sft": "trl.SFTConfig", "dpo": "trl.DPOConfig", "grpo": "trl.GRPOConfig"}[stage.method]
+    training = library_section(raw[section], trainer_fields(stage.method), source, section, owner)
+    check_training_values(training, source, section)
     for key, where in TRAINING_OWNED.items():
         if key in training:
-            raise RecipeError(source, f"training.{key}", "is set by tunebook.", f"Remove it: {where}.")
+            raise RecipeError(source, f"{section}.{key}", "is set by tunebook.", f"Remove it: {where}.")
     resume = training.get("resume_from_checkpoint")
     if resume not in (None, "auto") and not Path(str(resume)).is_dir():
         raise RecipeError(
-            source, "training.resume_from_checkpoint", f"'{resume}' is not a checkpoint directory.",
+            source, f"{section}.resume_from_checkpoint", f"'{resume}' is not a checkpoint directory.",
             "Use 'auto' (last complete checkpoint) or a path to a checkpoint-N directory.",
         )
     eval_cfg = build_section(EvalConfig, raw.get("eval") or {}, source, "eval")
@@ -302,7 +347,34 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
         training=training,
         eval=eval_cfg,
         export=export,
+        stage=stage,
     )
+
+
+def check_stage(stage: StageConfig, source: str) -> None:
+    """A DPO/GRPO stage names its parent recipe; GRPO names rewards that exist (metric names or module:function)."""
+    if stage.method == "sft":
+        if stage.parent or stage.rewards:
+            raise RecipeError(source, "stage", "parent and rewards belong to a dpo or grpo stage.",
+                              "Set stage.method: dpo or grpo, or remove them.")
+        return
+    if not stage.parent:
+        raise RecipeError(source, "stage.parent", f"a {stage.method} stage starts from another recipe's adapter.",
+                          "Name it, e.g. `stage: {method: " + stage.method + ", parent: smollm2-sql}`.")
+    if stage.method == "grpo":
+        from tunebook.rewards import REWARDS
+
+        if not stage.rewards:
+            raise RecipeError(source, "stage.rewards", "GRPO needs at least one reward.",
+                              f"Name metric rewards ({', '.join(REWARDS)}) or your own as module:function.")
+        for name in stage.rewards:
+            if name not in REWARDS and ":" not in str(name) and "." not in str(name):
+                hint = difflib.get_close_matches(str(name), list(REWARDS), n=1)
+                raise RecipeError(source, "stage.rewards", f"'{name}' is not a reward.",
+                                  (f"Did you mean '{hint[0]}'? " if hint else "") +
+                                  f"Rewards: {', '.join(REWARDS)}, or module:function for your own.")
+    if stage.samples < 2:
+        raise RecipeError(source, "stage.samples", f"{stage.samples} is too few to make pairs.", "Use 2 or more.")
 
 
 # ---------------------------------------------------------------- checks
@@ -345,20 +417,20 @@ _AT_LEAST_ONE = ("per_device_train_batch_size", "per_device_eval_batch_size", "g
 _POSITIVE = ("learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps")
 
 
-def check_training_values(training: dict[str, Any], source: str) -> None:
+def check_training_values(training: dict[str, Any], source: str, section: str = "training") -> None:
     """Values the Trainer would only refuse after the model has loaded."""
     for key in _AT_LEAST_ONE:
         value = training.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise RecipeError(source, f"training.{key}", f"{value!r} is not a whole number >= 1.", "Use 1 or more.")
+            raise RecipeError(source, f"{section}.{key}", f"{value!r} is not a whole number >= 1.", "Use 1 or more.")
     for key in _POSITIVE:
         value = training.get(key)
         if value is not None and _number(value) and value <= 0:
-            raise RecipeError(source, f"training.{key}", f"{value} must be positive.", "Use a value above 0.")
+            raise RecipeError(source, f"{section}.{key}", f"{value} must be positive.", "Use a value above 0.")
     for key in ("warmup_ratio", "weight_decay"):
         value = training.get(key)
         if value is not None and _number(value) and not 0 <= value <= 1:
-            raise RecipeError(source, f"training.{key}", f"{value} is outside 0-1.", "Use a value from 0 to 1.")
+            raise RecipeError(source, f"{section}.{key}", f"{value} is outside 0-1.", "Use a value from 0 to 1.")
 
 
 def where_clause(where: Any, source: str, name: str) -> dict[str, list] | None:
@@ -625,3 +697,14 @@ def sft_fields() -> dict[str, Any]:
     from trl import SFTConfig
 
     return dataclass_hints(SFTConfig)
+
+
+def trainer_config_class(method: str) -> type:
+    """The TRL config class of a method: SFTConfig, DPOConfig or GRPOConfig."""
+    import trl
+
+    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "grpo": trl.GRPOConfig}[method]
+
+
+def trainer_fields(method: str) -> dict[str, Any]:
+    return dataclass_hints(trainer_config_class(method))

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.errors import RecipeError
-from tunebook.prompts import is_chat, user_message
+from tunebook.prompts import is_chat, is_preference, user_message
 
 REQUIRED_FIELDS = ("instruction", "output")
 TEXT_FIELDS = ("instruction", "input", "output")
@@ -43,14 +43,14 @@ def read_split(path: str | Path, recipe_source: str = "recipe", field_name: str 
     for where, example in raw_examples(path):
         if not isinstance(example, dict):
             raise RecipeError(str(path), where, "is not a JSON object.", "Write one object per example.")
-        kind = "chat" if "messages" in example else "instruction"
+        kind = "chat" if "messages" in example else "preference" if is_preference(example) else "instruction"
         if first_format is None:
             first_format = (kind, where)
         elif kind != first_format[0]:
             raise RecipeError(str(path), where, f"is a {kind} row, but {first_format[1]} is a {first_format[0]} row.",
-                              f"Use one format per file: all {first_format[0]} rows "
-                              f"({CHAT_EXAMPLE if first_format[0] == 'chat' else INSTRUCTION_EXAMPLE}).")
-        (check_chat_row if kind == "chat" else check_instruction_row)(example, str(path), where)
+                              f"Use one format per file: all {first_format[0]} rows ({FORMAT_EXAMPLES[first_format[0]]}).")
+        {"chat": check_chat_row, "preference": check_preference_row,
+         "instruction": check_instruction_row}[kind](example, str(path), where)
         examples.append(example)
     if not examples:
         raise RecipeError(recipe_source, field_name, f"'{path}' has no examples.", "Build or fill the split.")
@@ -105,6 +105,37 @@ def raw_examples(path: Path) -> list[tuple[str, Any]]:
                                   f"Write the conversation as a JSON list, e.g. {CHAT_EXAMPLE}.") from None
         rows.append((f"row {i}", row))
     return rows
+
+
+PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
+FORMAT_EXAMPLES = {"chat": CHAT_EXAMPLE, "instruction": INSTRUCTION_EXAMPLE, "preference": PREFERENCE_EXAMPLE}
+
+
+def check_preference_row(example: dict[str, Any], path: str, where: str) -> None:
+    """TRL's preference format: `prompt`, `chosen`, `rejected`, as plain text or as conversations (the prompt a
+    list of turns ending with a user turn, each answer one assistant turn)."""
+    for key in ("prompt", "chosen", "rejected"):
+        value = example.get(key)
+        if isinstance(value, str):
+            if not value.strip():
+                raise RecipeError(path, f"{where}: field '{key}'", "is empty.", "Give every pair its text.")
+            continue
+        if key == "prompt" and isinstance(value, list) and value:
+            check_chat_row({"messages": [*value, {"role": "assistant", "content": "?"}]}, path, f"{where}: prompt")
+            if value[-1].get("role") != "user":
+                raise RecipeError(path, f"{where}: field 'prompt'", "does not end with a user turn.",
+                                  "End the prompt with the question the answers answer.")
+            continue
+        if key != "prompt" and isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+                and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str) \
+                and value[0]["content"].strip():
+            continue
+        raise RecipeError(path, f"{where}: field '{key}'", "is missing or not text." if value is None else
+                          f"is a {type(value).__name__}, not text or turns.",
+                          f"Write e.g. {PREFERENCE_EXAMPLE} (answers may also be "
+                          '[{"role": "assistant", "content": "..."}]).')
+    if isinstance(example["chosen"], type(example["rejected"])) and example["chosen"] == example["rejected"]:
+        raise RecipeError(path, where, "has the same chosen and rejected answer.", "Remove the row: it teaches nothing.")
 
 
 def check_instruction_row(example: dict[str, Any], path: str, where: str) -> None:

@@ -54,6 +54,11 @@ def lock_file(run_name: str) -> Path:
     return MODELS_DIR / ".locks" / f"{run_name}.lock"
 
 
+def pairs_file(run_name: str) -> Path:
+    """The preference pairs a DPO stage made from its parent's answers (pairs.py)."""
+    return MODELS_DIR / "pairs" / f"{run_name}.jsonl"
+
+
 def eval_journal(report_name: str, kind: str) -> Path:
     """The answers an eval pass has generated so far (journal.py), until its report is written."""
     return REPORTS_DIR / ".journal" / report_name / f"{kind}.jsonl"

@@ -28,6 +28,11 @@ def is_chat(example: dict[str, Any]) -> bool:
     return "messages" in example
 
 
+def is_preference(example: dict[str, Any]) -> bool:
+    """Whether a row is a preference pair in TRL's format: `prompt`, `chosen`, `rejected`."""
+    return "chosen" in example and "rejected" in example
+
+
 def user_message(example: dict[str, Any]) -> str:
     """The last user turn: for an instruction row, the instruction, then the input (if any) after a blank line."""
     if is_chat(example):

@@ -74,9 +74,10 @@ def run_fingerprint(recipe: Recipe) -> dict[str, Any]:
     (`seed: 42`) is the same run as leaving it unset.
     """
     from peft import LoraConfig
-    from trl import SFTConfig
 
-    lora_defaults, sft_defaults = library_defaults(LoraConfig), library_defaults(SFTConfig)
+    from tunebook.config import METHOD_SECTIONS, trainer_config_class
+
+    lora_defaults, sft_defaults = library_defaults(LoraConfig), library_defaults(trainer_config_class(recipe.method))
     best = bool(recipe.training.get("load_best_model_at_end"))
     ignored = NOT_IN_FINGERPRINT - set(BEST_MODEL_FIELDS) if best else NOT_IN_FINGERPRINT
     out: dict[str, Any] = {f"model.{k}": v for k, v in dataclasses.asdict(recipe.model).items()}
@@ -92,9 +93,25 @@ def run_fingerprint(recipe: Recipe) -> dict[str, Any]:
         out["data.val (sha256)"] = sha256(recipe.data.val)
         out["data.val_limit"] = recipe.data.val_limit
     out.update({f"lora.{k}": v for k, v in recipe.lora.items() if not same(v, lora_defaults.get(k, Ellipsis))})
-    out.update({f"training.{k}": v for k, v in recipe.training.items()
+    section = METHOD_SECTIONS[recipe.method]
+    out.update({f"{section}.{k}": v for k, v in recipe.training.items()
                 if k not in ignored and not same(v, sft_defaults.get(k, Ellipsis))})
+    if recipe.method != "sft":  # a stage's trajectory starts at its parent's adapter
+        out.update({f"stage.{k}": v for k, v in dataclasses.asdict(recipe.stage).items()})
+        parent = parent_adapter_dir(recipe)
+        out["stage.parent adapter (sha256)"] = (sha256(parent / ADAPTER_WEIGHTS) if (parent / ADAPTER_WEIGHTS).exists()
+                                                else None)
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # plain JSON values, comparable after a reload
+
+
+def parent_recipe(recipe: Recipe) -> Recipe:
+    """The recipe a stage starts from (as its file is written: the parent's own run)."""
+    return load_recipe(recipe.stage.parent)
+
+
+def parent_adapter_dir(recipe: Recipe) -> Path:
+    """Where the adapter a stage starts from lives: the parent recipe's run."""
+    return identify(parent_recipe(recipe)).adapter_dir
 
 
 def same(value: Any, default: Any) -> bool:

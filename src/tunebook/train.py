@@ -129,7 +129,7 @@ def train(recipe: Recipe, force: bool = False, force_resume: bool = False) -> Pa
 
 def train_run(run: Run, report: Any, force: bool, force_resume: bool) -> Path:
     """`train` once the run holds its lock."""
-    recipe, fingerprint = run.recipe, run.fingerprint
+    recipe = run.recipe
     if is_main_process():
         for note in clean_leftovers(run.adapter_dir):
             print(note)
@@ -145,20 +145,14 @@ def train_run(run: Run, report: Any, force: bool, force_resume: bool) -> Path:
         refuse_to_replace_other_run(run)
     resume = plan_resume(run, force, force_resume)
 
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import PrinterCallback, set_seed
-    from trl import SFTTrainer
+    if recipe.method != "sft":
+        return train_stage_run(run, report, resume)
+    return train_sft(run, report, resume)
 
-    from tunebook.progress import RichProgress
 
-    started = time.perf_counter()
-    use_cuda = torch.cuda.is_available()
-    seed = recipe.seed
-    set_seed(seed)
-
-    model_path = resolve_model_path(recipe.model.name)
-    tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
+def training_sets(run: Run, report: Any, tokenizer: Any) -> tuple[list[dict], list[dict], int]:
+    """The tokenised training and validation examples (dropped-for-length counted) of an SFT run."""
+    recipe = run.recipe
     train_rows, val_rows = repeat_rows(report.splits["train"], recipe.data.repeat), report.splits["val"]
     if recipe.data.share_context:
         train_rows = conversations_sharing_context(train_rows, recipe, tokenizer)
@@ -174,91 +168,116 @@ def train_run(run: Run, report: Any, force: bool, force_resume: bool) -> Path:
     if dropped_train or dropped_val:
         print(f"note: dropped {dropped_train} train / {dropped_val} val examples longer than "
               f"data.max_length={recipe.data.max_length} tokens (not truncated: that would cut answers)")
+    return train_set, val_set, dropped_train + dropped_val
 
-    ckpt_dir = run.checkpoints_dir
+
+def lora_model(run: Run, args: Any, use_cuda: bool) -> Any:
+    """The base model with a fresh LoRA adapter, prepared for the run's precision, quantisation and packing."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    recipe = run.recipe
+    model = load_model(resolve_model_path(recipe.model.name), recipe.model, for_training=True)
+    if (args.packing or args.padding_free) and not use_cuda and not recipe.model.attn_implementation:
+        model.set_attn_implementation(register_packed_attention())  # one packed example at a time (speedups.py)
+    if recipe.model.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(args.gradient_checkpointing))
+    # SFTTrainer would create the LoRA weights before Trainer seeds; seeding here makes them reproducible.
+    set_seed(recipe.seed)
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
+
+
+def train_sft(run: Run, report: Any, resume: Path | None) -> Path:
+    """`trl.SFTTrainer` on the run's tokenised examples; the adapter and run_info written whole."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback, set_seed
+    from trl import SFTTrainer
+
+    from tunebook.progress import RichProgress
+
+    recipe = run.recipe
+    started = time.perf_counter()
+    use_cuda = torch.cuda.is_available()
+    set_seed(recipe.seed)
+    tokenizer = load_tokenizer(resolve_model_path(recipe.model.name), recipe.model.trust_remote_code)
+    train_set, val_set, dropped = training_sets(run, report, tokenizer)
     # Built before the model so k-bit preparation follows the resolved checkpointing setting: TRL's default,
     # or the recipe's `gradient_checkpointing` / `activation_checkpointing` (its transformers 5.2x name).
-    args = sft_config(recipe, ckpt_dir, use_cuda)
+    args = sft_config(recipe, run.checkpoints_dir, use_cuda)
     # The eval loss before training is taken inside the training loop, after accelerate has wrapped the model:
     # `trainer.evaluate()` before `train()` prepares the bare model for evaluation, and since accelerate 1.14
     # (`_is_accelerate_prepared`) training's prepare then returns it as is, without DistributedDataParallel, so
     # every process trained on its own gradients (found by tests/test_scale.py).
     if "eval_on_start" not in recipe.training:
         args.eval_on_start = bool(val_set) and resume is None
-    model = load_model(model_path, recipe.model, for_training=True)
-    if (args.packing or args.padding_free) and not use_cuda and not recipe.model.attn_implementation:
-        model.set_attn_implementation(register_packed_attention())  # one packed example at a time (speedups.py)
-    if recipe.model.quantization != "none":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(args.gradient_checkpointing)
-        )
-    # SFTTrainer would create the LoRA weights before Trainer seeds; seeding here makes them reproducible.
-    set_seed(seed)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
-
-    from datasets import Dataset
-
+    model = lora_model(run, args, use_cuda)
     score_trained_positions_only()
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train_set),
-        eval_dataset=Dataset.from_list(val_set) if val_set else None,
-        processing_class=tokenizer,
-        callbacks=[RichProgress(), fingerprint_callback(fingerprint)],
-    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_set),
+                         eval_dataset=Dataset.from_list(val_set) if val_set else None, processing_class=tokenizer,
+                         callbacks=[RichProgress(), fingerprint_callback(run.fingerprint)])
     trainer.remove_callback(PrinterCallback)  # RichProgress shows the logs
-    world = args.world_size
-    effective = world * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    effective = args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
     if is_main_process():
-        print(f"effective batch {effective} = {world} processes x {args.per_device_train_batch_size} per device x "
-              f"{args.gradient_accumulation_steps} accumulation ({distributed_type()})")
+        print(f"effective batch {effective} = {args.world_size} processes x {args.per_device_train_batch_size} per "
+              f"device x {args.gradient_accumulation_steps} accumulation ({distributed_type()})")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     first_eval = next((h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0), {})
-    eval_before = first_eval.get("eval_loss")
     train_seconds = result.metrics["train_runtime"] - first_eval.get("eval_runtime", 0.0)  # training, not that eval
     eval_after = trainer.evaluate()["eval_loss"] if val_set else None
-    wall = time.perf_counter() - started
-
     # Under ZeRO-3/FSDP each process holds a shard of the weights: gathering the full state is collective (every
     # process takes part), and only then does the main process write the adapter from it.
     sharded = distributed_type() in ("DEEPSPEED", "FSDP")
     full_state = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if not trainer.is_world_process_zero():
         return run.adapter_dir
-    state = trainer.state
+    run_info = describe_run(run, trainer, model, resume, train_seconds, time.perf_counter() - started, use_cuda, {
+        "examples": {"train": len(train_set), "val": len(val_set), "dropped_too_long": dropped},
+        "effective_batch": effective, "train_loss": result.training_loss,
+        "eval_loss_before": first_eval.get("eval_loss"), "eval_loss_after": eval_after})
+    return write_final(run, trainer, tokenizer, run_info, full_state)
+
+
+def train_stage_run(run: Run, report: Any, resume: Path | None) -> Path:
+    """A DPO or GRPO stage (stages.py) from its parent's adapter; the adapter and run_info written whole."""
+    import torch
+
+    from tunebook.stages import train_stage
+
+    started = time.perf_counter()
+    trainer, _, model, facts = train_stage(run, report.splits["train"], resume)
+    if not trainer.is_world_process_zero():
+        return run.adapter_dir
+    seconds = next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), 0.0)
+    run_info = describe_run(run, trainer, model, resume, seconds, time.perf_counter() - started,
+                            torch.cuda.is_available(), {"method": run.recipe.method, **facts})
+    parent = load_tokenizer(facts["parent"]["adapter"], run.recipe.model.trust_remote_code)
+    return write_final(run, trainer, parent, run_info, adapters=["default"])
+
+
+def describe_run(run: Run, trainer: Any, model: Any, resume: Path | None, train_seconds: float, wall: float,
+                 use_cuda: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    """run_info.json: what ran, on what, how long, and the run's fingerprint."""
+    import torch
+
+    recipe, state = run.recipe, trainer.state
     tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-    run_info = {
-        "recipe": recipe.name,
-        "run": run.name,
-        "overrides": redacted_overrides(recipe.overrides),
-        "model": recipe.model.name,
-        "model_path": model_path,
-        "seed": seed,
-        "dtype": as_dict(resolve(recipe.model.dtype)),
-        "git_sha": git_sha(),
-        "versions": versions(),
-        "device": "cuda:" + torch.cuda.get_device_name(0) if use_cuda else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+    device = ("cuda:" + torch.cuda.get_device_name(0) if use_cuda
+              else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    return {
+        "recipe": recipe.name, "run": run.name, "overrides": redacted_overrides(recipe.overrides),
+        "model": recipe.model.name, "model_path": resolve_model_path(recipe.model.name), "seed": recipe.seed,
+        "dtype": as_dict(resolve(recipe.model.dtype)), "git_sha": git_sha(), "versions": versions(), "device": device,
         "data": {split: {"path": getattr(recipe.data, split), "sha256": sha256(getattr(recipe.data, split))}
                  for split in ("train", "val", "test")},
-        "examples": {"train": len(train_set), "val": len(val_set), "dropped_too_long": dropped_train + dropped_val},
-        "world_size": world,
-        "tier": distributed_type(),
-        "effective_batch": effective,
-        "global_steps": state.global_step,
-        "train_loss": result.training_loss,
-        "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after,
-        "resumed_from": str(resume) if resume else None,
-        "train_runtime_s": round(train_seconds, 1),
-        "wall_time_s": round(wall, 1),
-        "tokens_seen": tokens,
-        "train_tokens_per_s": round(tokens / train_seconds, 1) if tokens else None,
+        "world_size": trainer.args.world_size, "tier": distributed_type(), "global_steps": state.global_step,
+        "resumed_from": str(resume) if resume else None, "train_runtime_s": round(train_seconds, 1),
+        "wall_time_s": round(wall, 1), "tokens_seen": tokens,
+        "train_tokens_per_s": round(tokens / train_seconds, 1) if tokens and train_seconds else None,
         "peak_memory_mb": peak_memory_mb(use_cuda),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "fingerprint": fingerprint,
+        **extra, "fingerprint": run.fingerprint,
     }
-    return write_final(run, trainer, tokenizer, run_info, full_state)
 
 
 def distributed_type() -> str:
@@ -269,12 +288,15 @@ def distributed_type() -> str:
 
 
 def write_final(run: Run, trainer: Any, tokenizer: Any, run_info: dict[str, Any],
-                full_state: dict[str, Any] | None = None) -> Path:
-    """Adapter, tokenizer, resolved recipe, run_info, loss log and curve: built in a temp dir, then renamed."""
+                full_state: dict[str, Any] | None = None, adapters: list[str] | None = None) -> Path:
+    """Adapter, tokenizer, resolved recipe, run_info, loss log and curve: built in a temp dir, then renamed.
+
+    `adapters`: which of the model's adapters to save (a DPO stage also carries its frozen reference, `ref`)."""
     final = run.adapter_dir
     with atomic_dir(final) as tmp:
         # PEFT picks the adapter's weights out of a gathered full state dict (None: the model's own, unsharded).
-        trainer.model.save_pretrained(tmp, safe_serialization=True, state_dict=full_state)
+        trainer.model.save_pretrained(tmp, safe_serialization=True, state_dict=full_state,
+                                      selected_adapters=adapters)
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(run.recipe.to_dict(), sort_keys=False))
         (tmp / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2))

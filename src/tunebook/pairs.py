@@ -1,0 +1,108 @@
+"""Preference pairs for DPO, without people: the parent adapter's own answers, judged by the task's metric.
+
+For each training prompt (a seeded sample of `stage.prompts`), the parent samples `stage.samples` answers; the
+task's reward (`rewards.py`: for SQL, execution in the sandbox against the gold result) scores each. The chosen
+answer is a sample that scored full marks — an execution-verified answer — or, when none did, the reference
+itself (correct by construction); the rejected answer is the lowest-scoring sample. Prompts whose samples all
+scored full marks teach nothing and are skipped. A recipe may instead give its own rows in TRL's preference
+format (`prompt`/`chosen`/`rejected`, plain text or conversational), used as they are.
+
+Pairs are written to models/pairs/<run>.jsonl (with each answer's score) and reused while the parent adapter
+and the stage's settings are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from tunebook import outputs
+from tunebook.prompts import is_preference, reference_answer, render_messages, render_prompt
+
+
+def pair_from_preference_row(row: dict, tokenizer: Any, system: str | None) -> dict[str, str]:
+    """A user's preference row as the trainer's text: the prompt rendered by prompts.py, the answers as text."""
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        messages = ([{"role": "system", "content": system}] if system and prompt[0]["role"] != "system" else [])
+        text = render_messages(tokenizer, messages + prompt, add_generation_prompt=True)
+    else:
+        text = render_prompt(tokenizer, {"instruction": prompt, "input": ""}, system)
+
+    def answer(value: Any) -> str:
+        return value[-1]["content"] if isinstance(value, list) else str(value)
+
+    return {"prompt": text, "chosen": answer(row["chosen"]), "rejected": answer(row["rejected"])}
+
+
+def preference_pairs(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -> tuple[list[dict], dict[str, Any]]:
+    """The DPO rows of a stage and what was done to make them (for run_info)."""
+    recipe = run.recipe
+    system = recipe.data.system_prompt
+    if rows and is_preference(rows[0]):
+        return [pair_from_preference_row(r, tokenizer, system) for r in rows], {"source": recipe.data.train,
+                                                                               "pairs": len(rows)}
+    path = outputs.pairs_file(run.name)
+    key = hashlib.sha256(json.dumps(run.fingerprint, sort_keys=True).encode()).hexdigest()
+    cached = read_pairs(path, key)
+    if cached is None:
+        cached = make_pairs(recipe, rows, parent, tokenizer)
+        outputs.write_text_atomic(path, "\n".join([json.dumps({"key": key}),
+                                                   *(json.dumps(p, ensure_ascii=False) for p in cached)]) + "\n")
+    facts = {"source": str(path), "pairs": len(cached),
+             "chosen_from_samples": sum(p["chosen_score"] == 1.0 and p["chosen_source"] == "sample" for p in cached),
+             "chosen_reference": sum(p["chosen_source"] == "reference" for p in cached)}
+    return [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in cached], facts
+
+
+def read_pairs(path: Path, key: str) -> list[dict] | None:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    if not lines or json.loads(lines[0]).get("key") != key:
+        return None
+    return [json.loads(line) for line in lines[1:] if line.strip()]
+
+
+def make_pairs(recipe: Any, rows: list[dict], parent: Path, tokenizer: Any) -> list[dict]:
+    """Sample, judge and pair (see the module docstring). Only full-marks answers are ever chosen."""
+    from tunebook.evaluate import load_pass_model
+    from tunebook.generation import decode_answers, sample_batch
+    from tunebook.rewards import load_reward, reward_columns
+
+    judge = load_reward(judge_name(recipe), recipe.source)
+    chosen_rows = random.Random(recipe.seed).sample(rows, min(len(rows), recipe.stage.prompts or len(rows)))
+    model = load_pass_model(recipe, ["fine_tuned"], parent)
+    tokenizer.padding_side = "left"
+    data_file = Path(recipe.data.train)
+    system = recipe.data.system_prompt
+    pairs = []
+    for start in range(0, len(chosen_rows), 8):
+        batch = chosen_rows[start:start + 8]
+        samples = sample_batch(model, tokenizer, batch, system, recipe.eval.max_new_tokens, recipe.stage.samples,
+                               recipe.stage.temperature, seed=recipe.seed + start)
+        for row, ids in zip(batch, samples, strict=True):
+            answers = decode_answers(tokenizer, ids)
+            columns = reward_columns(row, data_file)
+            scores = judge([None] * len(answers), answers, **{k: [v] * len(answers) for k, v in columns.items()})
+            best, worst = max(range(len(answers)), key=scores.__getitem__), min(range(len(answers)), key=scores.__getitem__)
+            if scores[worst] == 1.0:
+                continue  # every sample already right: nothing to prefer
+            from_sample = scores[best] == 1.0
+            pairs.append({"prompt": render_prompt(tokenizer, row, system),
+                          "chosen": answers[best] if from_sample else reference_answer(row),
+                          "rejected": answers[worst], "chosen_score": 1.0, "rejected_score": scores[worst],
+                          "chosen_source": "sample" if from_sample else "reference"})
+    return pairs
+
+
+def judge_name(recipe: Any) -> str:
+    """The reward that judges pairs: the task's first metric that scores one answer (exact match otherwise)."""
+    from tunebook.rewards import REWARDS
+
+    return next((m for m in recipe.eval.metrics if m in REWARDS), "exact_match")
+

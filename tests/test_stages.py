@@ -1,0 +1,157 @@
+"""DPO and GRPO stages on the tiny model: they train from a parent's adapter, evaluate and export like SFT, are
+rewarded by the report's own metrics, and bad preference data or rewards are named before any model loads."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import write_recipe
+
+from tunebook.config import load_recipe
+from tunebook.errors import RecipeError
+from tunebook.rewards import REWARDS, load_reward
+
+
+@pytest.fixture
+def parent(tiny_recipe):
+    """A trained SFT parent (the tiny model, 2 steps)."""
+    from tunebook.train import train
+
+    recipe = load_recipe(tiny_recipe(name="tiny-parent", training__max_steps=2, lora__init_lora_weights=False))
+    train(recipe)
+    return recipe
+
+
+def stage_recipe(parent, tmp_path, method: str, **sections):
+    raw = {
+        "model": {"name": parent.model.name, "dtype": "float32"},
+        "task": "sql",
+        "data": {"train": parent.data.train, "val": parent.data.val, "test": parent.data.test, "max_length": 256,
+                 "system_prompt": parent.data.system_prompt},
+        "stage": {"method": method, "parent": parent.source, **sections.pop("stage", {})},
+        method: {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-4, "logging_steps": 1,
+                 "report_to": "none", "seed": 3, **sections.pop(method, {})},
+        "eval": {"max_new_tokens": 8, "batch_size": 4, "limit": 4},
+        **sections,
+    }
+    return write_recipe(tmp_path / f"tiny-{method}.yaml", **raw)
+
+
+def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(parent, tmp_path):
+    from tunebook.evaluate import evaluate
+    from tunebook.outputs import pairs_file
+    from tunebook.runs import identify
+    from tunebook.train import train
+
+    recipe = load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"samples": 2, "prompts": 6, "temperature": 1.0},
+                                      dpo={"beta": 0.1}))
+    out = train(recipe)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["method"] == "dpo" and info["global_steps"] == 2 and info["parent"]["recipe"] == parent.source
+    assert info["pairs"]["pairs"] > 0 and (out / "adapter_model.safetensors").exists()
+    assert not (out / "ref").exists(), "only the trained adapter is saved, not the frozen reference"
+    assert identify(recipe).fingerprint["stage.parent adapter (sha256)"]
+    pairs = [json.loads(line) for line in pairs_file(recipe.name).read_text().splitlines()[1:]]
+    sql_reward = REWARDS["sql_execution"]
+    rows = {json.loads(line)["output"]: json.loads(line) for line in Path(recipe.data.train).read_text().splitlines()}
+    for pair in pairs:  # only verified answers are ever chosen: the reference, or a sample with the gold's rows
+        assert pair["chosen_source"] == "reference" or pair["chosen_score"] == 1.0
+        assert pair["rejected_score"] < 1.0 and pair["chosen"] != pair["rejected"]
+    reference_pairs = [p for p in pairs if p["chosen_source"] == "reference"]
+    assert all(p["chosen"] in rows for p in reference_pairs)
+    assert sql_reward  # the same judge eval uses
+    report = json.loads((evaluate(recipe) / "report.json").read_text())
+    assert "exec_accuracy" in report["fine_tuned"]
+
+
+def test_grpo_stage_is_rewarded_by_the_sql_metric(parent, tmp_path):
+    from tunebook.train import train
+
+    recipe = load_recipe(stage_recipe(parent, tmp_path, "grpo", stage={"rewards": ["sql_execution"], "prompts": 4},
+                                      grpo={"num_generations": 2, "max_completion_length": 8,
+                                            "per_device_train_batch_size": 2}))
+    out = train(recipe)
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["method"] == "grpo" and info["global_steps"] == 2 and info["prompts"] == 4
+    history = json.loads((out / "loss_log.json").read_text())
+    assert any("reward" in h or "rewards/sql_execution/mean" in h for h in history), history[:2]
+
+
+def test_a_stage_is_a_new_run_when_its_parent_changes(parent, tmp_path):
+    from tunebook.runs import identify
+    from tunebook.train import train
+
+    path = stage_recipe(parent, tmp_path, "grpo", stage={"rewards": ["exact_match"]})
+    before = identify(load_recipe(path)).fingerprint
+    source = parent.source
+    with open(source) as handle:
+        text = handle.read()
+    with open(source, "w") as handle:
+        handle.write(text.replace("seed: 7", "seed: 9"))
+    train(load_recipe(source), force=True)
+    after = identify(load_recipe(path)).fingerprint
+    assert before["stage.parent adapter (sha256)"] != after["stage.parent adapter (sha256)"]
+
+
+@pytest.fixture
+def pets(tmp_path):
+    path = tmp_path / "pets.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript("CREATE TABLE pets (name TEXT, age INTEGER); INSERT INTO pets VALUES ('Rex', 3), ('Tom', 5);")
+    con.commit()
+    con.close()
+    return str(path)
+
+
+def test_metric_rewards_score_known_good_bad_and_hostile_answers(pets):
+    gold = "SELECT name FROM pets WHERE age > 4"
+    answers = ["SELECT name FROM pets WHERE age > 4", "```sql\nSELECT name FROM pets WHERE age >= 5\n```",
+               "SELECT age FROM pets", "SELECT name, age FROM pets", "SELECT * FROM nowhere", "DROP TABLE pets",
+               "SELECT zeroblob(300000000)", "SELECT instr(printf('%.*c', 3000000, 'a'), printf('%.*c', 200000, 'a') || 'b')"]
+    scores = REWARDS["sql_execution"](None, answers, reference=[gold] * len(answers), db_path=[pets] * len(answers))
+    assert scores == [1.0, 1.0, 0.4, 0.2, 0.0, 0.0, 0.0, 0.0]
+    assert REWARDS["exact_match"](None, ["a  b", "a c"], reference=["a b"] * 2) == [1.0, 0.0]
+    assert REWARDS["json_match"](None, ['{"a": 1}', "[1]", "no"], reference=['{"a":1}'] * 3) == [1.0, 0.2, 0.0]
+    chat = [[{"role": "assistant", "content": '{"a": 1}'}]]
+    assert REWARDS["json_match"](None, chat, reference=['{"a": 1}']) == [1.0]
+    assert load_reward("tunebook.rewards:exact_match") is REWARDS["exact_match"]
+    with pytest.raises(RecipeError, match="cannot load the reward 'nowhere.fn'"):
+        load_reward("nowhere.fn")
+
+
+def test_bad_stages_and_preference_rows_are_named_before_any_model_loads(parent, tmp_path):
+    from tunebook.validate import validate_recipe
+
+    with pytest.raises(RecipeError, match=r"stage.rewards: 'sql_exec' is not a reward. Did you mean 'sql_execution'"):
+        load_recipe(stage_recipe(parent, tmp_path, "grpo", stage={"rewards": ["sql_exec"]}))
+    with pytest.raises(RecipeError, match="stage.parent: a dpo stage starts from another recipe's adapter"):
+        load_recipe(write_recipe(tmp_path / "x.yaml", model={"name": "smollm2-135m-instruct"}, task="sql",
+                                 data={"train": "a", "val": "b", "test": "c"}, stage={"method": "dpo"}, dpo={}))
+    with pytest.raises(RecipeError, match="grpo: is the settings of another method"):
+        load_recipe(stage_recipe(parent, tmp_path, "dpo", grpo={"num_generations": 2}))
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "", "rejected": "b"}\n')
+    recipe = load_recipe(stage_recipe(parent, tmp_path, "dpo"), [f"data.train={bad}"])
+    with pytest.raises(RecipeError, match=r"prefs.jsonl: line 2: field 'chosen': is empty"):
+        validate_recipe(recipe)
+    bad.write_text('{"prompt": [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(RecipeError, match=r"line 1: prompt"):
+        validate_recipe(recipe)
+    bad.write_text('{"prompt": "q", "chosen": "same", "rejected": "same"}\n')
+    with pytest.raises(RecipeError, match="same chosen and rejected"):
+        validate_recipe(recipe)
+
+
+def test_a_stage_takes_preference_rows_as_they_are(parent, tmp_path):
+    from tunebook.train import train
+
+    prefs = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": [{"role": "assistant",
+             "content": "SELECT 1"}], "rejected": "I do not know."} for i in range(4)]
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(stage_recipe(parent, tmp_path, "dpo"), [f"data.train={prefs}"])
+    info = json.loads((train(recipe) / "run_info.json").read_text())
+    assert info["pairs"] == {"source": str(prefs), "pairs": 4}
