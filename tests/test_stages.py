@@ -55,16 +55,25 @@ def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(pa
     assert not (out / "ref").exists(), "only the trained adapter is saved, not the frozen reference"
     assert identify(recipe).fingerprint["stage.parent adapter (sha256)"]
     pairs = [json.loads(line) for line in pairs_file(recipe.name).read_text().splitlines()[1:]]
-    sql_reward = REWARDS["sql_execution"]
-    rows = {json.loads(line)["output"]: json.loads(line) for line in Path(recipe.data.train).read_text().splitlines()}
+    rows = [json.loads(line) for line in Path(recipe.data.train).read_text().splitlines()]
+    by_prompt = {render_prompt_of(recipe, row): row for row in rows}
     for pair in pairs:  # only verified answers are ever chosen: the reference, or a sample with the gold's rows
-        assert pair["chosen_source"] == "reference" or pair["chosen_score"] == 1.0
-        assert pair["rejected_score"] < 1.0 and pair["chosen"] != pair["rejected"]
-    reference_pairs = [p for p in pairs if p["chosen_source"] == "reference"]
-    assert all(p["chosen"] in rows for p in reference_pairs)
-    assert sql_reward  # the same judge eval uses
+        row = by_prompt[pair["prompt"]]
+        db = str(Path(recipe.data.train).parent / "databases" / f"{row['db_id']}.sqlite")
+        judged = REWARDS["sql_execution"](None, [pair["chosen"], pair["rejected"]], reference=[row["output"]] * 2,
+                                          db_path=[db] * 2)
+        assert judged[0] == 1.0 and judged[1] == pair["rejected_score"] < 1.0
+        assert pair["chosen_source"] in ("sample", "reference")
     report = json.loads((evaluate(recipe) / "report.json").read_text())
     assert "exec_accuracy" in report["fine_tuned"]
+
+
+def render_prompt_of(recipe, row):
+    from tunebook.models import load_tokenizer
+    from tunebook.prompts import render_prompt
+    from tunebook.runs import parent_adapter_dir
+
+    return render_prompt(load_tokenizer(str(parent_adapter_dir(recipe))), row, recipe.data.system_prompt)
 
 
 def test_grpo_stage_is_rewarded_by_the_sql_metric(parent, tmp_path):
