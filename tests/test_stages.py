@@ -64,8 +64,10 @@ def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(pa
                                           db_path=[db] * 2)
         assert judged[0] == 1.0 and judged[1] == pair["rejected_score"] < 1.0
         assert pair["chosen_source"] in ("sample", "reference")
-    report = json.loads((evaluate(recipe) / "report.json").read_text())
-    assert "exec_accuracy" in report["fine_tuned"]
+    out = evaluate(recipe)
+    report = json.loads((out / "report.json").read_text())
+    assert "exec_accuracy" in report["fine_tuned"] and "exec_accuracy" in report["sft"], "base -> SFT -> stage"
+    assert "| metric | base | SFT (parent) | fine-tuned | delta |" in (out / "report.md").read_text()
 
 
 def render_prompt_of(recipe, row):

@@ -195,7 +195,9 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
         if name != run.name:
             print(f"report {name}: not the recipe's own eval, so it gets a report of its own "
                   f"({report_dir(run.name)}/ is left as it is)")
-        kinds = ["base", "fine_tuned"] if which == "both" else [which]
+        # A stage's report shows the chain: base -> its SFT parent -> the stage.
+        chain = ["sft"] if recipe.method != "sft" and which == "both" else []
+        kinds = ["base", *chain, "fine_tuned"] if which == "both" else [which]
         key = eval_key(recipe, rows, kinds, adapter_dir)
         model_path = resolve_model_path(recipe.model.name)
         tokenizer = load_tokenizer(str(adapter_dir) if which != "base" else model_path, recipe.model.trust_remote_code)
@@ -249,6 +251,8 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
         else:
             # The base model is the same weights with the adapter switched off: one load, identical prompts.
             context = model.disable_adapter() if kind == "base" and kinds != ["base"] else contextlib.nullcontext()
+            if kind in ("sft", "fine_tuned") and hasattr(model, "set_adapter") and "sft" in model.peft_config:
+                model.set_adapter("sft" if kind == "sft" else "default")
             if kind == "fine_tuned" and recipe.model.quantization == "none" and not getattr(model, "merged", False):
                 # Generation with the adapter folded into the weights skips two extra small matmuls per LoRA layer
                 # and token; the base pass, which needs it unmerged, has already run. (Merging into 4/8-bit weights
@@ -292,12 +296,18 @@ def add_counts(old: dict[str, int] | None, new: dict[str, int]) -> dict[str, int
 
 
 def load_pass_model(recipe: Recipe, kinds: list[str], adapter_dir: Path) -> Any:
-    """The base model for the transformers passes, with the adapter on top unless only the base is wanted."""
+    """The base model for the transformers passes, with the adapter on top unless only the base is wanted (and a
+    stage's parent adapter beside it, named `sft`, when the chain is scored)."""
     from peft import PeftModel
 
     model = load_model(resolve_model_path(recipe.model.name), recipe.model, for_training=False)
     if kinds != ["base"]:
         model = PeftModel.from_pretrained(model, adapter_dir)
+    if "sft" in kinds:
+        from tunebook.runs import parent_adapter_dir
+
+        model.load_adapter(parent_adapter_dir(recipe), adapter_name="sft")
+        model.set_adapter("default")
     return model.eval()
 
 
@@ -352,6 +362,10 @@ def eval_key(recipe: Recipe, rows: list[dict], kinds: list[str], adapter_dir: Pa
     adapter = adapter_dir / ADAPTER_WEIGHTS
     if "fine_tuned" in kinds and adapter.exists():
         digest.update(adapter.read_bytes())
+    if "sft" in kinds:
+        from tunebook.runs import parent_adapter_dir
+
+        digest.update((parent_adapter_dir(recipe) / ADAPTER_WEIGHTS).read_bytes())
     return digest.hexdigest()
 
 
@@ -370,7 +384,7 @@ def previous_results(name: str, rows: list[dict], kinds: list[str], key: str,
     passes = [*kinds, *([kinds[-1] + VERIFIED] if verified else [])]
     out = {}
     for p in passes:
-        metrics = report[p] if p in ("base", "fine_tuned") else report.get("verified", {}).get(p.removesuffix(VERIFIED))
+        metrics = report[p] if p in ("base", "sft", "fine_tuned") else report.get("verified", {}).get(p.removesuffix(VERIFIED))
         if metrics is None or f"{p}_prediction" not in saved[0]:
             return None
         out[p] = {"predictions": [r[f"{p}_prediction"] for r in saved],
@@ -490,6 +504,7 @@ def write_report_files(tmp: Path, name: str, recipe: Recipe, rows: list[dict], r
         "metrics": recipe.eval.metrics,
         "decoding": recipe.eval.decoding,
         "base": base,
+        "sft": results.get("sft", {}).get("metrics", {}),
         "fine_tuned": tuned,
         "delta": {k: tuned[k] - base[k] for k in tuned if k in base},
         "gguf": {kind.removeprefix("gguf_"): r["metrics"] for kind, r in results.items()

@@ -9,12 +9,15 @@ def view(entry: dict) -> dict:
     """A subset's or a shape's entry ({"n_examples", "base", "fine_tuned", "gguf_q8_0", "fine_tuned_verified" …})
     in the report's own shape: base, fine_tuned, delta, gguf and verified sections."""
     models = {k: v for k, v in entry.items() if k != "n_examples"}
-    out = {"base": models.get("base", {}), "fine_tuned": models.get("fine_tuned", {}),
+    out = {"base": models.get("base", {}), "sft": models.get("sft", {}), "fine_tuned": models.get("fine_tuned", {}),
            "gguf": {k.removeprefix("gguf_"): v for k, v in models.items()
                     if k.startswith("gguf_") and not k.endswith(VERIFIED)},
            "verified": {k.removesuffix(VERIFIED): v for k, v in models.items() if k.endswith(VERIFIED)}}
     out["delta"] = {k: out["fine_tuned"][k] - out["base"][k] for k in out["fine_tuned"] if k in out["base"]}
     return out
+
+
+HEADERS = {"base": "base", "sft": "SFT (parent)", "fine_tuned": "fine-tuned"}
 
 
 def _header(kind: str) -> str:
@@ -24,7 +27,7 @@ def _header(kind: str) -> str:
 def columns(report: dict) -> list[tuple[str, dict]]:
     """(header, metrics) for each model a report (or one of its subsets) scored: base, fine-tuned, each verified
     pass, then each GGUF run through llama.cpp (plain, then verified)."""
-    cols = [(k.replace("_", "-"), report[k]) for k in ("base", "fine_tuned") if report.get(k)]
+    cols = [(HEADERS[k], report[k]) for k in ("base", "sft", "fine_tuned") if report.get(k)]
     verified = report.get("verified") or {}
     cols += [(f"{_header(kind)} verified", m) for kind, m in verified.items() if not kind.startswith("gguf_")]
     for qtype, metrics in (report.get("gguf") or {}).items():
@@ -40,13 +43,14 @@ def metrics_table(report: dict) -> str:
     if not cols:
         return "(no metric could be scored: see the notes)"
     with_delta = bool(report.get("base") and report.get("fine_tuned"))
-    heads = [name for name, _ in cols[:2]] + (["delta"] if with_delta else []) + [name for name, _ in cols[2:]]
+    at = [name for name, _ in cols].index("fine-tuned") + 1 if with_delta else 0  # delta right after fine-tuned
+    heads = [name for name, _ in cols[:at]] + (["delta"] if with_delta else []) + [name for name, _ in cols[at:]]
     lines = ["| metric | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
     for key in cols[0][1]:
         cells = [_cell(m.get(key), ".2f") for _, m in cols]
         if with_delta:
             delta = report["delta"].get(key)
-            cells.insert(2, "–" if delta is None else f"{delta:+.2f}")
+            cells.insert(at, "–" if delta is None else f"{delta:+.2f}")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -56,6 +60,8 @@ def shape_table(report: dict) -> str:
     each verified and GGUF column the report has."""
     metric = report["main_metric"]
     extra = [(header, kind) for header, kind in _extra_kinds(report)]
+    if report.get("sft"):
+        extra.insert(0, (HEADERS["sft"], "sft"))
     lines = ["| shape | examples | base | fine-tuned | delta |" + "".join(f" {h} |" for h, _ in extra),
              "|---|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for shape, entry in report["by_shape"].items():
