@@ -9,6 +9,7 @@ import transformers
 
 from tunebook.config import load_recipe
 from tunebook.models import REGISTRY, architecture_config, tiny_config
+from tunebook.runs import lora_settings
 from tunebook.validate import validate_recipe
 
 RECIPES = sorted(Path("recipes").glob("*.yaml")) or sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
@@ -19,7 +20,7 @@ def test_recipe_validates(path, all_data):
     recipe = load_recipe(path)
     report = validate_recipe(recipe)
     assert recipe.name == path.stem
-    assert set(recipe.lora["target_modules"]) <= set(report.linear_modules)
+    assert set(lora_settings(recipe)["target_modules"]) <= set(report.linear_modules)
     assert all(len(rows) > 0 for rows in report.splits.values())
 
 
@@ -31,9 +32,9 @@ def test_recipe_targets_attach_to_tiny_model(path):
     recipe = load_recipe(path)
     config = tiny_config(architecture_config(recipe.model.name))
     model = transformers.AutoModelForCausalLM.from_config(config)
-    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora))
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_settings(recipe)))
     wrapped = {name.split(".")[-1] for name, m in peft_model.named_modules() if hasattr(m, "lora_A")}
-    assert wrapped == set(recipe.lora["target_modules"])
+    assert wrapped == set(lora_settings(recipe)["target_modules"])
 
 
 def test_recipes_cover_the_gpu_architectures():
@@ -45,7 +46,7 @@ def test_recipes_cover_the_gpu_architectures():
     assert all(r.model.quantization == "4bit" for r in gpu), "GPU recipes default to QLoRA"
     assert all(REGISTRY[r.model.name].hub_id for r in gpu)
     phi3 = [r for r in gpu if r.model.name.startswith("phi3")]
-    assert all("qkv_proj" in r.lora["target_modules"] for r in phi3)
+    assert all("qkv_proj" in lora_settings(r)["target_modules"] for r in phi3)
 
 
 def test_recipe_by_stem_and_overrides():

@@ -280,9 +280,9 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     section = METHOD_SECTIONS[stage.method]
     required = ("model", "task", "data", "lora", "training") if stage.method == "sft" else ("model", "task", "data",
                                                                                           section)
-    for name in required:
-        if name not in raw:
-            raise RecipeError(source, name, "is missing.", f"A {stage.method} recipe needs the sections "
+    for needed in required:
+        if needed not in raw:
+            raise RecipeError(source, needed, "is missing.", f"A {stage.method} recipe needs the sections "
                               f"{', '.join(required)}.")
     for other in set(METHOD_SECTIONS.values()) - {section}:
         if other in raw:

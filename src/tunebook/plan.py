@@ -171,6 +171,7 @@ def tier_of(path: str | None) -> str | None:
 def plan(recipe: Any, gpus: int = 1, gpu_memory_gib: float | None = None, tier_file: str | None = None
          ) -> dict[str, Any]:
     """Everything `tunebook plan` prints, as data."""
+    from tunebook.config import METHOD_SECTIONS
     from tunebook.errors import RecipeError
     from tunebook.models import architecture_config
 
@@ -181,12 +182,16 @@ def plan(recipe: Any, gpus: int = 1, gpu_memory_gib: float | None = None, tier_f
     t = recipe.training
     batch, seq = int(t.get("per_device_train_batch_size", 8)), recipe.data.max_length
     ckpt = bool(t.get("gradient_checkpointing", True))  # TRL's default is on
-    s = shapes(config, list(recipe.lora.get("target_modules") or []), int(recipe.lora.get("r", 8)))
+    from tunebook.runs import lora_settings
+
+    lora = lora_settings(recipe)  # a stage trains its parent's adapter
+    s = shapes(config, list(lora.get("target_modules") or []), int(lora.get("r", 8)))
     on_cpu = recipe.model.name.startswith("smollm2") and gpu_memory_gib is None
     dtype = "float32" if on_cpu and recipe.model.dtype == "auto" else _dtype(recipe)
     act = working_bytes(recipe.model.quantization, dtype)
     out: dict[str, Any] = {
-        "recipe": recipe.name, "model": recipe.model.name, "quantization": recipe.model.quantization,
+        "recipe": recipe.name, "section": METHOD_SECTIONS[recipe.method], "model": recipe.model.name,
+        "quantization": recipe.model.quantization,
         "dtype": dtype, "parameters": s.total_params, "quantized_parameters": s.quantizable_params
         if recipe.model.quantization != "none" else 0, "lora_parameters": s.lora_params,
         "batch_per_device": batch, "sequence": seq, "accumulation": int(t.get("gradient_accumulation_steps", 1)),
@@ -260,8 +265,9 @@ def render(p: dict[str, Any]) -> str:
                      f"(headroom {p['headroom_gib']} GiB); effective batch {p['effective_batch']}")
         fix = p.get("suggestion")
         if fix:
-            lines.append(f"fix: training.per_device_train_batch_size={fix['per_device_train_batch_size']} "
-                         f"training.gradient_accumulation_steps={fix['gradient_accumulation_steps']} keeps the "
+            section = p.get("section", "training")
+            lines.append(f"fix: {section}.per_device_train_batch_size={fix['per_device_train_batch_size']} "
+                         f"{section}.gradient_accumulation_steps={fix['gradient_accumulation_steps']} keeps the "
                          f"effective batch and needs {fix['need_gib']} GiB")
         elif not p["fits"]:
             lines.append("fix: even a batch of 1 does not fit: shorten data.max_length, or shard over more GPUs "

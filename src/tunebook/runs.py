@@ -109,6 +109,11 @@ def parent_recipe(recipe: Recipe) -> Recipe:
     return load_recipe(recipe.stage.parent)
 
 
+def lora_settings(recipe: Recipe) -> dict[str, Any]:
+    """The LoRA settings a recipe's adapter has: its own, or for a stage its parent's (it trains that adapter)."""
+    return parent_recipe(recipe).lora if recipe.method != "sft" else recipe.lora
+
+
 def parent_adapter_dir(recipe: Recipe) -> Path:
     """Where the adapter a stage starts from lives: the parent recipe's run."""
     return identify(parent_recipe(recipe)).adapter_dir

@@ -88,6 +88,8 @@ def stage_config(recipe: Recipe, output_dir: Path, use_cuda: bool) -> Any:
     kwargs.setdefault("fp16", dtype == "float16" and use_cuda)
     kwargs["use_cpu"] = not use_cuda
     kwargs.setdefault("seed", recipe.seed)
+    if recipe.method == "dpo":
+        kwargs["max_length"] = recipe.data.max_length  # prompt + answer, as in SFT (data.max_length)
     return trainer_config_class(recipe.method)(output_dir=str(output_dir), **kwargs)
 
 

@@ -35,7 +35,9 @@ class ValidationReport:
 
 def check_target_modules(recipe: Recipe, report: ValidationReport) -> None:
     """Every LoRA target must name a linear layer of the architecture (Phi-3 fuses qkv_proj and gate_up_proj)."""
-    targets = recipe.lora.get("target_modules")
+    from tunebook.runs import lora_settings
+
+    targets = lora_settings(recipe).get("target_modules")
     config = architecture_config(recipe.model.name)
     if config is None:
         report.notes.append(f"architecture of '{recipe.model.name}' is not known offline; target modules not checked")
