@@ -182,7 +182,7 @@ def test_sigkill_during_export_and_failing_conversion_keep_previous_export(tiny_
 
     real_convert = tunebook.export.convert
     monkeypatch.setattr(tunebook.export, "convert",
-                        lambda m, o, t: real_convert(m, o, t) if t == "f16" else failing_convert())
+                        lambda m, o, t, *rest: real_convert(m, o, t, *rest) if t == "f16" else failing_convert())
     with pytest.raises(RuntimeError, match="injected"):
         export(recipe, verify=False)
     assert tree_digest(merged_dir(recipe.name)) == merged_before
