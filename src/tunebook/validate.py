@@ -253,7 +253,7 @@ def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None =
         raise RecipeError(recipe.source, "data", f"still missing: {', '.join(missing)}.",
                           f"Build them (`tunebook data {recipe.task}` where tunebook has a builder for it) or write your "
                           "examples there: one JSON object per line, "
-                          f"{INSTRUCTION_EXAMPLE} or {CHAT_EXAMPLE} (README: Add your own task).")
+                          f"{INSTRUCTION_EXAMPLE} or {CHAT_EXAMPLE} (docs/own-task.md).")
     for split in ("train", "val", "test"):
         rows = read_split(getattr(recipe.data, split), recipe.source, f"data.{split}")
         if recipe.data.where and split != "test":

