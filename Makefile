@@ -20,7 +20,7 @@ LLAMA_STAMP := $(VENV)/.llama-cpp
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: setup data validate train eval export demo app test test-fast lint bench clean llama-cpp llama-cpp-converter
+.PHONY: setup data validate train eval export demo app serve test test-fast lint bench clean llama-cpp llama-cpp-converter
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +105,10 @@ test-fast: setup
 
 app: setup
 	$(TB) app $(RECIPE) $(ARGS)
+
+# OpenAI-compatible endpoint over the exported GGUF (llama.cpp's server); ARGS="--gguf q8_0 --port 8001 --adapter"
+serve: setup $(LLAMA_STAMP)
+	$(TB) serve $(RECIPE) $(ARGS)
 
 bench: setup data/sql/test.jsonl
 	$(TB) bench $(RECIPE) $(ARGS)

@@ -198,6 +198,15 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tunebook.config import load_recipe
+    from tunebook.serve import serve
+
+    recipes = [load_recipe(name) for name in args.recipes]
+    serve(recipes, qtype=args.gguf, adapter=args.adapter, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from tunebook.bench import RESULTS, TABLE, markdown, run
 
@@ -268,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=int, default=None, help="port (default 7860, or the next free one)")
     app.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     app.set_defaults(func=cmd_app, overrides=[])
+    serve = sub.add_parser("serve", help="an OpenAI-compatible endpoint over the exported GGUF (llama.cpp's server)",
+                           parents=[verbose])
+    serve.add_argument("recipes", nargs="+", help="recipes whose exports to serve (each is a model name)")
+    serve.add_argument("--gguf", default=None, metavar="TYPE",
+                       help="the exported type to serve, e.g. q8_0 (default: the smallest one export checked)")
+    serve.add_argument("--adapter", action="store_true",
+                       help="serve the base GGUF with each recipe's LoRA adapter GGUF (one base in memory)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.set_defaults(func=cmd_serve, overrides=[])
     bench = sub.add_parser("bench", help="training and eval speed vs plain baselines on this machine",
                            parents=[verbose])
     bench.add_argument("recipe", nargs="?", default="smollm2-sql")
@@ -304,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    name = args.command if args.command in ("data", "bench", "new", "app") else Path(args.recipe).stem
+    name = args.command if args.command in ("data", "bench", "new", "app", "serve") else Path(args.recipe).stem
     setup_console(log_file(name, args.command), args.verbose)
     try:
         return args.func(args)

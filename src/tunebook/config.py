@@ -100,6 +100,9 @@ class ExportConfig:
 
     gguf: list[str] = field(default_factory=lambda: ["f16", "q8_0"])
     verify_prompts: int = 6
+    # The LoRA adapter alone as GGUF too, applied by llama.cpp to the base model's GGUF (one base file serves
+    # every run of that base); the base is written in the smallest type of `gguf`.
+    adapter_gguf: bool = True
 
 
 METHODS = ("sft", "dpo", "grpo")

@@ -22,11 +22,12 @@ from typing import Any
 from tunebook.config import EvalConfig, Recipe, load_recipe, redacted_overrides
 from tunebook.data import read_split, select_rows
 from tunebook.errors import RecipeError
+from tunebook.exported import gguf_files
 from tunebook.generation import decode_answers, generate
 from tunebook.journal import Journal
 from tunebook.metrics import db_path_for, perplexity, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
-from tunebook.outputs import atomic_dir, clean_leftovers, eval_journal, gguf_dir, gguf_file, report_dir
+from tunebook.outputs import atomic_dir, clean_leftovers, eval_journal, report_dir
 from tunebook.prompts import reference_answer, user_message
 from tunebook.reporting import VERIFIED, error_table, metrics_table, shape_table, view
 from tunebook.runs import ADAPTER_WEIGHTS, Run, check_adapter_is_run, identify, run_lock
@@ -114,58 +115,6 @@ def _label(name: str, value: Any) -> str:
     if len(text) > 24 or not text.replace("_", "").replace("-", "").isalnum():
         text = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{name}-{text}"
-
-
-def gguf_files(run: Run, types: list[str], adapter_dir: Path) -> dict[str, Path]:
-    """The exported GGUF file of each type, checked to exist, to come from this adapter, and to load in llama.cpp."""
-    import importlib.util
-
-    recipe = run.recipe
-    export_command = f"tunebook export {run.command}"
-    files = {}
-    for qtype in types:
-        path = gguf_file(run.name, qtype)
-        if not path.exists():
-            raise RecipeError(recipe.source, "--gguf", f"{path} does not exist.",
-                              f"Run `{export_command}` first (it writes export.gguf: "
-                              f"{', '.join(recipe.export.gguf)}), or name only exported types.")
-        if exported_from(run.name) not in (None, adapter_digest(adapter_dir)):
-            raise RecipeError(recipe.source, "--gguf", f"{path.name} was exported from another adapter than the one "
-                              f"in {adapter_dir}, so it would score another training run.", f"Run `{export_command}`.")
-        adapter = adapter_dir / ADAPTER_WEIGHTS
-        if adapter.exists() and adapter.stat().st_mtime > path.stat().st_mtime:
-            raise RecipeError(recipe.source, "--gguf", f"{path.name} is older than the adapter in {adapter_dir}, "
-                              "so it would score an earlier training run.", f"Run `{export_command}`.")
-        files[qtype] = path
-    if files and importlib.util.find_spec("llama_cpp") is None:
-        raise RecipeError(recipe.source, "--gguf", "llama-cpp-python is not installed.",
-                          "Run `make export` once (it builds llama-cpp-python into the venv).")
-    from tunebook import llamacpp
-
-    for path in files.values():  # a file llama.cpp refuses is found now, not after the other passes
-        try:
-            llm = llamacpp.load_gguf(path, n_ctx=64)
-        except Exception as exc:  # llama_cpp raises ValueError/RuntimeError with its own words
-            raise RecipeError(str(path), None, f"llama.cpp cannot load it ({str(exc).strip()[:200]}).",
-                              f"Run `{export_command}` again.") from None
-        del llm
-    return files
-
-
-def adapter_digest(adapter_dir: Path) -> str | None:
-    """sha256 of the adapter's weights (export records it; `eval --gguf` checks it)."""
-    from tunebook.data import sha256
-
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    return sha256(weights) if weights.exists() else None
-
-
-def exported_from(run_name: str) -> str | None:
-    """The adapter digest an export recorded in verify.json (None for exports that recorded none)."""
-    try:
-        return json.loads((gguf_dir(run_name) / "verify.json").read_text()).get("adapter_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapter_dir: Path | None = None,

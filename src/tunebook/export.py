@@ -25,13 +25,17 @@ from tunebook.errors import RecipeError
 from tunebook.llamacpp import greedy_ids, load_gguf
 from tunebook.models import load_tokenizer, local_model_dir, resolve_model_path
 from tunebook.outputs import (
+    adapter_gguf_file,
+    base_gguf_file,
     clean_leftovers,
     gguf_dir,
     gguf_file,
     merged_dir,
+    modelfile_path,
     report_dir,
     swap_in_together,
     temp_sibling,
+    verify_file,
 )
 from tunebook.prompts import render_prompt, stop_strings
 from tunebook.runs import ADAPTER_WEIGHTS, Run, check_adapter_is_run, identify, run_lock
@@ -129,6 +133,43 @@ def convert(model_dir: Path, outfile: Path, outtype: str, model_name: str | None
         raise RuntimeError(f"convert_hf_to_gguf.py failed ({outtype}):\n{done.stderr[-3000:]}")
 
 
+def convert_lora(adapter_dir: Path, base_dir: Path, outfile: Path) -> None:
+    """PEFT LoRA adapter -> GGUF with llama.cpp's `convert_lora_to_gguf.py` (the base only lends its config)."""
+    script = converter_script().with_name("convert_lora_to_gguf.py")
+    cmd = [sys.executable, str(script), str(adapter_dir), "--base", str(base_dir), "--outfile", str(outfile),
+           "--outtype", "f16"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    log.info("%s\n%s%s", " ".join(cmd), done.stdout, done.stderr)
+    if done.returncode != 0:
+        raise RuntimeError(f"convert_lora_to_gguf.py failed:\n{done.stderr[-3000:]}")
+
+
+def base_gguf(recipe: Recipe, base_dir: Path, qtype: str) -> Path:
+    """The base model's GGUF of `qtype`, written once per base model (whole or absent) and shared by its runs."""
+    out = base_gguf_file(recipe.model.name, qtype)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    f16 = base_gguf_file(recipe.model.name, "f16")
+    tmp = temp_sibling(out)
+    try:
+        if qtype in GGUF_DIRECT_TYPES:
+            convert(base_dir, tmp, qtype, base_model_name(recipe))
+        else:
+            source = f16 if f16.exists() else temp_sibling(f16)
+            if source != f16:
+                convert(base_dir, source, "f16", base_model_name(recipe))
+            try:
+                quantize(source, tmp, qtype)
+            finally:
+                if source != f16:
+                    source.unlink(missing_ok=True)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def quantize(source: Path, outfile: Path, qtype: str) -> None:
     """k-quants through llama.cpp's quantizer (llama-cpp-python)."""
     try:
@@ -202,8 +243,13 @@ def ollama_template(tokenizer: Any, system_prompt: str | None) -> str:
     return rendered.replace(PROMPT_SLOT, "{{ .Prompt }}").replace(SYSTEM_SLOT, "{{ .System }}")
 
 
-def modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None, num_ctx: int) -> str:
-    lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{ollama_template(tokenizer, system_prompt)}"""']
+def modelfile(gguf_name: str, tokenizer: Any, system_prompt: str | None, num_ctx: int,
+              adapter_name: str | None = None) -> str:
+    """The Ollama Modelfile: FROM the merged GGUF, or FROM the base GGUF plus ADAPTER the run's adapter GGUF
+    (`gguf_name` is then the base file, relative to the Modelfile)."""
+    source = gguf_name if gguf_name.startswith("..") else f"./{gguf_name}"
+    lines = [f"FROM {source}", *([f"ADAPTER ./{adapter_name}"] if adapter_name else []), "",
+             f'TEMPLATE """{ollama_template(tokenizer, system_prompt)}"""']
     if system_prompt:
         lines.append(f'SYSTEM """{system_prompt}"""')
     lines.append("")
@@ -265,14 +311,19 @@ def hf_greedy(model_dir: Path, tokenizer: Any, rows: list[dict], system: str | N
 # ---------------------------------------------------------------- the command
 
 
+def base_model_name(recipe: Recipe) -> str:
+    """The base model's own name (e.g. `Phi-3-mini-4k-instruct`): llama.cpp reads tokenizer rules from it."""
+    from tunebook.models import registry_entry
+
+    entry = registry_entry(recipe.model.name)
+    base = entry.hub_id if entry is not None else recipe.model.name
+    return Path(base.rstrip('/')).name
+
+
 def gguf_model_name(run: Run) -> str:
     """`general.name` of a run's GGUF files: the base model's own name, then the run's (e.g.
     `Phi-3-mini-4k-instruct-phi3-sql`), so llama.cpp applies the base model's tokenizer rules."""
-    from tunebook.models import registry_entry
-
-    entry = registry_entry(run.recipe.model.name)
-    base = entry.hub_id if entry is not None else run.recipe.model.name
-    return f"{Path(base.rstrip('/')).name}-{run.name}"
+    return f"{base_model_name(run.recipe)}-{run.name}"
 
 
 def check_export_tools(recipe: Recipe) -> None:
@@ -369,7 +420,7 @@ def build_export(run: Run, adapter: Path, merged: Path, ggufs: Path, verify: boo
         f16.unlink()
     default = next((q for q in ("q8_0", "f16") if q in files), next(iter(files), None))
     if default:
-        (ggufs / "Modelfile").write_text(
+        (ggufs / modelfile_path(run.name).name).write_text(
             modelfile(gguf_file(run.name, default).name, tokenizer, recipe.data.system_prompt, 2 * recipe.data.max_length)
         )
 
@@ -414,9 +465,59 @@ def build_export(run: Run, adapter: Path, merged: Path, ggufs: Path, verify: boo
         elif f16_check and f16_check["confident_agreement"] < F16_MIN_CONFIDENT_AGREEMENT:
             raise ExportCheckFailed(f"f16 GGUF disagrees with the merged model where the model is confident: "
                                     f"{f16_check}. The previous export was left in place.")
+    if recipe.export.adapter_gguf and files:
+        t0 = time.perf_counter()
+        adapter_only(run, adapter, ggufs, tokenizer, files, verification, sequences if verify else None, stops)
+        timings["adapter_gguf_s"] = round(time.perf_counter() - t0, 1)
     timings["total_s"] = round(time.perf_counter() - started, 1)
-    (ggufs / "verify.json").write_text(json.dumps(verification, indent=2))
+    (ggufs / verify_file(run.name).name).write_text(json.dumps(verification, indent=2))
     return verification
+
+
+# The adapter on the base in llama.cpp must agree with the merged model about as well as the merged GGUF of the
+# same type does: LoRA applied at run time in llama.cpp vs folded into the weights before quantisation.
+ADAPTER_MAX_AGREEMENT_GAP = 0.05
+
+
+def adapter_only(run: Run, adapter: Path, ggufs: Path, tokenizer: Any, files: dict[str, dict],
+                 verification: dict[str, Any], sequences: list[tuple] | None, stops: list[int]) -> None:
+    """The adapter alone as GGUF, the base GGUF it applies to (smallest exported type), `Modelfile.adapter`,
+    and (with `sequences`) its agreement with the merged model beside the merged GGUF's."""
+    recipe = run.recipe
+    base_dir = local_model_dir(recipe.model.name)
+    if base_dir is None:
+        verification["notes"].append(f"adapter GGUF skipped: {recipe.model.name} has no local copy to read its "
+                                     "config from (the merged GGUF files are complete)")
+        return
+    print("writing the adapter alone as GGUF …")
+    out = ggufs / adapter_gguf_file(run.name).name
+    convert_lora(adapter, base_dir, out)
+    base_type = min(files, key=lambda q: files[q]["size_mb"])
+    base = base_gguf(recipe, base_dir, base_type)
+    relative = os.path.relpath(base, gguf_dir(run.name))
+    max_ctx = 2 * recipe.data.max_length
+    (ggufs / modelfile_path(run.name, adapter=True).name).write_text(
+        modelfile(relative, tokenizer, recipe.data.system_prompt, max_ctx, adapter_name=out.name))
+    record: dict[str, Any] = {"file": out.name, "size_mb": round(out.stat().st_size / 2**20, 1),
+                              "base": str(base), "base_type": base_type,
+                              "base_size_mb": round(base.stat().st_size / 2**20, 1)}
+    verification["adapter"] = record
+    if sequences is None:
+        return
+    llm = load_gguf(base, n_ctx=max_ctx, logits_all=True, lora_path=out)
+    if llm is None:
+        return
+    record["agreement"] = agreement(llm, sequences, stops, min(recipe.eval.max_new_tokens, 48))
+    del llm
+    merged_check = verification["checked"].get(base_type, {}).get("agreement")
+    if merged_check and merged_check["confident_positions"]:
+        gap = merged_check["confident_agreement"] - record["agreement"]["confident_agreement"]
+        record["merged_same_type_confident_agreement"] = merged_check["confident_agreement"]
+        if gap > ADAPTER_MAX_AGREEMENT_GAP:
+            raise ExportCheckFailed(f"base {base_type} + adapter in llama.cpp agrees with the merged model on "
+                                    f"{record['agreement']['confident_agreement']:.1%} of confident positions, the "
+                                    f"merged {base_type} GGUF on {merged_check['confident_agreement']:.1%}. The "
+                                    "previous export was left in place.")
 
 
 def control_check(recipe: Recipe, ggufs: Path, sequences: list[tuple], stops: list[int], max_new: int,

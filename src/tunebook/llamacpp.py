@@ -7,18 +7,21 @@ from pathlib import Path
 from typing import Any
 
 
-def load_gguf(path: Path, n_ctx: int, logits_all: bool = False) -> Any:
+def load_gguf(path: Path, n_ctx: int, logits_all: bool = False, lora_path: Path | None = None,
+              **extra: Any) -> Any:
     """A llama.cpp model, or None without llama-cpp-python.
 
     Extra buffer types are off: on some VMs the CPU advertises AMX but faults in it (crashes on quantised GGUFs);
     the plain CPU path is safe. `logits_all` keeps every position's logits (the export's agreement check needs
-    them; generation does not).
+    them; generation does not). `lora_path` applies a LoRA adapter GGUF to the model at load time; `extra` goes
+    to `llama_cpp.Llama` as it is (e.g. `tokenizer`).
     """
     try:
         import llama_cpp
     except ImportError:
         return None
-    kwargs = dict(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=os.cpu_count())
+    kwargs = dict(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=os.cpu_count(),
+                  **({"lora_path": str(lora_path)} if lora_path else {}), **extra)
     try:
         return llama_cpp.Llama(use_extra_bufts=False, **kwargs)
     except TypeError:  # older llama-cpp-python without that switch

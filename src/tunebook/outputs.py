@@ -45,6 +45,26 @@ def gguf_file(run_name: str, qtype: str) -> Path:
     return gguf_dir(run_name) / f"{run_name}-{qtype}.gguf"
 
 
+def adapter_gguf_file(run_name: str) -> Path:
+    """The run's LoRA adapter alone as GGUF (llama.cpp applies it to the base GGUF at load time)."""
+    return gguf_dir(run_name) / f"{run_name}.adapter-f16.gguf"
+
+
+def verify_file(run_name: str) -> Path:
+    """What export checked, and from which adapter: models/gguf/<run>/verify.json."""
+    return gguf_dir(run_name) / "verify.json"
+
+
+def modelfile_path(run_name: str, adapter: bool = False) -> Path:
+    """The Ollama Modelfile over the merged GGUF (`Modelfile`) or over base + adapter (`Modelfile.adapter`)."""
+    return gguf_dir(run_name) / ("Modelfile.adapter" if adapter else "Modelfile")
+
+
+def base_gguf_file(model_name: str, qtype: str) -> Path:
+    """The base model as GGUF, shared by every run of that base: models/gguf-base/<model>-<type>.gguf."""
+    return MODELS_DIR / "gguf-base" / f"{model_name.strip('/').replace('/', '--')}-{qtype}.gguf"
+
+
 def report_dir(recipe_name: str) -> Path:
     return REPORTS_DIR / recipe_name
 
