@@ -96,7 +96,7 @@ class AppSession:
 def recipe_status(recipe: Recipe) -> dict[str, Any]:
     """What exists for a recipe: the adapter, exported GGUF files, the report; and what to run when it is missing."""
     adapter = fine_tuned_dir(recipe.name) / "adapter_model.safetensors"
-    ggufs = sorted(p.name for p in gguf_dir(recipe.name).glob("*.gguf")) if gguf_dir(recipe.name).exists() else []
+    ggufs = sorted(p.name for p in gguf_dir(recipe.name).glob("*.gguf")) if gguf_dir(recipe.name).exists() else []  # merged files and the adapter file
     return {"adapter": adapter.exists(), "gguf": ggufs, "report": (report_dir(recipe.name) / "report.json").exists(),
             "train_command": f"make train RECIPE={recipe.command_name}"}
 
