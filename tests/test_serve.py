@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import threading
-import time
 
 import pytest
 
@@ -25,34 +23,14 @@ pytestmark = pytest.mark.skipif(not tunebook.export.CONVERTER_DIR.joinpath("conv
                                 reason="llama.cpp converter not extracted (make llama-cpp-converter)")
 
 
-def free_port() -> int:
-    with contextlib.closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running(recipes, **options):
     """The server of `tunebook serve` on a free local port, in a thread; yields (client, base URL)."""
-    import uvicorn
+    from tunebook.serve import in_background, served_models
 
-    from tunebook.serve import create_app, served_models
-
-    served = served_models(recipes, options.get("qtype"), options.get("adapter", False))
-    app = create_app(served, options.get("adapter", False))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
+    adapter = options.get("adapter", False)
+    with in_background(served_models(recipes, options.get("qtype"), adapter), adapter) as url:
         yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120), url
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture
@@ -122,6 +100,12 @@ def test_served_answers_are_eval_ggufs_and_the_api_behaves(exported):
             assert answer.json()["error"]["type"] == "invalid_request_error"
         # and the server still answers afterwards
         assert ask(client, recipe.name, rows[0], max_tokens=max_new).strip() == evaluated[0]
+
+    from tunebook.bench import bench_serve
+
+    measured = bench_serve(recipe.source, 4)  # `make bench`'s comparison, on this tiny export
+    assert set(measured) == {"examples", "max_tokens", "q8_0"} and measured["q8_0"]["same_answers"] == 4
+    assert measured["q8_0"]["first_token_s"]["median"] > 0 and measured["q8_0"]["eval_examples_per_s"] > 0
 
 
 def _user(row: dict) -> str:

@@ -238,6 +238,71 @@ def bench_sql_scoring(recipe_name: str, repeats: int) -> dict[str, Any] | None:
             "extra_s": round(b["median"] - a["median"], 3)}
 
 
+SERVED_TYPES = ("q4_k_m", "q8_0")
+
+
+def bench_serve(recipe_name: str, n: int) -> dict[str, Any] | None:
+    """`tunebook serve` against `tunebook eval --gguf` on the same exported file and the first `n` eval rows:
+    eval's examples/s and tokens/s; the server's first-token latency and decode tokens/s, streamed through the
+    `openai` client at temperature 0 (rows in eval's order, so both reuse the cached schema prefix alike); and
+    how many served answers equal eval's. None when the recipe has no exported file of these types."""
+    import importlib.util
+
+    if importlib.util.find_spec("openai") is None or importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from openai import OpenAI
+
+    from tunebook import llamacpp
+    from tunebook.evaluate import load_eval_rows
+    from tunebook.generation import decode_answers
+    from tunebook.outputs import gguf_file
+    from tunebook.prompts import encode_prompt, stop_token_ids, user_message
+    from tunebook.serve import in_background, served_models
+
+    recipe = load_recipe(recipe_name)
+    types = [q for q in SERVED_TYPES if gguf_file(recipe.name, q).exists()]
+    if not types:
+        return None
+    rows = load_eval_rows(recipe, None)[0][:n]
+    out: dict[str, Any] = {"examples": len(rows), "max_tokens": recipe.eval.max_new_tokens}
+    for qtype in types:
+        (served,) = served_models([recipe], qtype)
+        tokenizer, system = served.tokenizer, recipe.data.system_prompt
+        prompts = [encode_prompt(tokenizer, r, system) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: prompts[i])
+        llm = llamacpp.load_gguf(served.gguf, n_ctx=served.n_ctx)
+        started = time.perf_counter()
+        ids = llamacpp.generate_ids(llm, prompts, stop_token_ids(tokenizer, system), recipe.eval.max_new_tokens)
+        eval_s = time.perf_counter() - started
+        del llm
+        evaluated = decode_answers(tokenizer, ids)
+        tokens = sum(len(a) for a in ids)
+        first, decode_s, answers = [], 0.0, [""] * len(rows)
+        with in_background([served]) as url:
+            client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+            served_started = time.perf_counter()
+            for i in order:
+                t0 = time.perf_counter()
+                t_first = None
+                for chunk in client.chat.completions.create(
+                        model=served.name, temperature=0, max_tokens=recipe.eval.max_new_tokens, stream=True,
+                        messages=[{"role": "user", "content": user_message(rows[i])}]):
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        t_first = t_first or time.perf_counter()
+                        answers[i] += chunk.choices[0].delta.content
+                done = time.perf_counter()
+                first.append((t_first or done) - t0)
+                decode_s += done - (t_first or done)
+            served_s = time.perf_counter() - served_started
+        same = sum(a.strip() == e for a, e in zip(answers, evaluated, strict=True))
+        out[qtype] = {"eval_examples_per_s": round(len(rows) / eval_s, 2), "eval_tokens_per_s": round(tokens / eval_s, 1),
+                      "served_examples_per_s": round(len(rows) / served_s, 2),
+                      "first_token_s": spread(first),
+                      "served_decode_tokens_per_s": round(max(tokens - len(rows), 0) / max(decode_s, 1e-9), 1),
+                      "same_answers": same, "size_mb": round(served.gguf.stat().st_size / 2**20, 1)}
+    return out
+
+
 def demo_stages(recipe: str) -> dict[str, Any] | None:
     """The stage times of the last `tunebook demo` of this recipe (make demo), if one ran here."""
     from tunebook.outputs import demo_times_file
@@ -297,6 +362,16 @@ def markdown(results: dict[str, Any]) -> str:
     if q:
         lines.append(f"| scoring {q['examples']} SQL rows as eval does, s | {fmt(q['in_process_s'])} (queries in "
                      f"this process) | {fmt(q['worker_s'])} (sandbox worker, started fresh) | +{q['extra_s']} s |")
+    v = results.get("serve")
+    for qtype in SERVED_TYPES if v else ():
+        if qtype in v:
+            x = v[qtype]
+            lines.append(f"| GGUF {qtype} ({x['size_mb']} MB), {v['examples']} rows: examples/s | {x['eval_examples_per_s']} "
+                         f"(`eval --gguf`) | {x['served_examples_per_s']} (`serve`, openai client, streamed) | "
+                         f"same answers {x['same_answers']}/{v['examples']} |")
+            lines.append(f"| GGUF {qtype}: served first token s; decode tokens/s | eval {x['eval_tokens_per_s']} "
+                         f"tokens/s (prefill included) | {fmt(x['first_token_s'])} s; {x['served_decode_tokens_per_s']} "
+                         "tokens/s | |")
     for label, entry in (results.get("memory") or {}).items():
         lines.append(f"| peak RSS, 2-step train, {label} | | {entry['peak_rss_mb']:.0f} MB | |")
     d = results.get("demo")
@@ -310,22 +385,42 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = ("training", "eval", "sql_scoring", "memory", "serve")
+
+
 def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, quick: bool = False,
-        repeats: int = 3) -> dict:
-    """Run the benchmark and write bench/results.json and bench/results.md (atomically)."""
+        repeats: int = 3, only: list[str] | None = None) -> dict:
+    """Run the benchmark and write bench/results.json and bench/results.md (atomically).
+
+    `only` runs some parts and keeps the other parts of the last results of this machine and recipe."""
     from tunebook.outputs import write_text_atomic
 
     repeats = 1 if quick else repeats
+    out_json, out_md = (RESULTS, TABLE) if not quick else (RESULTS.with_name("quick.json"), TABLE.with_name("quick.md"))
     results: dict[str, Any] = {"recipe": recipe, "machine": machine(), "quick": quick}
+    wanted = set(only or PARTS)
+    if wanted - set(PARTS):
+        from tunebook.errors import RecipeError
+
+        raise RecipeError("tunebook bench", "--only", f"no part named {', '.join(sorted(wanted - set(PARTS)))}.",
+                          f"Parts: {', '.join(PARTS)}.")
+    if only and out_json.exists():
+        last = json.loads(out_json.read_text())
+        if last.get("recipe") == recipe and last.get("machine", {}).get("cpu") == results["machine"]["cpu"]:
+            results.update({k: v for k, v in last.items() if k in PARTS and k not in wanted})
     with tempfile.TemporaryDirectory() as tmp:
-        results["training"] = bench_training(recipe, steps, Path(tmp), repeats)
-        results["eval"] = bench_eval(recipe, eval_examples, repeats)
-        results["sql_scoring"] = bench_sql_scoring(recipe, repeats)
-        if not quick:
+        if "training" in wanted:
+            results["training"] = bench_training(recipe, steps, Path(tmp), repeats)
+        if "eval" in wanted:
+            results["eval"] = bench_eval(recipe, eval_examples, repeats)
+        if "sql_scoring" in wanted:
+            results["sql_scoring"] = bench_sql_scoring(recipe, repeats)
+        if "memory" in wanted and not quick:
             results["memory"] = bench_memory(recipe, Path(tmp))
+        if "serve" in wanted:
+            results["serve"] = bench_serve(recipe, eval_examples)
     results["demo"] = demo_stages(recipe)
     results["targets"] = targets(results)
-    out_json, out_md = (RESULTS, TABLE) if not quick else (RESULTS.with_name("quick.json"), TABLE.with_name("quick.md"))
     write_text_atomic(out_json, json.dumps(results, indent=2))
     write_text_atomic(out_md, markdown(results))
     return results

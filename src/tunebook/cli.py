@@ -211,7 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tunebook.bench import RESULTS, TABLE, markdown, run
 
     results = run(args.recipe, steps=args.steps, eval_examples=args.eval_examples, quick=args.quick,
-                  repeats=args.repeats)
+                  repeats=args.repeats, only=args.only.split(",") if args.only else None)
     print(markdown(results))
     where = (RESULTS, TABLE) if not args.quick else (RESULTS.with_name("quick.json"), TABLE.with_name("quick.md"))
     print(f"results: {where[0]}  table: {where[1]}")
@@ -294,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--eval-examples", type=int, default=48)
     bench.add_argument("--repeats", type=int, default=3, help="runs of each measurement (medians, min and max)")
     bench.add_argument("--quick", action="store_true", help="a smoke run (writes bench/quick.*, not results)")
+    bench.add_argument("--only", default=None, metavar="PARTS",
+                       help="comma-separated parts to run (training, eval, sql_scoring, memory, serve); the others "
+                            "are kept from this machine's last results")
     bench.set_defaults(func=cmd_bench, overrides=[])
     new = sub.add_parser("new", help="a new recipe for your own task, copied from an existing recipe",
                          parents=[verbose])

@@ -159,10 +159,21 @@ def sample_batch(model: Any, tokenizer: Any, examples: list[dict], system_prompt
     if grammars is not None and grammar_texts is not None:  # generate() repeats each row n times, in place
         extra["logits_processor"] = [grammars.processor([t for t in grammar_texts for _ in range(n)])]
     torch.manual_seed(seed)
+    repeats = n
     with torch.no_grad():
+        if n > 1 and width > 1:
+            # Each prompt's KV cache is computed once and shared by its n samples; generate() with
+            # num_return_sequences would prefill n copies of every prompt, most of the cost for long prompts.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = model(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
+                          position_ids=positions[:, :-1].to(device), use_cache=True).cache
+            cache.batch_repeat_interleave(n)
+            extra["cache"] = cache
+            ids, mask, repeats = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=True, temperature=temperature, top_p=0.95, top_k=None, num_return_sequences=n,
-                             use_cache=True, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **extra)
+                             do_sample=True, temperature=temperature, top_p=0.95, top_k=None,
+                             num_return_sequences=repeats, use_cache=True, eos_token_id=stops,
+                             pad_token_id=tokenizer.pad_token_id, **extra)
     answers: list[list[list[int]]] = []
     for row in range(len(prompts)):
         group = []

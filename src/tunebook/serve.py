@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,6 +339,35 @@ def usage(served: list[Served], host: str, port: int) -> str:
     if host not in ("127.0.0.1", "localhost", "::1"):
         lines.append(f"\nnote: bound to {host}: anyone who can reach this machine can use the model (no API key).")
     return "\n".join(lines)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def in_background(served: list[Served], adapters: bool = False) -> Iterator[str]:
+    """The server in a thread of this process on a free local port (the bench and the tests); yields its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(served, adapters), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def serve(recipes: list[Recipe], qtype: str | None = None, adapter: bool = False, host: str = "127.0.0.1",
