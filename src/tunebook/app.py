@@ -18,7 +18,7 @@ from typing import Any
 
 from tunebook.config import RECIPES_DIR, Recipe, load_recipe
 from tunebook.errors import RecipeError
-from tunebook.outputs import fine_tuned_dir, gguf_dir, report_dir
+from tunebook.outputs import ADAPTER_WEIGHTS, RUN_INFO_FILE, fine_tuned_dir, gguf_dir, report_dir
 
 N_EXAMPLES = 6
 SIDES = ("base", "fine_tuned")
@@ -95,7 +95,7 @@ class AppSession:
 
 def recipe_status(recipe: Recipe) -> dict[str, Any]:
     """What exists for a recipe: the adapter, exported GGUF files, the report; and what to run when it is missing."""
-    adapter = fine_tuned_dir(recipe.name) / "adapter_model.safetensors"
+    adapter = fine_tuned_dir(recipe.name) / ADAPTER_WEIGHTS
     ggufs = sorted(p.name for p in gguf_dir(recipe.name).glob("*.gguf")) if gguf_dir(recipe.name).exists() else []  # merged files and the adapter file
     return {"adapter": adapter.exists(), "gguf": ggufs, "report": (report_dir(recipe.name) / "report.json").exists(),
             "train_command": f"make train RECIPE={recipe.command_name}"}
@@ -133,7 +133,7 @@ def load_pair(recipe: Recipe) -> Loaded:
     from tunebook.validate import check_adapter
 
     adapter_dir = fine_tuned_dir(recipe.name)
-    has_adapter = (adapter_dir / "adapter_model.safetensors").exists()
+    has_adapter = (adapter_dir / ADAPTER_WEIGHTS).exists()
     try:
         if has_adapter:
             check_adapter(adapter_dir, recipe)
@@ -296,14 +296,14 @@ def report_view(recipe: Recipe) -> dict[str, Any]:
             parts += ["", f"#### By shape ({report['main_metric']})", "", shape_table(report)]
     else:
         parts.append(f"No eval report yet: `make eval RECIPE={recipe.command_name}` writes one.")
-    info_file = trained / "run_info.json"
+    info_file = trained / RUN_INFO_FILE
     if info_file.exists():
         info = json.loads(info_file.read_text())
         keys = [("global_steps", "steps"), ("tokens_seen", "tokens"), ("train_tokens_per_s", "tokens/s"),
                 ("train_runtime_s", "training s"), ("eval_loss_before", "eval loss before"),
                 ("eval_loss_after", "eval loss after"), ("peak_memory_mb", "peak memory MB"), ("device", "device")]
         rows = [f"| {label} | {_fmt(info[k])} |" for k, label in keys if info.get(k) is not None]
-        parts += ["", "### Training (run_info.json)", "", "| | |", "|---|---:|", *rows]
+        parts += ["", f"### Training ({RUN_INFO_FILE})", "", "| | |", "|---|---:|", *rows]
     chart, curve = folder / "chart.png", trained / "loss_curve.png"
     return {"markdown": "\n".join(parts), "chart": str(chart) if chart.exists() else None,
             "loss_curve": str(curve) if curve.exists() else None}

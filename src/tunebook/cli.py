@@ -71,9 +71,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def print_train_summary(out: Path) -> None:
-    print(f"adapter: {out}/adapter_model.safetensors")
+    from tunebook.outputs import ADAPTER_WEIGHTS, RUN_INFO_FILE
+
+    print(f"adapter: {out}/{ADAPTER_WEIGHTS}")
     print(f"loss curve: {out}/loss_curve.png")
-    print(f"run info: {out}/run_info.json")
+    print(f"run info: {out}/{RUN_INFO_FILE}")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunebook.outputs import ADAPTER_WEIGHTS, RUN_INFO_FILE, fine_tuned_dir
+
 CHECK_RECIPES = ("phi3-sql", "mistral-sql", "llama3-sql")
 TIER_CHECKS = ("deepspeed_zero2.yaml", "fsdp.yaml")
 
@@ -175,8 +177,8 @@ def tier_launch(tier_file: str, workdir: Path, tiny: bool = False, steps: int = 
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
                               str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))})
-    adapter = workdir / "models/fine-tuned/tier-check/adapter_model.safetensors"
-    info = adapter.with_name("run_info.json")
+    adapter = workdir / fine_tuned_dir("tier-check") / ADAPTER_WEIGHTS
+    info = adapter.with_name(RUN_INFO_FILE)
     ran_as = json.loads(info.read_text()).get("tier") if info.exists() else None
     # On a CPU the Trainer sets accelerate up as MULTI_CPU (DDP over gloo) whatever the file says: `ran_as` tells.
     return {"tier": tier_file, "ran_as": ran_as, "returncode": done.returncode,

@@ -20,6 +20,9 @@ from tunebook.sandbox import SqlSandbox, default_sandbox
 
 # The report row counting examples a metric could not score (only present when there were any).
 UNSCORED = "unscored_rows"
+# The folder beside a SQL data file that holds <db_id>.sqlite (`db_path_for` reads it, the SQL builder writes it).
+DATABASES_DIR = "databases"
+
 
 def is_ordered(sql: str) -> bool:
     """Whether the query's outermost SELECT has ORDER BY (then row order is part of the answer)."""
@@ -345,7 +348,7 @@ def db_path_for(row: dict, data_file: Path) -> Path:
     if row.get("db_path"):
         path = Path(row["db_path"])
         return path if path.is_absolute() else data_file.parent / path
-    return data_file.parent / "databases" / f"{row['db_id']}.sqlite"
+    return data_file.parent / DATABASES_DIR / f"{row['db_id']}.sqlite"
 
 
 # ---------------------------------------------------------------- the named metrics a recipe chooses from

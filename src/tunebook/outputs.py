@@ -19,6 +19,10 @@ MODELS_DIR = Path("models")
 REPORTS_DIR = Path("reports")
 LOGS_DIR = Path("logs")
 
+# The files a trained run leaves in its adapter directory (`fine_tuned_dir`).
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+RUN_INFO_FILE = "run_info.json"
+
 
 def base_dir(model_name: str) -> Path:
     return MODELS_DIR / "base" / model_name

