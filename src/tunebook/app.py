@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunebook.config import RECIPES_DIR, Recipe, load_recipe
+from tunebook.config import DEFAULT_MAX_NEW_TOKENS, RECIPES_DIR, Recipe, load_recipe
 from tunebook.errors import RecipeError
 from tunebook.outputs import ADAPTER_WEIGHTS, RUN_INFO_FILE, fine_tuned_dir, gguf_dir, report_dir
 
@@ -49,7 +49,7 @@ class Loaded:
 class Settings:
     """Generation settings; the recipe's eval settings are the defaults."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
@@ -327,7 +327,7 @@ def build_ui(session: AppSession) -> Any:
             recipe = session.recipe(name)
         except AppError as exc:
             return (f"**error:** {exc}", gr.update(choices=[], value=None), "", "", "", gr.update(choices=[]),
-                    128, "", None, None, [])
+                    DEFAULT_MAX_NEW_TOKENS, "", None, None, [])
         rows = eval_examples(recipe)
         view = report_view(recipe)
         labels = [example_label(r) for r in rows]
@@ -401,7 +401,7 @@ def build_ui(session: AppSession) -> Any:
         with gr.Accordion("chat conversation (JSON; used instead of instruction + input when filled)", open=False):
             conversation = gr.Code(language="json", label="conversation", elem_id="conversation")
         with gr.Accordion("generation settings", open=False):
-            max_new = gr.Slider(1, 1024, value=128, step=1, label="max new tokens")
+            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="max new tokens")
             temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy, as eval)")
             top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p")
             penalty = gr.Slider(1, 2, value=1, step=0.05, label="repetition penalty")

@@ -36,6 +36,8 @@ GGUF_QUANT_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q2_k_s", "q3_k_s", 
                     "iq3_xs", "iq3_s", "iq3_m", "iq1_s", "iq1_m", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
 GGUF_TYPES = GGUF_DIRECT_TYPES + GGUF_QUANT_TYPES
 UNQUANTISED_GGUF_TYPES = ("f32", "f16", "bf16")
+# `eval.max_new_tokens` when a recipe does not set it; also the app's starting value.
+DEFAULT_MAX_NEW_TOKENS = 128
 # llama.cpp's quantizer (llama-cpp-python 0.3.36) refuses these without an importance matrix, which tunebook does
 # not compute: each was tried on a tiny model, and these alone returned an error.
 GGUF_IMATRIX_TYPES = ("iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s")
@@ -83,7 +85,7 @@ class DataConfig:
 class EvalConfig:
     """Generation settings for `tunebook eval`."""
 
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     batch_size: int = 16
     limit: int | None = None
     metrics: list[str] = field(default_factory=list)  # names in metrics.METRICS; empty: the task's defaults

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.errors import RecipeError
-from tunebook.prompts import is_chat, is_preference, user_message
+from tunebook.prompts import ROLES, is_chat, is_preference, user_message
 
 REQUIRED_FIELDS = ("instruction", "output")
 TEXT_FIELDS = ("instruction", "input", "output")
-ROLES = ("system", "user", "assistant")
 SPLIT_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 INSTRUCTION_EXAMPLE = '{"instruction": "...", "input": "...", "output": "..."}'
 CHAT_EXAMPLE = '{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}'
