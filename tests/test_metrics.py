@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,9 @@ from tunebook.metrics import (
     is_ordered,
     perplexity,
     same_result,
+    score,
     sql_exact_match,
     sql_metrics,
-    text_metrics,
 )
 from tunebook.prompts import encode_example
 from tunebook.sandbox import run_sql
@@ -96,6 +97,12 @@ def test_extract_sql_and_aggregate(db):
     assert scores["exec_accuracy"] == pytest.approx(100 / 3)
     assert scores["exact_match"] == pytest.approx(100 / 3)
     assert scores["sql_error_rate"] == pytest.approx(200 / 3)
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """The text metrics as eval scores them (`metrics.score` over rows whose `output` is the reference)."""
+    rows = [{"instruction": "Say it.", "output": ref} for ref in references]
+    return score(["rouge", "bleu", "chrf", "exact_match"], predictions, rows, Path("unused.jsonl"))
 
 
 def test_text_metrics():

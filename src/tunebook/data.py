@@ -294,7 +294,3 @@ def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
 def normalise(text: str) -> str:
     """Normalised form for duplicate detection across splits (case, whitespace, punctuation-insensitive)."""
     return " ".join("".join(c.lower() if c.isalnum() else " " for c in text).split())
-
-
-def text_hash(text: str) -> str:
-    return hashlib.sha1(normalise(text).encode()).hexdigest()

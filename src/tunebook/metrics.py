@@ -147,18 +147,6 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return 100 * same / max(len(predictions), 1)
 
 
-def text_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """ROUGE-1/2/L F1 (rouge-score, stemmed), corpus BLEU and chrF (sacrebleu), exact match."""
-    import sacrebleu
-
-    return {
-        **_rouge(predictions, references),
-        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
-        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
-        "exact_match": exact_match(predictions, references),
-    }
-
-
 def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None = None,
                batch_size: int = 8) -> float:
     """exp(mean negative log-likelihood of the reference answer tokens, each conditioned on its prompt).

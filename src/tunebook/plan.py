@@ -34,7 +34,6 @@ INT8_BYTES = 1.0
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_BYTES_PER_PARAM = 16
 CUDA_CONTEXT_GIB = 0.5
-TIERS = ("single", "ddp", "zero2", "zero3", "fsdp")
 TIER_FILES = {"single": "single_gpu.yaml", "ddp": "multi_gpu_ddp.yaml", "zero2": "deepspeed_zero2.yaml",
               "zero3": "deepspeed_zero3.yaml", "fsdp": "fsdp.yaml", "cpu": "cpu.yaml"}
 

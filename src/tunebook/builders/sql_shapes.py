@@ -655,10 +655,6 @@ def examples_for(schema: Schema, con: sqlite3.Connection, rng: random.Random,
     return out
 
 
-SHAPE_ORDER = ("setop", "nested", "join3", "join2", "join1+group", "join1", "group+having", "group", "superlative",
-               "order", "agg", "count", "like", "between", "in", "distinct", "where", "select")
-
-
 def shape_of(sql: str) -> str:
     """The shape label of any gold query, read from its text (one definition for every SQL source).
 
