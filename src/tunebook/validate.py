@@ -69,7 +69,7 @@ def check_target_modules(recipe: Recipe, report: ValidationReport) -> None:
         )
 
 
-def check_tier(recipe: Recipe, report: ValidationReport) -> None:
+def check_quantization_and_dtype(recipe: Recipe, report: ValidationReport) -> None:
     """Settings the machine must support: quantisation needs bitsandbytes; fp16/bf16 notes on CPU."""
     import torch
 
@@ -268,6 +268,6 @@ def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None =
     if check_model:
         check_model_source(recipe, report)
         check_target_modules(recipe, report)
-        check_tier(recipe, report)
+        check_quantization_and_dtype(recipe, report)
         check_launch(recipe, tier or launch_tier())
     return report
