@@ -117,4 +117,4 @@ lint: setup
 	$(VENV)/bin/ruff check src tests scripts
 
 clean:
-	rm -rf models/checkpoints reports runs
+	rm -rf models/checkpoints reports
