@@ -172,7 +172,7 @@ def plan(recipe: Any, gpus: int = 1, gpu_memory_gib: float | None = None, tier_f
     """Everything `tunebook plan` prints, as data."""
     from tunebook.config import METHOD_SECTIONS
     from tunebook.errors import RecipeError
-    from tunebook.models import architecture_config
+    from tunebook.models import architecture_config, registry_entry
 
     config = architecture_config(recipe.model.name)
     if config is None:
@@ -185,7 +185,8 @@ def plan(recipe: Any, gpus: int = 1, gpu_memory_gib: float | None = None, tier_f
 
     lora = lora_settings(recipe)  # a stage trains its parent's adapter
     s = shapes(config, list(lora.get("target_modules") or []), int(lora.get("r", 8)))
-    on_cpu = recipe.model.name.startswith("smollm2") and gpu_memory_gib is None
+    entry = registry_entry(recipe.model.name)
+    on_cpu = entry is not None and entry.embedded and gpu_memory_gib is None  # the embedded default runs on CPU
     dtype = "float32" if on_cpu and recipe.model.dtype == "auto" else _dtype(recipe)
     act = working_bytes(recipe.model.quantization, dtype)
     out: dict[str, Any] = {
