@@ -87,7 +87,7 @@ def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
     kwargs = dict(TRAINING_DEFAULTS)
     kwargs.update({k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"})
     # TRL turns bf16 on by default; mixed precision follows the model's (resolved) dtype instead, because bf16
-    # autocast on a CPU without AMX is ~25x slower than fp32 (measured on these 2-core EPYC machines, see README).
+    # autocast on a CPU without AMX is much slower than fp32 (docs/performance.md#per-machine-figures).
     dtype = resolve(recipe.model.dtype).dtype
     kwargs.setdefault("bf16", dtype == "bfloat16")
     kwargs.setdefault("fp16", dtype == "float16" and use_cuda)
