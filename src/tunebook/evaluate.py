@@ -28,6 +28,7 @@ from tunebook.journal import Journal
 from tunebook.metrics import db_path_for, perplexity, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import atomic_dir, clean_leftovers, eval_journal, report_dir
+from tunebook.progress import progress_bar, rate_updater
 from tunebook.prompts import reference_answer, user_message
 from tunebook.reporting import VERIFIED, error_table, metrics_table, shape_table, view
 from tunebook.runs import ADAPTER_WEIGHTS, Run, check_adapter_is_run, identify, run_lock
@@ -282,24 +283,6 @@ def generate_rest(journal: Journal, label: str, rows: list[dict], run_batches: A
             last = now
 
         run_batches([rows[i] for i in todo], rate_updater(bar, task_id, started), keep)
-
-
-def progress_bar(label: str) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn())
-
-
-def rate_updater(bar: Any, task_id: Any, started: float) -> Any:
-    """A progress callback that advances the bar and shows examples/s."""
-    done = [0]
-
-    def advance(n: int) -> None:
-        done[0] += n
-        bar.update(task_id, advance=n, rate=f"{done[0] / (time.perf_counter() - started):.2f} ex/s")
-
-    return advance
 
 
 def eval_key(recipe: Recipe, rows: list[dict], kinds: list[str], adapter_dir: Path) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,8 @@ PROMPTS_PER_BATCH = 16  # x stage.samples sequences per generate call; 16 beat 8
 def make_pairs(recipe: Any, rows: list[dict], parent: Path, tokenizer: Any) -> list[dict]:
     """Sample, judge and pair (see the module docstring). Only full-marks answers are ever chosen."""
     from tunebook.evaluate import load_pass_model
-    from tunebook.generation import decode_answers, sample_batch
-    from tunebook.rewards import load_reward, reward_columns
+    from tunebook.progress import progress_bar, rate_updater
+    from tunebook.rewards import load_reward
 
     judge = load_reward(judge_name(recipe), recipe.source)
     chosen_rows = random.Random(recipe.seed).sample(rows, min(len(rows), recipe.stage.prompts or len(rows)))
@@ -83,25 +84,42 @@ def make_pairs(recipe: Any, rows: list[dict], parent: Path, tokenizer: Any) -> l
     if recipe.model.quantization == "none":
         model.merge_adapter()  # sampling with the adapter folded in skips two small matmuls per LoRA layer and token
     tokenizer.padding_side = "left"
+    pairs = []
+    label = f"sampling {recipe.stage.samples} answers per prompt"
+    with progress_bar(label) as bar:
+        advance = rate_updater(bar, bar.add_task(label, total=len(chosen_rows), rate=""), time.perf_counter())
+        for start in range(0, len(chosen_rows), PROMPTS_PER_BATCH):
+            batch = chosen_rows[start:start + PROMPTS_PER_BATCH]
+            pairs += judged_pairs(recipe, batch, model, tokenizer, judge, start)
+            advance(len(batch))
+    chosen = sum(p["chosen_source"] == "sample" for p in pairs)
+    print(f"pairs: {len(pairs)} from {len(chosen_rows)} prompts ({chosen} chosen answers sampled, "
+          f"{len(pairs) - chosen} the reference; prompts whose samples were all right make none)")
+    return pairs
+
+
+def judged_pairs(recipe: Any, batch: list[dict], model: Any, tokenizer: Any, judge: Any, start: int) -> list[dict]:
+    """One batch of prompts: sample, judge, pair the best full-marks answer (else the reference) with the worst."""
+    from tunebook.generation import decode_answers, sample_batch
+    from tunebook.rewards import reward_columns
+
     data_file = Path(recipe.data.train)
     system = recipe.data.system_prompt
     pairs = []
-    for start in range(0, len(chosen_rows), PROMPTS_PER_BATCH):
-        batch = chosen_rows[start:start + PROMPTS_PER_BATCH]
-        samples = sample_batch(model, tokenizer, batch, system, recipe.eval.max_new_tokens, recipe.stage.samples,
-                               recipe.stage.temperature, seed=recipe.seed + start)
-        for row, ids in zip(batch, samples, strict=True):
-            answers = decode_answers(tokenizer, ids)
-            columns = reward_columns(row, data_file)
-            scores = judge([None] * len(answers), answers, **{k: [v] * len(answers) for k, v in columns.items()})
-            best, worst = max(range(len(answers)), key=scores.__getitem__), min(range(len(answers)), key=scores.__getitem__)
-            if scores[worst] == 1.0:
-                continue  # every sample already right: nothing to prefer
-            from_sample = scores[best] == 1.0
-            pairs.append({"prompt": render_prompt(tokenizer, row, system),
-                          "chosen": answers[best] if from_sample else reference_answer(row),
-                          "rejected": answers[worst], "chosen_score": 1.0, "rejected_score": scores[worst],
-                          "chosen_source": "sample" if from_sample else "reference"})
+    samples = sample_batch(model, tokenizer, batch, system, recipe.eval.max_new_tokens, recipe.stage.samples,
+                           recipe.stage.temperature, seed=recipe.seed + start)
+    for row, ids in zip(batch, samples, strict=True):
+        answers = decode_answers(tokenizer, ids)
+        columns = reward_columns(row, data_file)
+        scores = judge([None] * len(answers), answers, **{k: [v] * len(answers) for k, v in columns.items()})
+        best, worst = max(range(len(answers)), key=scores.__getitem__), min(range(len(answers)), key=scores.__getitem__)
+        if scores[worst] == 1.0:
+            continue  # every sample already right: nothing to prefer
+        from_sample = scores[best] == 1.0
+        pairs.append({"prompt": render_prompt(tokenizer, row, system),
+                      "chosen": answers[best] if from_sample else reference_answer(row),
+                      "rejected": answers[worst], "chosen_score": 1.0, "rejected_score": scores[worst],
+                      "chosen_source": "sample" if from_sample else "reference"})
     return pairs
 
 

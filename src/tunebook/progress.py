@@ -1,7 +1,9 @@
-"""A rich progress bar and loss log for the Trainer (replaces tqdm and the plain log printer)."""
+"""Rich progress bars: the Trainer's (steps, loss; replaces tqdm and the plain log printer) and one for work
+counted in examples (eval passes, DPO pair sampling)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -14,6 +16,23 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from transformers import TrainerCallback
+
+
+def progress_bar(label: str) -> Any:
+    """A bar for work counted in examples: label, bar, done/total, rate, elapsed."""
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                    TimeElapsedColumn())
+
+
+def rate_updater(bar: Any, task_id: Any, started: float) -> Any:
+    """A progress callback that advances the bar and shows examples/s."""
+    done = [0]
+
+    def advance(n: int) -> None:
+        done[0] += n
+        bar.update(task_id, advance=n, rate=f"{done[0] / (time.perf_counter() - started):.2f} ex/s")
+
+    return advance
 
 
 class RichProgress(TrainerCallback):
