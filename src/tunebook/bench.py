@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from tunebook.config import load_recipe, recipe_path
+from tunebook.outputs import RUN_INFO_FILE
 from tunebook.precision import BF16_FLAGS, cpu_description
 
 RESULTS = Path("bench/results.json")
@@ -76,7 +77,7 @@ def run_tunebook_train(recipe_file: Path) -> dict[str, Any]:
                               stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     if done.returncode != 0:
         raise RuntimeError(f"tunebook train failed:\n{log.read_text()[-3000:]}")
-    info = json.loads((models / "fine-tuned" / recipe_file.stem / "run_info.json").read_text())
+    info = json.loads((models / "fine-tuned" / recipe_file.stem / RUN_INFO_FILE).read_text())
     return {"tokens": info["tokens_seen"], "train_seconds": info["train_runtime_s"],
             "tokens_per_s": info["train_tokens_per_s"], "peak_rss_mb": info["peak_memory_mb"],
             "dtype": info.get("dtype"), "wall_seconds": round(time.perf_counter() - started, 1)}

@@ -27,11 +27,11 @@ from tunebook.generation import decode_answers, generate
 from tunebook.journal import Journal
 from tunebook.metrics import db_path_for, perplexity, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
-from tunebook.outputs import atomic_dir, clean_leftovers, eval_journal, report_dir
+from tunebook.outputs import ADAPTER_WEIGHTS, atomic_dir, clean_leftovers, eval_journal, report_dir
 from tunebook.progress import progress_bar, rate_updater
 from tunebook.prompts import reference_answer, user_message
 from tunebook.reporting import VERIFIED, error_table, metrics_table, shape_table, view
-from tunebook.runs import ADAPTER_WEIGHTS, Run, check_adapter_is_run, identify, run_lock
+from tunebook.runs import Run, check_adapter_is_run, identify, run_lock
 from tunebook.sandbox import TIME_LIMIT_ERROR, run_sql
 from tunebook.validate import check_adapter, check_metric_rows, validate_recipe
 

@@ -25,6 +25,7 @@ from tunebook.errors import RecipeError
 from tunebook.llamacpp import greedy_ids, load_gguf
 from tunebook.models import load_tokenizer, local_model_dir, resolve_model_path
 from tunebook.outputs import (
+    ADAPTER_WEIGHTS,
     adapter_gguf_file,
     base_gguf_file,
     clean_leftovers,
@@ -38,7 +39,7 @@ from tunebook.outputs import (
     verify_file,
 )
 from tunebook.prompts import render_prompt, stop_strings
-from tunebook.runs import ADAPTER_WEIGHTS, Run, check_adapter_is_run, identify, run_lock
+from tunebook.runs import Run, check_adapter_is_run, identify, run_lock
 from tunebook.validate import check_adapter, validate_recipe
 
 CONVERTER_DIR = Path(os.environ.get("TUNEBOOK_LLAMA_CPP", "build/llama.cpp"))

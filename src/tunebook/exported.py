@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.errors import RecipeError
-from tunebook.outputs import adapter_gguf_file, gguf_file, verify_file
-from tunebook.runs import ADAPTER_WEIGHTS, Run
+from tunebook.outputs import ADAPTER_WEIGHTS, adapter_gguf_file, gguf_file, verify_file
+from tunebook.runs import Run
 
 
 def adapter_digest(adapter_dir: Path) -> str | None:
