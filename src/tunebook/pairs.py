@@ -84,6 +84,9 @@ def make_pairs(recipe: Any, rows: list[dict], parent: Path, tokenizer: Any) -> l
     if recipe.model.quantization == "none":
         model.merge_adapter()  # sampling with the adapter folded in skips two small matmuls per LoRA layer and token
     tokenizer.padding_side = "left"
+    # Batches of similar length pad little: one long schema in a batch would make every row pay for it.
+    lengths = [len(render_prompt(tokenizer, r, recipe.data.system_prompt)) for r in chosen_rows]
+    chosen_rows = [chosen_rows[i] for i in sorted(range(len(chosen_rows)), key=lengths.__getitem__)]
     pairs = []
     label = f"sampling {recipe.stage.samples} answers per prompt"
     with progress_bar(label) as bar:
