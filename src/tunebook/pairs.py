@@ -47,7 +47,7 @@ def preference_pairs(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -
         return [pair_from_preference_row(r, tokenizer, system) for r in rows], {"source": recipe.data.train,
                                                                                "pairs": len(rows)}
     path = outputs.pairs_file(run.name)
-    key = hashlib.sha256(json.dumps(run.fingerprint, sort_keys=True).encode()).hexdigest()
+    key = pairs_key(recipe, parent)
     cached = read_pairs(path, key)
     if cached is None:
         cached = make_pairs(recipe, rows, parent, tokenizer)
@@ -57,6 +57,20 @@ def preference_pairs(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -
              "chosen_from_samples": sum(p["chosen_score"] == 1.0 and p["chosen_source"] == "sample" for p in cached),
              "chosen_reference": sum(p["chosen_source"] == "reference" for p in cached)}
     return [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in cached], facts
+
+
+def pairs_key(recipe: Any, parent: Path) -> str:
+    """What the pairs depend on: the parent's weights, the sampling settings, the data and the prompt; not the DPO
+    trainer's settings, so a new `dpo.max_steps` or learning rate reuses them."""
+    import dataclasses
+
+    from tunebook.outputs import ADAPTER_WEIGHTS
+
+    facts = {"parent": hashlib.sha256((parent / ADAPTER_WEIGHTS).read_bytes()).hexdigest(),
+             "stage": dataclasses.asdict(recipe.stage), "data": dataclasses.asdict(recipe.data),
+             "model": recipe.model.name, "max_new_tokens": recipe.eval.max_new_tokens,
+             "metrics": recipe.eval.metrics, "seed": recipe.seed}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def read_pairs(path: Path, key: str) -> list[dict] | None:
