@@ -1,4 +1,4 @@
-"""Evaluation on a tiny model: batched generation equals one-at-a-time; the report has its documented keys."""
+"""Evaluation on a tiny model: the report has its documented keys; user data with its own databases."""
 
 from __future__ import annotations
 
@@ -12,36 +12,8 @@ from tunebook.config import load_recipe
 from tunebook.data import read_split
 from tunebook.errors import RecipeError
 from tunebook.evaluate import evaluate
-from tunebook.generation import generate, generate_ids, shared_prefix_batches
+from tunebook.generation import generate
 from tunebook.train import train
-
-
-def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tokenizer.padding_side = "left"
-    rows = read_split(sql_data / "test.jsonl")[:6]
-    batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=6)
-    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
-    assert batched == single
-    assert all(len(tokens) > 0 for tokens in batched)
-    texts = generate(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=4)
-    assert texts == [tokenizer.decode(t, skip_special_tokens=True).strip() for t in single]
-
-
-def test_shared_prefix_batches_equal_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
-    """Questions on one schema are generated from a cached schema prefix: same tokens as each prompt alone."""
-    from tunebook.prompts import encode_prompt
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    tokenizer.padding_side = "left"
-    test = read_split(sql_data / "test.jsonl")
-    db = next(r["db_id"] for r in test if sum(x["db_id"] == r["db_id"] for x in test) >= 4)
-    rows = [r for r in test if r["db_id"] == db][:4] + [r for r in test if r["db_id"] != db][:2]
-    batches, rest = shared_prefix_batches([encode_prompt(tokenizer, r, "sys") for r in rows], batch_size=8)
-    assert batches and sorted(batches[0][1]) == [0, 1, 2, 3] and batches[0][0] > 48
-    batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=8)
-    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
-    assert batched == single
 
 
 def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeypatch):

@@ -258,6 +258,27 @@ def test_share_context_reads_a_schema_once_for_several_questions():
     assert sorted(map(json.dumps, alone)) == sorted(map(json.dumps, rows))
 
 
+def test_share_context_trains_several_questions_per_schema(tiny_recipe, capsys, tmp_path, sql_data):
+    rows = [json.loads(line) for line in (sql_data / "train.jsonl").read_text().splitlines()]
+    by_db: dict[str, list[dict]] = {}
+    for row in rows:
+        by_db.setdefault(row["db_id"], []).append(row)
+    pairs = [r for group in by_db.values() if len(group) >= 2 for r in group[:2]][:24]  # 12 schemas, 2 questions
+    train_file = tmp_path / "shared-train.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    recipe = load_recipe(tiny_recipe(name="tiny-shared", data__share_context={"by": "db_id", "turns": 2},
+                                     data__train=str(train_file), training__max_steps=2))
+    from tunebook.train import train
+
+    out = train(recipe)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data.share_context:"))
+    answers, conversations = [int(w) for w in line.split() if w.isdigit()][:2]
+    assert answers == 24 and conversations < answers, line
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["fingerprint"]["data.share_context"] == {"by": "db_id", "turns": 2}
+    assert info["examples"]["train"] <= conversations and info["global_steps"] == 2
+
+
 def test_share_context_is_checked_before_any_model_loads(own_task, tmp_path):
     recipe = own_task(schema_rows())
     assert "exactly the keys `by` and `turns`" in error_for(recipe, ["data.share_context={by: db_id}"])

@@ -1,0 +1,48 @@
+"""Generation on a tiny model: batched, shared-prefix and sampled generation give the tokens of one prompt alone."""
+
+from __future__ import annotations
+
+from transformers import AutoModelForCausalLM
+
+from tunebook.data import read_split
+from tunebook.generation import generate, generate_ids, sample_batch, shared_prefix_batches
+
+
+def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    rows = read_split(sql_data / "test.jsonl")[:6]
+    batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=6)
+    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
+    assert batched == single
+    assert all(len(tokens) > 0 for tokens in batched)
+    texts = generate(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=4)
+    assert texts == [tokenizer.decode(t, skip_special_tokens=True).strip() for t in single]
+
+
+def test_shared_prefix_batches_equal_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
+    """Questions on one schema are generated from a cached schema prefix: same tokens as each prompt alone."""
+    from tunebook.prompts import encode_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    test = read_split(sql_data / "test.jsonl")
+    db = next(r["db_id"] for r in test if sum(x["db_id"] == r["db_id"] for x in test) >= 4)
+    rows = [r for r in test if r["db_id"] == db][:4] + [r for r in test if r["db_id"] != db][:2]
+    batches, rest = shared_prefix_batches([encode_prompt(tokenizer, r, "sys") for r in rows], batch_size=8)
+    assert batches and sorted(batches[0][1]) == [0, 1, 2, 3] and batches[0][0] > 48
+    batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=8)
+    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
+    assert batched == single
+
+
+def test_samples_share_their_prompts_prefill(tiny_model_dir, tokenizer, sql_data):
+    """Each prompt's cache is computed once for its samples; at a temperature near 0 every sample is the greedy
+    answer of that prompt alone, so positions and padding are right for every row."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    rows = read_split(sql_data / "test.jsonl")[:5]
+    greedy = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=10, batch_size=1)[0] for row in rows]
+    samples = sample_batch(model, tokenizer, rows, "sys", 10, n=3, temperature=1e-4, seed=1)
+    assert [len(group) for group in samples] == [3] * len(rows)
+    assert all(answer == greedy[i] for i, group in enumerate(samples) for answer in group)
