@@ -32,3 +32,18 @@ def test_bench_quick_on_tiny_model(tiny_recipe, tmp_path, monkeypatch):
     assert rss["met"] == (rss["measured"] <= 3.0) and (rss["met"] or rss["missed_by_percent"] > 0)
     assert "| training tokens/s (2 steps × 1) |" in (tmp_path / "bench" / "quick.md").read_text()
     assert not (tmp_path / "models").exists(), "bench runs keep their outputs in a temp folder"
+
+
+def test_results_keep_the_last_run_of_each_machine_kind(tmp_path):
+    """A run on one kind of machine never replaces another kind's figures (the README quotes both)."""
+    amd = {"cpu": "AMD EPYC 7B13", "flags": ["avx2"], "gpu": None}
+    xeon = {"cpu": "Intel(R) Xeon(R) Processor", "flags": ["avx2", "avx512f", "amx_tile"], "gpu": None}
+    assert bench.machine_kind(amd) == "amd-avx2" and bench.machine_kind(xeon) == "intel-avx512-amx"
+    assert bench.machine_kind({**xeon, "gpu": "NVIDIA H200"}) == "gpu-nvidia-h200"
+    old = tmp_path / "results.json"  # a file written before kinds were kept: read as that machine's run
+    old.write_text(json.dumps({"recipe": "smollm2-sql", "machine": amd, "training": {"speedup": 2.1}}))
+    assert list(bench.recorded_runs(old)) == ["amd-avx2"]
+    kept = tmp_path / "kinds.json"
+    kept.write_text(json.dumps({"by_machine": {"amd-avx2": {"machine": amd}, "intel-avx512-amx": {"machine": xeon}}}))
+    assert sorted(bench.recorded_runs(kept)) == ["amd-avx2", "intel-avx512-amx"]
+    assert bench.recorded_runs(tmp_path / "missing.json") == {}

@@ -405,10 +405,11 @@ def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, q
 
         raise RecipeError("tunebook bench", "--only", f"no part named {', '.join(sorted(wanted - set(PARTS)))}.",
                           f"Parts: {', '.join(PARTS)}.")
-    if only and out_json.exists():
-        last = json.loads(out_json.read_text())
-        if last.get("recipe") == recipe and last.get("machine", {}).get("cpu") == results["machine"]["cpu"]:
-            results.update({k: v for k, v in last.items() if k in PARTS and k not in wanted})
+    kind = machine_kind(results["machine"])
+    recorded = {} if quick else recorded_runs(out_json)
+    last = recorded.get(kind, {})
+    if only and last.get("recipe") == recipe:
+        results.update({k: v for k, v in last.items() if k in PARTS and k not in wanted})
     with tempfile.TemporaryDirectory() as tmp:
         if "training" in wanted:
             results["training"] = bench_training(recipe, steps, Path(tmp), repeats)
@@ -422,6 +423,33 @@ def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, q
             results["serve"] = bench_serve(recipe, eval_examples)
     results["demo"] = demo_stages(recipe)
     results["targets"] = targets(results)
-    write_text_atomic(out_json, json.dumps(results, indent=2))
-    write_text_atomic(out_md, markdown(results))
+    if quick:
+        write_text_atomic(out_json, json.dumps(results, indent=2))
+        write_text_atomic(out_md, markdown(results))
+        return results
+    recorded[kind] = results
+    write_text_atomic(out_json, json.dumps({"by_machine": recorded}, indent=2))
+    write_text_atomic(out_md, "\n".join(f"## {k}\n\n{markdown(v)}" for k, v in sorted(recorded.items())))
     return results
+
+
+def machine_kind(m: dict[str, Any]) -> str:
+    """The kind of machine a run's numbers hold for, e.g. `intel-avx512-amx`, `amd-avx2`, `gpu-nvidia-h100`: a
+    run replaces only the last run of its own kind in bench/results.json."""
+    if m.get("gpu"):
+        return "gpu-" + "-".join(m["gpu"].lower().split()[:3])
+    name = m["cpu"].lower()
+    vendor = "amd" if "amd" in name else "intel" if "intel" in name else "cpu"
+    isa = "avx512" if "avx512f" in m["flags"] else "avx2" if "avx2" in m["flags"] else "x86"
+    return f"{vendor}-{isa}" + ("-amx" if "amx_tile" in m["flags"] else "")
+
+
+def recorded_runs(path: Path) -> dict[str, dict[str, Any]]:
+    """The last run of each machine kind in bench/results.json (a file from before kinds were kept is one run)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if "by_machine" in data:
+        return data["by_machine"]
+    return {machine_kind(data["machine"]): data} if "machine" in data else {}
