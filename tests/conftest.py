@@ -145,7 +145,7 @@ def tunebook_command(*args: str, fault: tuple[str, int] | None = None) -> tuple[
     import tunebook.export
 
     inherited = {k: v for k, v in os.environ.items()  # in-process CLI tests may have set these
-                 if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                 if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "TQDM_DISABLE",
                               "TRANSFORMERS_NO_ADVISORY_WARNINGS")}
     env = {**inherited, "PYTHONPATH": str(ROOT / "src"),
            "TUNEBOOK_LLAMA_CPP": str(tunebook.export.CONVERTER_DIR.resolve())}

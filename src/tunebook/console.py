@@ -28,6 +28,9 @@ def setup_console(log_path: Path | None, verbose: bool) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        # Every other library's tqdm bar (e.g. TRL's "Computing reference log probs"); tunebook's bars are rich's.
+        # tqdm reads it when it is imported.
+        os.environ.setdefault("TQDM_DISABLE", "1")
         if not Path("/proc/driver/nvidia/version").exists():
             # Without it DeepSpeed, which transformers imports when installed, warns on stdout at every import
             # that it is "Setting accelerator to CPU".
