@@ -123,7 +123,7 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], prefix
         extra["logits_processor"] = [processor]
     with torch.no_grad():
         if prefix:
-            cache = model(input_ids=ids[:1, :prefix].to(device), use_cache=True).cache
+            cache = model(input_ids=ids[:1, :prefix].to(device), use_cache=True, logits_to_keep=1).cache
             cache.batch_repeat_interleave(len(prompts))
             extra["cache"] = cache
         out = model.generate(
@@ -166,7 +166,8 @@ def sample_batch(model: Any, tokenizer: Any, examples: list[dict], system_prompt
             # num_return_sequences would prefill n copies of every prompt, most of the cost for long prompts.
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             cache = model(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
-                          position_ids=positions[:, :-1].to(device), use_cache=True).cache
+                          position_ids=positions[:, :-1].to(device), use_cache=True,
+                          logits_to_keep=1).cache  # only the cache is used: no logits for every position
             cache.batch_repeat_interleave(n)
             extra["cache"] = cache
             ids, mask, repeats = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1
