@@ -25,14 +25,14 @@ from tunebook.errors import RecipeError
 from tunebook.exported import gguf_files
 from tunebook.generation import decode_answers, generate
 from tunebook.journal import Journal
-from tunebook.metrics import db_path_for, perplexity, score
+from tunebook.metrics import METRICS, perplexity, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import ADAPTER_WEIGHTS, atomic_dir, clean_leftovers, eval_journal, report_dir
 from tunebook.progress import progress_bar, rate_updater
 from tunebook.prompts import reference_answer, user_message
 from tunebook.reporting import VERIFIED, error_table, metrics_table, shape_table, view
 from tunebook.runs import Run, check_adapter_is_run, identify, run_lock
-from tunebook.sandbox import TIME_LIMIT_ERROR, run_sql
+from tunebook.tasks import eval_subsets
 from tunebook.validate import check_adapter, check_metric_rows, validate_recipe
 
 N_REPORT_EXAMPLES = 5
@@ -66,31 +66,10 @@ def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
     elif recipe.eval.limit:
         rows = rows[: recipe.eval.limit]
     check_metric_rows(recipe, rows, data_file, located=not recipe.eval.where and not recipe.eval.limit_per)
-    if "sql_execution" in recipe.eval.metrics:
-        for number, row in enumerate(rows, start=1):
-            db_path = db_path_for(row, data_file)
-            if not db_path.exists():
-                raise RecipeError(str(data_file), f"example {number}", f"database {db_path} "
-                                  "does not exist.", "Run `make data` or fix db_path.")
-            # A gold query that fails would make the example unscoreable: found now, not after generation. One
-            # over the time limit may only mean a loaded machine: it is scored (or counted unscored) later.
-            _, error = run_sql(db_path, reference_answer(row))
-            if error is not None and error != TIME_LIMIT_ERROR:
-                raise RecipeError(str(data_file), f"example {number}: field 'output'",
-                                  f"the gold SQL fails on {db_path.name} ({error}).",
-                                  "Fix the query or the database, or remove the example.")
+    for name in recipe.eval.metrics:  # what each row needs (a metric's own files) is there: found before generation
+        if METRICS[name].check_resources is not None:
+            METRICS[name].check_resources(rows, data_file)
     return rows, data_file
-
-
-def train_db_ids(recipe: Recipe) -> set[str]:
-    """The databases the recipe trained on (after `data.where`)."""
-    try:
-        rows = read_split(recipe.data.train, recipe.source, "data.train")
-        if recipe.data.where:
-            rows = select_rows(rows, recipe.data.where, recipe.data.train, recipe.source)
-    except RecipeError:
-        return set()
-    return {r.get("db_id") for r in rows}
 
 
 def report_name(run: Run, which: str = "both", data: str | None = None) -> str:
@@ -163,7 +142,7 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
         for result in results.values():
             result["metrics"] = {**task_metrics(recipe, result["predictions"], rows, data_file, problems),
                                  **result.get("model_metrics", {})}
-        subsets = schema_subsets(recipe, rows, results, data_file)
+        subsets = task_subsets(recipe, rows, results, data_file)
         by_shape = {shape: score_subset(recipe, idx, rows, results, data_file)
                     for shape, idx in sorted(group_indices(rows, "shape").items())}
         notes += sorted(set(problems))
@@ -382,23 +361,10 @@ def group_indices(rows: list[dict], key: str) -> dict[str, list[int]]:
     return groups
 
 
-def schema_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], data_file: Path) -> dict[str, dict]:
-    """For rows that name their database (`db_id`): those whose database was never seen in training, and among
-    them the real (Spider) schemas, scored on their own."""
-    if not any(r.get("db_id") for r in rows):
-        return {}
-    seen = train_db_ids(recipe)
-    unseen = [i for i, r in enumerate(rows) if r.get("db_id") not in seen]
-    groups = {}
-    if unseen and len(unseen) < len(rows):
-        groups["unseen_schema"] = unseen
-    real = [i for i in unseen if rows[i].get("source") == "spider"]
-    if real:
-        groups["unseen_real_schema"] = real
-    people = [i for i in unseen if rows[i].get("source") == "people"]
-    if people:
-        groups["people"] = people  # hand-written questions, asked as people ask them (datasets_cards/sql.md)
-    return {name: score_subset(recipe, idx, rows, results, data_file) for name, idx in groups.items()}
+def task_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], data_file: Path) -> dict[str, dict]:
+    """The subsets of the rows that the recipe's task scores apart (`tasks.Task.subsets`), each scored alone."""
+    return {name: score_subset(recipe, idx, rows, results, data_file)
+            for name, idx in eval_subsets(recipe, rows).items()}
 
 
 def score_subset(recipe: Recipe, indices: list[int], rows: list[dict], results: dict[str, dict],

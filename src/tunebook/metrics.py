@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunebook.sandbox import SqlSandbox, default_sandbox
+from tunebook.sandbox import TIME_LIMIT_ERROR, SqlSandbox, default_sandbox, run_sql
 
 # The report row counting examples a metric could not score (only present when there were any).
 UNSCORED = "unscored_rows"
@@ -223,13 +223,26 @@ def kept_ratio(before: tuple, after: tuple) -> float:
     return difflib.SequenceMatcher(None, words(before), words(after), autojunk=False).ratio()
 
 
+def ruff_binary() -> str:
+    """ruff from PATH, or the one installed beside this Python (a venv that is not activated): the review metric's
+    checker, and the review builder's source of findings."""
+    import shutil
+    import sys
+
+    from tunebook.errors import SourceMissing
+
+    beside = Path(sys.executable).parent / "ruff"
+    path = shutil.which("ruff") or (str(beside) if beside.exists() else None)
+    if path is None:
+        raise SourceMissing("the `ruff` executable is not on PATH (it ships with the dev install: `make setup`)")
+    return path
+
+
 @functools.cache
 def ruff_rule_codes() -> frozenset[str]:
     """The rule codes this ruff knows (`ruff rule --all`); empty when ruff is not installed."""
     import json
     import subprocess
-
-    from tunebook.builders.review import ruff_binary
 
     ruff = ruff_binary()
     if not ruff:
@@ -262,8 +275,6 @@ def review_metrics(
     import json
     import subprocess
     import tempfile
-
-    from tunebook.builders.review import ruff_binary
 
     codes = [last_code_block(p) for p in predictions]
     tokens = [code_tokens(c) for c in codes]
@@ -362,6 +373,9 @@ class Metric:
     check: Callable[[str, dict, Path], int] | None = None
     check_best: int = 1
     grammar: Callable[[dict, Path], str | None] | None = None
+    # Eval, before generating: raises RecipeError for the first row whose own files (its database …) are missing
+    # or unusable (rows, data file). `row_problem` checks the row's fields; this checks what they point to.
+    check_resources: Callable[[list[dict], Path], None] | None = None
 
 
 def _refs(rows: list[dict]) -> list[str]:
@@ -411,6 +425,24 @@ def _sql_runs(answer: str, row: dict, data_file: Path) -> int:
     return 0 if result.error is not None else 2 if result.rows else 1
 
 
+def _sql_databases_ready(rows: list[dict], data_file: Path) -> None:
+    """Every row's database exists and its gold query runs there (one over the time limit may only mean a loaded
+    machine: it is scored, or counted unscored, later). A failing gold query would leave the row unscoreable."""
+    from tunebook.errors import RecipeError
+    from tunebook.prompts import reference_answer
+
+    for number, row in enumerate(rows, start=1):
+        db_path = db_path_for(row, data_file)
+        if not db_path.exists():
+            raise RecipeError(str(data_file), f"example {number}", f"database {db_path} "
+                              "does not exist.", "Run `make data` or fix db_path.")
+        _, error = run_sql(db_path, reference_answer(row))
+        if error is not None and error != TIME_LIMIT_ERROR:
+            raise RecipeError(str(data_file), f"example {number}: field 'output'",
+                              f"the gold SQL fails on {db_path.name} ({error}).",
+                              "Fix the query or the database, or remove the example.")
+
+
 def _sql_grammar(row: dict, data_file: Path) -> str | None:
     from tunebook.sql_grammar import schema_grammar
 
@@ -442,7 +474,7 @@ METRICS: dict[str, Metric] = {
         row_problem=_sql_problem,
         row_fix="Give each row its database: 'db_id' (databases/<db_id>.sqlite beside the split) or 'db_path'",
         about="runs the SQL on the row's database: same result set as the gold query; sqlglot exact match; errors",
-        check=_sql_runs, check_best=2, grammar=_sql_grammar,
+        check=_sql_runs, check_best=2, grammar=_sql_grammar, check_resources=_sql_databases_ready,
     ),
     "code_fixed": Metric(("code_fixed", "fix_parses", "rule_checked", "rule_fixed", "fix_matches_reference",
                           "fix_unchanged", "rule_named"), _code_fixed,

@@ -1,14 +1,21 @@
 """The task registry: everything a task decides, in one place.
 
 A recipe's `task:` is any name. The built-in tasks below bring their default metrics, their headline metric,
-the instruction their rows carry and the builder behind `tunebook data <task>`. Any other name gets the generic
-defaults (`GENERIC`): text overlap and perplexity, headlined by ROUGE-L, and the recipe's `eval.metrics` /
-`eval.main_metric` choose otherwise. Nothing outside this module names the built-in tasks.
+the instruction their rows carry, the builder behind `tunebook data <task>` and the subsets of the test rows that
+its report scores apart. Any other name gets the generic defaults (`GENERIC`): text overlap and perplexity,
+headlined by ROUGE-L, and the recipe's `eval.metrics` / `eval.main_metric` choose otherwise. Nothing outside this
+module names the built-in tasks; what a task knows beyond these fields lives in the modules its entry points to.
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tunebook.config import Recipe
 
 TEXT_METRICS = ("rouge", "bleu", "chrf", "exact_match", "perplexity")
 
@@ -22,12 +29,14 @@ class Task:
     main_metric: str = "rougeL"  # the report column that headlines the report, the chart and `make demo`
     instruction: str | None = None  # the instruction its built rows carry (and `tunebook new` suggests)
     builder: str | None = None  # "module:function" writing data/<task>/{train,val,test}.jsonl, for `tunebook data`
+    # "module:function" (recipe, eval rows) -> {subset name: row positions}: the report's subsets, in report order
+    subsets: str | None = None
 
 
 SQL = Task(
     "sql", metrics=("sql_execution", "perplexity"), main_metric="exec_accuracy",
     instruction="Write a SQLite query that answers the question, using the schema below.",
-    builder="tunebook.builders.sql:build_dataset",
+    builder="tunebook.builders.sql:build_dataset", subsets="tunebook.sql_task:eval_subsets",
 )
 # Review headlines a code measure: ROUGE of the whole answer rewards handing the input code back unchanged.
 REVIEW = Task(
@@ -59,3 +68,15 @@ def get_task(name: str) -> Task:
 def dataset_builders() -> dict[str, str]:
     """Every dataset `tunebook data` can build: name -> "module:function"."""
     return {**{t.name: t.builder for t in BUILT_IN.values() if t.builder}, **EXAMPLE_DATASETS}
+
+
+def load_hook(spec: str) -> Callable[..., Any]:
+    """The function a task entry names as "module:function" (imported only when it is used)."""
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def eval_subsets(recipe: Recipe, rows: list[dict]) -> dict[str, list[int]]:
+    """The recipe's task's subsets of these eval rows (subset name -> row positions); none for most tasks."""
+    task = get_task(recipe.task)
+    return load_hook(task.subsets)(recipe, rows) if task.subsets else {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from pathlib import Path
 from typing import Any
@@ -13,13 +12,12 @@ CARDS_DIR = Path("datasets_cards")
 def build_task(task: str, data_root: Path, sources: Path, seed: int = 42) -> dict[str, Any]:
     """Build data/<task>/{train,val,test}.jsonl deterministically and update datasets_cards/<task>.md."""
     from tunebook.builders.cards import update_card
-    from tunebook.tasks import dataset_builders
+    from tunebook.tasks import dataset_builders, load_hook
 
     builders = dataset_builders()
     if task not in builders:
         raise RuntimeError(f"no builder for dataset '{task}' (known: {', '.join(builders)})")
-    module, _, name = builders[task].partition(":")
-    builder = getattr(importlib.import_module(module), name)
+    builder = load_hook(builders[task])
     out = data_root / task
     extra = {"sources": sources} if "sources" in inspect.signature(builder).parameters else {}
     stats = builder(out, seed=seed, **extra)

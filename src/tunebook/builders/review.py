@@ -15,7 +15,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import textwrap
 from collections import defaultdict
@@ -26,7 +25,7 @@ from tunebook import tasks
 from tunebook.builders.splits import drop_cross_split_duplicates
 from tunebook.builders.stdlib_docs import SKIP_PARTS, stdlib_dir
 from tunebook.data import normalise, write_jsonl
-from tunebook.errors import SourceMissing
+from tunebook.metrics import ruff_binary
 
 INSTRUCTION = tasks.REVIEW.instruction
 # Formatting, docs, typing-annotation and naming rules make poor review examples; everything else may be used.
@@ -34,15 +33,6 @@ SKIP_PREFIXES = ("D", "I0", "COM", "Q0", "W", "E1", "E2", "E3", "E5", "ERA", "AN
                  "EM", "FBT", "ARG", "N8", "S", "PLR2004", "RUF100", "UP009", "EXE", "CPY", "TC", "FA", "PYI")
 MAX_PER_RULE = 60
 MAX_FUNCTION_LINES = 25
-
-
-def ruff_binary() -> str:
-    """ruff from PATH, or the one installed beside this Python (a venv that is not activated)."""
-    beside = Path(sys.executable).parent / "ruff"
-    path = shutil.which("ruff") or (str(beside) if beside.exists() else None)
-    if path is None:
-        raise SourceMissing("the `ruff` executable is not on PATH (it ships with the dev install: `make setup`)")
-    return path
 
 
 def ruff_rules() -> dict[str, dict[str, Any]]:

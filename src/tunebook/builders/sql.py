@@ -583,7 +583,9 @@ def build(out_dir: Path, chinook_archive: Path, seed: int = 42, domains: list[Do
         for row in rows:
             row.pop("question")
             row.setdefault("shape", shape_of(row["output"]))  # hand-written rows carry their author's label
-            row["unseen_schema"] = row["db_id"] in held  # a test-only database (for `eval.where`)
+            # A test-only database (for `eval.where`). The report's `unseen_schema` subset is decided per recipe,
+            # from what it trained on (sql_task.py): with `data.where` that can be more databases than these.
+            row["unseen_schema"] = row["db_id"] in held
         write_jsonl(out_dir / f"{name}.jsonl", rows)
     return {
         "sizes": {name: len(rows) for name, rows in splits.items()},
