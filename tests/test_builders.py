@@ -133,9 +133,11 @@ def test_review_builder(tmp_path, monkeypatch):
     row = splits["train"][0]
     assert row["input"].startswith("```python\n") and "Improved code:\n```python\n" in row["output"]
     assert row["output"].startswith(row["rule"])
+    from tunebook.errors import SourceMissing
+
     monkeypatch.setenv("PATH", "")
     monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
-    with pytest.raises(review.SourceMissing, match="ruff"):
+    with pytest.raises(SourceMissing, match="ruff"):
         review.build_review(tmp_path / "c")
 
 
