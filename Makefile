@@ -97,10 +97,13 @@ export: setup $(CONVERTER) $(LLAMA_STAMP)
 demo: setup data/$(TASK)/test.jsonl $(CONVERTER) $(LLAMA_STAMP)
 	$(TB) demo $(RECIPE) $(ARGS)
 
-test: setup $(SQL_SOURCES) $(CONVERTER) $(LLAMA_STAMP) $(LLAMA_MODELS_WHEEL)
+TEST_DATA := $(foreach t,$(TASKS),data/$(t)/test.jsonl)
+
+# The tests read data/ as `tunebook data` builds it (built here when missing); they never write there.
+test: setup $(SQL_SOURCES) $(TEST_DATA) $(CONVERTER) $(LLAMA_STAMP) $(LLAMA_MODELS_WHEEL)
 	$(PY) -m pytest -q --durations=20 $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup $(TEST_DATA)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 app: setup

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ROOT / "build" / "sources"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -22,25 +21,25 @@ def repo_cwd():
     os.chdir(ROOT)
 
 
-@pytest.fixture(scope="session")
-def sql_data() -> Path:
-    """data/sql, built once per session if `make data` has not run."""
-    from tunebook.builders import build_task
-
-    out = ROOT / "data" / "sql"
+def built_data(task: str) -> Path:
+    """data/<task> as `make data` built it; tests read it and never write there."""
+    out = ROOT / "data" / task
     if not (out / "test.jsonl").exists():
-        build_task("sql", ROOT / "data", SOURCES)
+        pytest.fail(f"data/{task} is not built: run `make data` (`make test` builds it before pytest)", pytrace=False)
     return out
 
 
 @pytest.fixture(scope="session")
-def all_data(sql_data) -> Path:
-    """data/<task> for every task, built once per session where `make data` has not run."""
-    from tunebook.builders import build_task
+def sql_data() -> Path:
+    """data/sql, built by `make data`."""
+    return built_data("sql")
 
+
+@pytest.fixture(scope="session")
+def all_data(sql_data) -> Path:
+    """data/<task> for every task, built by `make data`."""
     for task in ("review", "qa", "summarize", "extract"):
-        if not (ROOT / "data" / task / "test.jsonl").exists():
-            build_task(task, ROOT / "data", SOURCES)
+        built_data(task)
     return ROOT / "data"
 
 

@@ -321,70 +321,6 @@ def build_ui(session: AppSession) -> Any:
     import gradio as gr
 
     first = session.names[0]
-
-    def recipe_changed(name: str) -> tuple:
-        try:
-            recipe = session.recipe(name)
-        except AppError as exc:
-            return (f"**error:** {exc}", gr.update(choices=[], value=None), "", "", "", gr.update(choices=[]),
-                    DEFAULT_MAX_NEW_TOKENS, "", None, None, [])
-        rows = eval_examples(recipe)
-        view = report_view(recipe)
-        labels = [example_label(r) for r in rows]
-        return (status_line(recipe), gr.update(choices=labels, value=None), "", "", "",
-                gr.update(choices=sql_databases(recipe), value=None, visible=bool(sql_databases(recipe))),
-                recipe.eval.max_new_tokens, view["markdown"], view["chart"], view["loss_curve"], rows)
-
-    def example_picked(label: str | None, rows: list[dict]) -> tuple:
-        row = next((r for r in rows if example_label(r) == label), None)
-        if row is None:
-            return gr.update(), gr.update(), gr.update(), gr.update(), None
-        from tunebook.prompts import chat_messages, reference_answer
-
-        if "messages" in row:
-            conversation = json.dumps(chat_messages(row), indent=1, ensure_ascii=False)
-            return "", "", conversation, row.get("db_id"), {"row": row, "gold": reference_answer(row)}
-        return (row["instruction"], row.get("input") or "", "", row.get("db_id"),
-                {"row": row, "gold": reference_answer(row)})
-
-    def answer(name, instruction, input_text, conversation, db_id, picked, max_new, temperature, top_p, penalty):
-        blank = {"headers": ["result"], "data": [[""]]}
-        try:
-            request = build_request(instruction or "", input_text or "", conversation or "")
-            recipe = session.recipe(name)
-            db_path = sql_database(recipe, db_id) if sql_databases(recipe) else None
-            started = time.perf_counter()
-            yield "", "", "_loading the model (once per recipe)…_", "", "", blank, blank
-            loaded = session.load(name)
-            settings = Settings(int(max_new), float(temperature), float(top_p), float(penalty))
-            first_token, texts = None, {}
-            for texts in stream_answers(loaded, request, settings):
-                first_token = first_token or time.perf_counter() - started
-                tuned = texts.get("fine_tuned", f"_No adapter yet: train one with "
-                                                f"`{recipe_status(recipe)['train_command']}`._")
-                yield texts["base"], tuned, "_generating…_", "", "", blank, blank
-            total = time.perf_counter() - started
-            status = f"first token after {first_token or 0:.1f} s; both answers in {total:.1f} s"
-            verdicts, tables = ["", ""], [blank, blank]
-            if db_path is not None:
-                gold = (picked or {}).get("gold") if _same_request(picked, request) else None
-                for i, side in enumerate(SIDES):
-                    if side in texts:
-                        result = sql_result(db_path, texts[side], gold)
-                        verdicts[i] = sql_verdict(result)
-                        tables[i] = {"headers": result["columns"] or ["result"],
-                                     "data": [list(r) for r in result["rows"][:200]] or [[""]]}
-            tuned = texts.get("fine_tuned", f"_No adapter yet: train one with "
-                                            f"`{recipe_status(recipe)['train_command']}`._")
-            yield texts.get("base", ""), tuned, status, verdicts[0], verdicts[1], tables[0], tables[1]
-        except (AppError, RecipeError) as exc:
-            yield "", "", f"**error:** {exc}", "", "", blank, blank
-        except Exception as exc:  # never a dead page: the message, and where the traceback went
-            import logging
-
-            logging.getLogger("tunebook").exception("app error")
-            yield "", "", f"**error:** {type(exc).__name__}: {exc}", "", "", blank, blank
-
     with gr.Blocks(title="tunebook: base vs fine-tuned") as page:
         gr.Markdown("# tunebook — base vs fine-tuned, side by side")
         with gr.Row():
@@ -424,12 +360,86 @@ def build_ui(session: AppSession) -> Any:
                 chart = gr.Image(label="eval chart", type="filepath")
                 curve = gr.Image(label="loss curve", type="filepath")
 
-        changed_outputs = [status, examples, instruction, input_box, conversation, db_box, max_new, report_md,
-                           chart, curve, rows_state]
+        # Callbacks return {component: value}; a component left out keeps what it shows.
+        def recipe_changed(name: str) -> dict:
+            cleared = {instruction: "", input_box: "", conversation: ""}
+            try:
+                recipe = session.recipe(name)
+            except AppError as exc:
+                return {**cleared, status: f"**error:** {exc}", examples: gr.update(choices=[], value=None),
+                        db_box: gr.update(choices=[]), max_new: DEFAULT_MAX_NEW_TOKENS, report_md: "",
+                        chart: None, curve: None, rows_state: []}
+            rows = eval_examples(recipe)
+            view = report_view(recipe)
+            databases = sql_databases(recipe)
+            return {**cleared, status: status_line(recipe),
+                    examples: gr.update(choices=[example_label(r) for r in rows], value=None),
+                    db_box: gr.update(choices=databases, value=None, visible=bool(databases)),
+                    max_new: recipe.eval.max_new_tokens, report_md: view["markdown"], chart: view["chart"],
+                    curve: view["loss_curve"], rows_state: rows}
+
+        def example_picked(label: str | None, rows: list[dict]) -> dict:
+            row = next((r for r in rows if example_label(r) == label), None)
+            if row is None:
+                return {picked_state: None}
+            from tunebook.prompts import chat_messages, reference_answer
+
+            picked = {db_box: row.get("db_id"), picked_state: {"row": row, "gold": reference_answer(row)}}
+            if "messages" in row:
+                conversation_json = json.dumps(chat_messages(row), indent=1, ensure_ascii=False)
+                return {**picked, instruction: "", input_box: "", conversation: conversation_json}
+            return {**picked, instruction: row["instruction"], input_box: row.get("input") or "", conversation: ""}
+
+        blank = {"headers": ["result"], "data": [[""]]}
+
+        def answers_view(texts: dict[str, str], run: str, verdicts: tuple[str, str] = ("", ""),
+                         tables: tuple[dict, dict] = (blank, blank)) -> dict:
+            return {base_out: texts.get("base", ""), tuned_out: texts.get("fine_tuned", ""), run_status: run,
+                    base_verdict: verdicts[0], tuned_verdict: verdicts[1], base_table: tables[0],
+                    tuned_table: tables[1]}
+
+        def answer(name, instruction_text, input_text, conversation_json, db_id, picked, max_new_tokens,
+                   temperature_value, top_p_value, penalty_value):
+            try:
+                request = build_request(instruction_text or "", input_text or "", conversation_json or "")
+                recipe = session.recipe(name)
+                db_path = sql_database(recipe, db_id) if sql_databases(recipe) else None
+                no_adapter = f"_No adapter yet: train one with `{recipe_status(recipe)['train_command']}`._"
+                started = time.perf_counter()
+                yield answers_view({}, "_loading the model (once per recipe)…_")
+                loaded = session.load(name)
+                settings = Settings(int(max_new_tokens), float(temperature_value), float(top_p_value),
+                                    float(penalty_value))
+                first_token, texts = None, {}
+                for texts in stream_answers(loaded, request, settings):
+                    first_token = first_token or time.perf_counter() - started
+                    yield answers_view({"fine_tuned": no_adapter, **texts}, "_generating…_")
+                total = time.perf_counter() - started
+                run = f"first token after {first_token or 0:.1f} s; both answers in {total:.1f} s"
+                verdicts, tables = ["", ""], [blank, blank]
+                if db_path is not None:
+                    gold = (picked or {}).get("gold") if _same_request(picked, request) else None
+                    for i, side in enumerate(SIDES):
+                        if side in texts:
+                            result = sql_result(db_path, texts[side], gold)
+                            verdicts[i] = sql_verdict(result)
+                            tables[i] = {"headers": result["columns"] or ["result"],
+                                         "data": [list(r) for r in result["rows"][:200]] or [[""]]}
+                yield answers_view({"fine_tuned": no_adapter, **texts}, run, tuple(verdicts), tuple(tables))
+            except (AppError, RecipeError) as exc:
+                yield answers_view({}, f"**error:** {exc}")
+            except Exception as exc:  # never a dead page: the message, and where the traceback went
+                import logging
+
+                logging.getLogger("tunebook").exception("app error")
+                yield answers_view({}, f"**error:** {type(exc).__name__}: {exc}")
+
+        changed_outputs = {status, examples, instruction, input_box, conversation, db_box, max_new, report_md,
+                           chart, curve, rows_state}
         recipe_box.change(recipe_changed, recipe_box, changed_outputs, api_name=False)
         page.load(recipe_changed, recipe_box, changed_outputs, api_name=False)
         examples.change(example_picked, [examples, rows_state],
-                        [instruction, input_box, conversation, db_box, picked_state], api_name=False)
+                        {instruction, input_box, conversation, db_box, picked_state}, api_name=False)
         go.click(answer, [recipe_box, instruction, input_box, conversation, db_box, picked_state, max_new,
                           temperature, top_p, penalty],
                  [base_out, tuned_out, run_status, base_verdict, tuned_verdict, base_table, tuned_table],
