@@ -127,9 +127,15 @@ def bench_memory(recipe: str, workdir: Path) -> dict[str, Any]:
     return out
 
 
+# The old eval path's batch: what the SQL recipe's eval.batch_size was when that path was tunebook's eval.
+OLD_EVAL_BATCH = 16
+
+
 def bench_eval(recipe_name: str, n: int, repeats: int) -> dict[str, Any]:
-    """Fine-tuned generation on the recipe's eval rows: the old path (adapter kept apart, every prompt prefilled in
-    full) vs today's `tunebook eval` (adapter merged, prompts that share a schema generated from one cached prefix)."""
+    """Fine-tuned generation on the recipe's eval rows, in fp32 on every machine (so the outputs can be compared
+    token for token): the old path (adapter kept apart, prompts sorted by length and prefilled in full by
+    `generate()`, batches of OLD_EVAL_BATCH) vs today's `tunebook eval` (adapter merged, each shared schema prefix
+    computed once, groups packed into batches of the recipe's eval.batch_size, finished rows dropped)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from tunebook.data import read_split, select_rows
@@ -137,7 +143,7 @@ def bench_eval(recipe_name: str, n: int, repeats: int) -> dict[str, Any]:
     from tunebook.models import load_model, load_tokenizer, resolve_model_path
     from tunebook.outputs import fine_tuned_dir
 
-    recipe = load_recipe(recipe_name)
+    recipe = load_recipe(recipe_name, ["model.dtype=float32"])
     path = resolve_model_path(recipe.model.name)
     tokenizer = load_tokenizer(path)
     tokenizer.padding_side = "left"
@@ -152,22 +158,23 @@ def bench_eval(recipe_name: str, n: int, repeats: int) -> dict[str, Any]:
     else:  # a fresh clone: LoRA as initialised (B = 0), so the answers are the base model's, which run longer
         model, source = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **recipe.lora)), "untrained LoRA"
     model.eval()
-    args = (tokenizer, rows, recipe.data.system_prompt, recipe.eval.max_new_tokens, recipe.eval.batch_size)
+    args = (tokenizer, rows, recipe.data.system_prompt, recipe.eval.max_new_tokens)
 
-    def timed(**kwargs: Any) -> tuple[list[float], list[list[int]]]:
+    def timed(batch_size: int, **kwargs: Any) -> tuple[list[float], list[list[int]]]:
         rates, outputs = [], []
         for _ in range(repeats):
             started = time.perf_counter()
-            outputs = generate_ids(model, *args, **kwargs)
+            outputs = generate_ids(model, *args, batch_size, **kwargs)
             rates.append(len(rows) / (time.perf_counter() - started))
         return rates, outputs
 
-    old_rates, old = timed(share_prefixes=False)
+    old_rates, old = timed(OLD_EVAL_BATCH, share_prefixes=False)
     model.merge_adapter()
-    new_rates, new = timed()
+    new_rates, new = timed(recipe.eval.batch_size)
     old_s, new_s = spread(old_rates), spread(new_rates)
     return {"examples": len(rows), "repeats": repeats, "adapter": source, "max_new_tokens": recipe.eval.max_new_tokens,
-            "batch_size": recipe.eval.batch_size, "old_examples_per_s": old_s, "new_examples_per_s": new_s,
+            "dtype": "float32", "old_batch_size": OLD_EVAL_BATCH, "batch_size": recipe.eval.batch_size,
+            "old_examples_per_s": old_s, "new_examples_per_s": new_s,
             "speedup": round(new_s["median"] / old_s["median"], 2), "identical_outputs": new == old,
             "same_outputs": sum(a == b for a, b in zip(new, old, strict=True))}
 
