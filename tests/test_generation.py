@@ -1,11 +1,14 @@
-"""Generation on a tiny model: batched, shared-prefix and sampled generation give the tokens of one prompt alone."""
+"""Generation: batched, shared-prefix, continuously batched and sampled generation give the tokens of one prompt
+alone through transformers' own `generate()`."""
 
 from __future__ import annotations
 
 from transformers import AutoModelForCausalLM
 
+from tunebook.continuous import greedy
 from tunebook.data import read_split
-from tunebook.generation import generate, generate_ids, sample_batch, shared_prefix_batches
+from tunebook.generation import generate, generate_ids, prefix_groups, sample_batch, shared_prefix_batches
+from tunebook.prompts import encode_prompt, stop_token_ids
 
 
 def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
@@ -13,7 +16,8 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_
     tokenizer.padding_side = "left"
     rows = read_split(sql_data / "test.jsonl")[:6]
     batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=6)
-    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
+    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1, share_prefixes=False)[0]
+              for row in rows]
     assert batched == single
     assert all(len(tokens) > 0 for tokens in batched)
     texts = generate(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=4)
@@ -22,8 +26,6 @@ def test_batched_generation_equals_one_at_a_time(tiny_model_dir, tokenizer, sql_
 
 def test_shared_prefix_batches_equal_one_at_a_time(tiny_model_dir, tokenizer, sql_data):
     """Questions on one schema are generated from a cached schema prefix: same tokens as each prompt alone."""
-    from tunebook.prompts import encode_prompt
-
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer.padding_side = "left"
     test = read_split(sql_data / "test.jsonl")
@@ -32,8 +34,32 @@ def test_shared_prefix_batches_equal_one_at_a_time(tiny_model_dir, tokenizer, sq
     batches, rest = shared_prefix_batches([encode_prompt(tokenizer, r, "sys") for r in rows], batch_size=8)
     assert batches and sorted(batches[0][1]) == [0, 1, 2, 3] and batches[0][0] > 48
     batched = generate_ids(model, tokenizer, rows, "sys", max_new_tokens=12, batch_size=8)
-    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1)[0] for row in rows]
+    single = [generate_ids(model, tokenizer, [row], "sys", max_new_tokens=12, batch_size=1, share_prefixes=False)[0]
+              for row in rows]
     assert batched == single
+
+
+def test_continuous_batching_gives_generates_answers_as_rows_leave_and_join(base_model_dir, tokenizer, sql_data):
+    """The real SmolLM2 stops at different lengths, so with 3 slots for 9 prompts rows leave and waiting prompts
+    (longer ones, so the window widens) take their place; the window moves when it runs out of columns and the
+    batch shrinks at the end. Every answer is `generate()`'s greedy answer to that prompt alone."""
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir).eval()
+    tokenizer.padding_side = "left"
+    rows = read_split(sql_data / "test.jsonl")[:9]
+    system = "You write SQLite queries. Answer with the query only, no explanation."
+    seen: list[int] = []
+    continuous = generate_ids(model, tokenizer, rows, system, max_new_tokens=60, batch_size=3,
+                              on_batch=lambda indices, answers: seen.extend(indices))
+    alone = [generate_ids(model, tokenizer, [row], system, max_new_tokens=60, batch_size=1, share_prefixes=False)[0]
+             for row in rows]
+    assert continuous == alone
+    assert sorted(seen) == list(range(len(rows)))
+    assert len({len(a) for a in alone}) > 3 and min(len(a) for a in alone) < 30  # rows did leave early
+    # A window with 4 spare columns moves every few steps: still the same answers.
+    prompts = [encode_prompt(tokenizer, row, system) for row in rows]
+    groups = [(prefix, [(i, prompts[i]) for i in members]) for prefix, members in prefix_groups(prompts, 3)]
+    moved = greedy(model, groups, 3, 60, stop_token_ids(tokenizer, system), tokenizer.pad_token_id, spare=4)
+    assert [moved[i] for i in range(len(rows))] == alone
 
 
 def test_samples_share_their_prompts_prefill(tiny_model_dir, tokenizer, sql_data):

@@ -48,6 +48,20 @@ def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt
     prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
     stops = stop_token_ids(tokenizer, system_prompt)
     outputs: list[list[int]] = [[] for _ in prompts]
+    if share_prefixes and grammars is None:
+        from tunebook.continuous import greedy
+
+        def done(indices: list[int], answers: list[list[int]]) -> None:
+            for i, tokens in zip(indices, answers, strict=True):
+                outputs[i] = tokens
+            if on_batch is not None:
+                on_batch(indices, answers)
+            if progress is not None:
+                progress(len(indices))
+
+        groups = [(prefix, [(i, prompts[i]) for i in members]) for prefix, members in prefix_groups(prompts, batch_size)]
+        greedy(model, groups, batch_size, max_new_tokens, stops, tokenizer.pad_token_id, on_done=done)
+        return outputs
     if share_prefixes:
         batches = pack_groups(prompts, batch_size)
     else:
@@ -67,13 +81,17 @@ def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt
     return outputs
 
 
-def pack_groups(prompts: list[list[int]], batch_size: int) -> list[list[tuple[int, list[int]]]]:
-    """Batches of at most `batch_size` prompts, each a list of (prefix length, indices) groups whose members share
-    that many leading tokens. A prompt in no shared group is a group of its own with all but its last token as
-    prefix. Groups are sorted by prefix length so a batch pads its prefixes little, and never split."""
+def prefix_groups(prompts: list[list[int]], batch_size: int) -> list[tuple[int, list[int]]]:
+    """(prefix length, indices) groups of at most `batch_size` prompts that share that many leading tokens, sorted by
+    prefix length; a prompt in no shared group is a group of its own with all but its last token as prefix."""
     shared, rest = shared_prefix_batches(prompts, batch_size)
-    groups = shared + [(len(prompts[i]) - 1, [i]) for i in rest]
-    groups.sort(key=lambda g: (g[0], g[1]))
+    return sorted(shared + [(len(prompts[i]) - 1, [i]) for i in rest], key=lambda g: (g[0], g[1]))
+
+
+def pack_groups(prompts: list[list[int]], batch_size: int) -> list[list[tuple[int, list[int]]]]:
+    """Batches of at most `batch_size` prompts, each a list of whole `prefix_groups` (sorted by prefix length, so a
+    batch pads its prefixes little)."""
+    groups = prefix_groups(prompts, batch_size)
     batches: list[list[tuple[int, list[int]]]] = []
     rows = batch_size
     for group in groups:

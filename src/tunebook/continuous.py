@@ -1,0 +1,220 @@
+"""Greedy decoding with continuous batching: a row leaves the batch when it stops, and the next prompts take its slot.
+
+Hand-written because `generate()` runs a batch until its last row ends. With SQL answers of ~30 tokens and a limit
+of 80, most of a batch's decode steps then serve a few long rows, and on a CPU a decode step costs nearly as much
+for 2 rows as for 16 (the weights are read either way). Here the batch stays full until the prompts run out.
+
+Layout: each slot (batch row) holds its tokens right-aligned in one column window of the KV cache shared by every
+slot; a row's columns left of its own start are masked out, and position ids are each row's own. Prompts that
+share a long prefix (one database schema) are prefilled as a group whose prefix is computed once. The tokens are
+`generate()`'s greedy search: the argmax of the same logits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+# A group: (prefix length, [(answer index, prompt token ids), ...]); its members share the first `prefix` tokens.
+Group = tuple[int, list[tuple[int, list[int]]]]
+
+
+class SlotWindow:
+    """Per-layer key/value buffers [slots, heads, capacity, dim] and a mask [slots, capacity], read through one
+    column window [start, end) shared by every slot. Columns outside a row's own tokens are masked out."""
+
+    def __init__(self, like: list[tuple[Any, Any]], slots: int, longest: int, spare: int) -> None:
+        import torch
+
+        self.longest, self.spare = longest, spare  # the widest a window can be; room to append before moving
+        capacity = longest + spare
+        self.keys = [k.new_zeros(slots, k.shape[0], capacity, k.shape[-1]) for k, _ in like]  # like: [heads, n, dim]
+        self.values = [v.new_zeros(slots, v.shape[0], capacity, v.shape[-1]) for _, v in like]
+        self.mask = torch.zeros(slots, capacity, dtype=torch.long, device=like[0][0].device)
+        self.start = self.end = longest
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def _fit(self, width: int) -> None:
+        """Make the window `width` columns wide (never narrower than it is), with a free column after it."""
+        width = max(width, self.length)
+        if self.end - width < 0 or self.end + 1 > self.mask.shape[-1]:
+            self._move(self.longest)
+        if self.end - width < self.start:
+            self.mask[:, self.end - width:self.start] = 0
+            self.start = self.end - width
+
+    def _move(self, end: int, slots: list[int] | None = None) -> None:
+        """Copy the window (of these slots only, when given) to end at column `end` of fresh buffers with `spare`
+        columns after it."""
+        import torch
+
+        old, new = slice(self.start, self.end), slice(end - self.length, end)
+        index = None if slots is None else torch.tensor(slots, device=self.mask.device)
+
+        def moved(buffer: Any) -> Any:
+            part = buffer[:, :, old] if buffer.dim() == 4 else buffer[:, old]
+            part = part if index is None else part[index]
+            if buffer.dim() == 4:
+                fresh = buffer.new_zeros(part.shape[0], buffer.shape[1], end + self.spare, buffer.shape[-1])
+                fresh[:, :, new] = part
+            else:
+                fresh = buffer.new_zeros(part.shape[0], end + self.spare)
+                fresh[:, new] = part
+            return fresh
+
+        self.keys, self.values = [moved(b) for b in self.keys], [moved(b) for b in self.values]
+        self.mask = moved(self.mask)
+        self.start, self.end = new.start, new.stop
+
+    def place(self, slot: int, layers: list[tuple[Any, Any]], mask: Any) -> None:
+        """Put one row (per layer keys and values [heads, n, dim], and its mask [n]) right-aligned in `slot`."""
+        n = mask.shape[-1]
+        self._fit(n)
+        columns = slice(self.end - n, self.end)
+        for keys, values, (row_keys, row_values) in zip(self.keys, self.values, layers, strict=True):
+            keys[slot, :, columns] = row_keys
+            values[slot, :, columns] = row_values
+        self.mask[slot, self.start:self.end] = 0
+        self.mask[slot, columns] = mask
+
+    def open_column(self) -> Any:
+        """Before a decode step: the attention mask over the window and the column the step appends."""
+        self._fit(self.length)
+        self.mask[:, self.end] = 1
+        return self.mask[:, self.start:self.end + 1]
+
+    def append(self, layer: int, keys: Any, values: Any) -> tuple[Any, Any]:
+        """A decoder layer's new keys/values [slots, heads, 1, dim]: written in place, the window's returned."""
+        self.keys[layer][:, :, self.end:self.end + 1] = keys
+        self.values[layer][:, :, self.end:self.end + 1] = values
+        window = slice(self.start, self.end + 1)
+        return self.keys[layer][:, :, window], self.values[layer][:, :, window]
+
+    def close_column(self) -> None:
+        self.end += 1
+
+    def trim(self, running: list[int]) -> None:
+        """Drop the columns no running row uses (left of the earliest row's first token)."""
+        if running:
+            first = int(self.mask[running, self.start:self.end].argmax(dim=-1).min())
+            self.start += first
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep only these slots, in this order (the batch shrinks once no prompt is waiting)."""
+        self._move(self.length, slots)
+
+
+def _slot_cache(window: SlotWindow) -> Any:
+    """A transformers DynamicCache whose layers read and append through `window`."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        def __init__(self, layer: int) -> None:
+            super().__init__()
+            self.layer, self.is_initialized = layer, True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            self.keys, self.values = window.append(self.layer, key_states, value_states)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return window.length
+
+    cache = DynamicCache()
+    cache.layers = [SlotLayer(n) for n in range(len(window.keys))]
+    return cache
+
+
+def prefill_group(model: Any, group: Group, pad_id: int) -> list[tuple[list[tuple[Any, Any]], Any]]:
+    """Each member's KV cache over its prompt but the last token (per layer [heads, n, dim]) and its mask [n]:
+    the shared prefix computed once, the rest of the prompts together, left-padded after the prefix."""
+    import torch
+
+    prefix, members = group
+    device = next(model.parameters()).device
+    cache = None
+    if prefix:
+        cache = model(input_ids=torch.tensor([members[0][1][:prefix]], device=device), use_cache=True,
+                      logits_to_keep=1).cache
+    tails = [prompt[prefix:-1] for _, prompt in members]
+    width = max(len(t) for t in tails)
+    mask = torch.zeros(len(members), prefix + width, dtype=torch.long, device=device)
+    mask[:, :prefix] = 1
+    if width:
+        ids = torch.full((len(members), width), pad_id, dtype=torch.long, device=device)
+        positions = torch.ones_like(ids)
+        for row, tail in enumerate(tails):
+            if tail:
+                ids[row, width - len(tail):] = torch.tensor(tail, device=device)
+                positions[row, width - len(tail):] = torch.arange(prefix, prefix + len(tail), device=device)
+                mask[row, prefix + width - len(tail):] = 1
+        if cache is not None:
+            cache.batch_repeat_interleave(len(members))
+        cache = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                      logits_to_keep=1).cache
+    rows = []
+    for row in range(len(members)):
+        one = 0 if width == 0 else row
+        rows.append(([(layer.keys[one], layer.values[one]) for layer in cache.layers], mask[row]))
+    return rows
+
+
+def greedy(model: Any, groups: list[Group], slots: int, max_new_tokens: int, stops: list[int], pad_id: int,
+           on_done: Any = None, spare: int | None = None) -> dict[int, list[int]]:
+    """Greedy answers (token ids through the stop token) to every group's prompts, `slots` rows decoding at once.
+    `on_done(indices, answers)` gets answers as rows finish. Every prompt has at least two tokens (a chat turn).
+    `spare`: columns the cache keeps free to append into before its window moves (default 2 × max_new_tokens)."""
+    import torch
+
+    device = next(model.parameters()).device
+    pending = deque(groups)
+    longest = max(len(prompt) for _, members in groups for _, prompt in members) + max_new_tokens
+    window: SlotWindow | None = None
+    cache = None
+    owner = [-1] * slots  # the answer index each slot decodes, -1 when free
+    fed = torch.full((slots,), pad_id, dtype=torch.long, device=device)
+    positions = torch.zeros(slots, dtype=torch.long, device=device)
+    answers: dict[int, list[int]] = {}
+    stop = set(stops)
+    with torch.no_grad():
+        while True:
+            free = [s for s in range(len(owner)) if owner[s] < 0]
+            while pending and len(pending[0][1]) <= len(free):
+                prefix, members = pending.popleft()
+                for (index, prompt), (layers, mask) in zip(members, prefill_group(model, (prefix, members), pad_id),
+                                                            strict=True):
+                    if window is None:
+                        window = SlotWindow(layers, slots, longest, spare or 2 * max_new_tokens)
+                        cache = _slot_cache(window)
+                    slot = free.pop(0)
+                    window.place(slot, layers, mask)
+                    owner[slot], answers[index] = index, []
+                    fed[slot], positions[slot] = prompt[-1], len(prompt) - 1
+            running = [s for s in range(len(owner)) if owner[s] >= 0]
+            if not running:
+                return answers
+            if not pending and len(running) * 4 <= len(owner) * 3:  # nothing waits: shrink the batch to its rows
+                window.keep(running)
+                owner, fed, positions = [owner[s] for s in running], fed[running], positions[running]
+                running = list(range(len(owner)))
+            mask = window.open_column()
+            out = model(input_ids=fed[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache,
+                        use_cache=True, logits_to_keep=1)
+            window.close_column()
+            tokens = out.logits[:, -1, :].argmax(-1)
+            done = []
+            for slot, token in zip(running, tokens[running].tolist(), strict=True):
+                answer = answers[owner[slot]]
+                answer.append(token)
+                if token in stop or len(answer) >= max_new_tokens:
+                    done.append(owner[slot])
+                    owner[slot] = -1
+            fed, positions = tokens, positions + 1
+            if done:
+                window.trim([s for s in range(len(owner)) if owner[s] >= 0])
+                if on_done is not None:
+                    on_done(done, [answers[i] for i in done])
