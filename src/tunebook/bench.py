@@ -363,9 +363,11 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{fmt(t['tunebook']['peak_rss_mb'])} | |")
     e = results.get("eval")
     if e:
-        lines.append(f"| fine-tuned eval examples/s ({e['examples']} rows × {e['repeats']}) | "
-                     f"{fmt(e['old_examples_per_s'])} (adapter apart, full prefill) | {fmt(e['new_examples_per_s'])} "
-                     f"(merged, shared prefixes) | **{e['speedup']}x** (same outputs {e['same_outputs']}/{e['examples']}) |")
+        old_batch, batch = e.get("old_batch_size", e["batch_size"]), e["batch_size"]
+        lines.append(f"| fine-tuned eval examples/s, {e.get('dtype', 'recipe dtype')} ({e['examples']} rows × "
+                     f"{e['repeats']}) | {fmt(e['old_examples_per_s'])} (adapter apart, full prefill, batches of "
+                     f"{old_batch}) | {fmt(e['new_examples_per_s'])} (merged, shared prefixes, continuous batching "
+                     f"of {batch}) | **{e['speedup']}x** (same outputs {e['same_outputs']}/{e['examples']}) |")
     q = results.get("sql_scoring")
     if q:
         lines.append(f"| scoring {q['examples']} SQL rows as eval does, s | {fmt(q['in_process_s'])} (queries in "
