@@ -324,8 +324,9 @@ def demo_stages(recipe: str) -> dict[str, Any] | None:
 
 
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The issue's targets, each with what was measured, whether it was met and by how much it was missed."""
-    amx = "amx_bf16" in results["machine"]["flags"]
+    """The targets, each with what was measured, whether it was met and by how much it was missed: training 2x the
+    plain baseline, eval 3x the old path, peak RSS 3 GiB, `make demo` in 15 minutes on Intel and 20 on AMD."""
+    demo_minutes = 20.0 if "amd" in results["machine"]["cpu"].lower() else 15.0
     out: dict[str, dict[str, Any]] = {}
 
     def check(name: str, measured: float | None, goal: float, higher_is_better: bool = True) -> None:
@@ -337,10 +338,10 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out[name] = {"target": goal, "measured": round(measured, 2), "met": met, "missed_by_percent": short}
 
     t, e, d = results.get("training"), results.get("eval"), results.get("demo")
-    check("training_speedup" + ("_amx" if amx else "_no_amx"), t and t["speedup"], 2.0 if amx else 1.5)
+    check("training_speedup", t and t["speedup"], 2.0)
     check("eval_speedup", e and e["speedup"], 3.0)
     check("training_peak_rss_gib", t and t["tunebook"]["peak_rss_mb"]["median"] / 1024, 3.0, higher_is_better=False)
-    check("demo_minutes_after_install", d and d["total_seconds"] / 60, 10.0, higher_is_better=False)
+    check("demo_minutes_after_install", d and d["total_seconds"] / 60, demo_minutes, higher_is_better=False)
     return out
 
 
@@ -363,11 +364,14 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{fmt(t['tunebook']['peak_rss_mb'])} | |")
     e = results.get("eval")
     if e:
-        old_batch, batch = e.get("old_batch_size", e["batch_size"]), e["batch_size"]
+        if "old_batch_size" in e:
+            old, new = (f"adapter apart, full prefill, batches of {e['old_batch_size']}",
+                        f"merged, shared prefixes, continuous batching of {e['batch_size']}")
+        else:  # a run from before continuous batching
+            old, new = "adapter apart, full prefill", "merged, shared prefixes"
         lines.append(f"| fine-tuned eval examples/s, {e.get('dtype', 'recipe dtype')} ({e['examples']} rows × "
-                     f"{e['repeats']}) | {fmt(e['old_examples_per_s'])} (adapter apart, full prefill, batches of "
-                     f"{old_batch}) | {fmt(e['new_examples_per_s'])} (merged, shared prefixes, continuous batching "
-                     f"of {batch}) | **{e['speedup']}x** (same outputs {e['same_outputs']}/{e['examples']}) |")
+                     f"{e['repeats']}) | {fmt(e['old_examples_per_s'])} ({old}) | {fmt(e['new_examples_per_s'])} "
+                     f"({new}) | **{e['speedup']}x** (same outputs {e['same_outputs']}/{e['examples']}) |")
     q = results.get("sql_scoring")
     if q:
         lines.append(f"| scoring {q['examples']} SQL rows as eval does, s | {fmt(q['in_process_s'])} (queries in "
