@@ -163,11 +163,50 @@ def prefill_group(model: Any, group: Group, pad_id: int) -> list[tuple[list[tupl
     return rows
 
 
+class Constraints:
+    """One xgrammar matcher per slot for the rows that have a grammar (`grammars`: answer index -> compiled
+    grammar): before each argmax the logits of those rows are masked to the tokens their grammar allows, as
+    xgrammar's own transformers LogitsProcessor does inside `generate()`."""
+
+    def __init__(self, grammars: dict[int, Any], slots: int, vocab_size: int) -> None:
+        import xgrammar as xgr
+
+        self.xgr, self.grammars, self.vocab_size = xgr, grammars, vocab_size
+        self.matchers: list[Any] = [None] * slots
+        self.bitmask = xgr.allocate_token_bitmask(slots, vocab_size)
+
+    def start(self, slot: int, index: int) -> None:
+        grammar = self.grammars.get(index)
+        self.matchers[slot] = None if grammar is None else self.xgr.GrammarMatcher(grammar)
+
+    def keep(self, slots: list[int]) -> None:
+        self.matchers = [self.matchers[s] for s in slots]
+        self.bitmask = self.xgr.allocate_token_bitmask(len(slots), self.vocab_size)
+
+    def mask(self, logits: Any, running: list[int]) -> tuple[Any, list[int]]:
+        """The logits (float32) with each constrained running row masked; and those rows."""
+        rows = [s for s in running if self.matchers[s] is not None and not self.matchers[s].is_terminated()]
+        if not rows:
+            return logits, rows
+        logits = logits.float()
+        for slot in rows:
+            self.matchers[slot].fill_next_token_bitmask(self.bitmask, slot)
+        self.xgr.apply_token_bitmask_inplace(logits, self.bitmask.to(logits.device), indices=rows)
+        return logits, rows
+
+    def accept(self, rows: list[int], tokens: list[int]) -> None:
+        for slot, token in zip(rows, tokens, strict=True):
+            if not self.matchers[slot].accept_token(token):
+                raise RuntimeError(f"the grammar refused token {token} it had allowed")
+
+
 def greedy(model: Any, groups: list[Group], slots: int, max_new_tokens: int, stops: list[int], pad_id: int,
-           on_done: Any = None, spare: int | None = None) -> dict[int, list[int]]:
+           on_done: Any = None, spare: int | None = None, grammars: dict[int, Any] | None = None,
+           vocab_size: int | None = None) -> dict[int, list[int]]:
     """Greedy answers (token ids through the stop token) to every group's prompts, `slots` rows decoding at once.
     `on_done(indices, answers)` gets answers as rows finish. Every prompt has at least two tokens (a chat turn).
-    `spare`: columns the cache keeps free to append into before its window moves (default 2 × max_new_tokens)."""
+    `spare`: columns the cache keeps free to append into before its window moves (default 2 × max_new_tokens).
+    `grammars` (answer index -> xgrammar compiled grammar over `vocab_size` tokens) constrains those answers."""
     import torch
 
     device = next(model.parameters()).device
@@ -178,6 +217,7 @@ def greedy(model: Any, groups: list[Group], slots: int, max_new_tokens: int, sto
     owner = [-1] * slots  # the answer index each slot decodes, -1 when free
     fed = torch.full((slots,), pad_id, dtype=torch.long, device=device)
     positions = torch.zeros(slots, dtype=torch.long, device=device)
+    constraints = Constraints(grammars, slots, vocab_size or model.config.vocab_size) if grammars else None
     answers: dict[int, list[int]] = {}
     stop = set(stops)
     with torch.no_grad():
@@ -194,18 +234,27 @@ def greedy(model: Any, groups: list[Group], slots: int, max_new_tokens: int, sto
                     window.place(slot, layers, mask)
                     owner[slot], answers[index] = index, []
                     fed[slot], positions[slot] = prompt[-1], len(prompt) - 1
+                    if constraints is not None:
+                        constraints.start(slot, index)
             running = [s for s in range(len(owner)) if owner[s] >= 0]
             if not running:
                 return answers
             if not pending and len(running) * 4 <= len(owner) * 3:  # nothing waits: shrink the batch to its rows
                 window.keep(running)
+                if constraints is not None:
+                    constraints.keep(running)
                 owner, fed, positions = [owner[s] for s in running], fed[running], positions[running]
                 running = list(range(len(owner)))
             mask = window.open_column()
             out = model(input_ids=fed[:, None], attention_mask=mask, position_ids=positions[:, None], cache=cache,
                         use_cache=True, logits_to_keep=1)
             window.close_column()
-            tokens = out.logits[:, -1, :].argmax(-1)
+            logits, constrained = out.logits[:, -1, :], []
+            if constraints is not None:
+                logits, constrained = constraints.mask(logits, running)
+            tokens = logits.argmax(-1)
+            if constrained:
+                constraints.accept(constrained, tokens[constrained].tolist())
             done = []
             for slot, token in zip(running, tokens[running].tolist(), strict=True):
                 answer = answers[owner[slot]]

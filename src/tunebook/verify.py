@@ -92,8 +92,9 @@ def row_grammars(verifier: Verifier, rows: list[dict], data_file: Path) -> list[
 def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
                 on_batch: Callable[[list[int], list[str]], None], *, data_file: Path, recipe: Recipe,
                 verifier: Verifier, tally: Tally) -> None:
-    """Verified answers from a transformers model, batch by batch into `on_batch` (the eval journal). The
-    candidates of a batch's failing rows are sampled in one call."""
+    """Verified answers from a transformers model into `on_batch` (the eval journal) as they are settled: a row
+    whose constrained greedy answer passes at once; failing rows once candidates have been sampled for them, in
+    calls of about `eval.batch_size` candidates."""
     from tunebook.constrained import HFGrammars
     from tunebook.generation import decode_answers, generate, sample_batch
     from tunebook.prompts import stop_token_ids
@@ -104,22 +105,37 @@ def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
     if all(t is not None for t in texts):
         hf = HFGrammars(tokenizer, model.config.vocab_size, stop_token_ids(tokenizer, system))
     views = [without_reference(row) for row in rows]
+    waiting: dict[int, str] = {}  # failing rows' greedy answers, until their candidates are sampled
+
+    def level(i: int) -> Callable[[str], int]:
+        return lambda text: verifier.check(text, views[i], data_file)
+
+    def sample_waiting() -> None:
+        failing = list(waiting)
+        ids = sample_batch(model, tokenizer, [rows[i] for i in failing], system, recipe.eval.max_new_tokens,
+                           CANDIDATES, TEMPERATURE, seed=failing[0], grammars=hf,
+                           grammar_texts=[texts[i] for i in failing] if hf else None)
+        final = [choose(waiting[i], decode_answers(tokenizer, group), level(i), verifier.best, tally)
+                 for i, group in zip(failing, ids, strict=True)]
+        waiting.clear()
+        on_batch(failing, final)
 
     def checked(indices: list[int], answers: list[str]) -> None:
-        levels = {i: verifier.check(a, views[i], data_file) for i, a in zip(indices, answers, strict=True)}
-        failing = [i for i in indices if levels[i] < verifier.best]
-        sampled: dict[int, list[str]] = {}
-        if failing:
-            ids = sample_batch(model, tokenizer, [rows[i] for i in failing], system, recipe.eval.max_new_tokens,
-                               CANDIDATES, TEMPERATURE, seed=failing[0], grammars=hf,
-                               grammar_texts=[texts[i] for i in failing] if hf else None)
-            sampled = {i: decode_answers(tokenizer, group) for i, group in zip(failing, ids, strict=True)}
-        final = [choose(a, sampled.get(i, []), lambda text, i=i: verifier.check(text, views[i], data_file),
-                        verifier.best, tally) for i, a in zip(indices, answers, strict=True)]
-        on_batch(indices, final)
+        passed = []
+        for i, answer in zip(indices, answers, strict=True):
+            if level(i)(answer) < verifier.best:
+                waiting[i] = answer
+            else:
+                passed.append((i, choose(answer, [], level(i), verifier.best, tally)))
+        if passed:
+            on_batch([i for i, _ in passed], [a for _, a in passed])
+        if len(waiting) * CANDIDATES >= recipe.eval.batch_size:
+            sample_waiting()
 
     generate(model, tokenizer, rows, system, recipe.eval.max_new_tokens, recipe.eval.batch_size, progress,
              on_batch=checked, grammars=(hf, texts) if hf else None)
+    if waiting:
+        sample_waiting()
 
 
 def gguf_verified(llm: Any, tokenizer: Any, rows: list[dict], progress: Any,
