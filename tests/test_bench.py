@@ -47,3 +47,24 @@ def test_results_keep_the_last_run_of_each_machine_kind(tmp_path):
     kept.write_text(json.dumps({"by_machine": {"amd-avx2": {"machine": amd}, "intel-avx512-amx": {"machine": xeon}}}))
     assert sorted(bench.recorded_runs(kept)) == ["amd-avx2", "intel-avx512-amx"]
     assert bench.recorded_runs(tmp_path / "missing.json") == {}
+
+
+def test_gpu_bench_runs_plain_and_tunebook_qlora_on_tiny_models(tmp_path):
+    """`tunebook bench --gpu --tiny` on the CPU: the same code a GPU run uses, plain Trainer + PEFT against
+    tunebook's SFTTrainer on the same random rows, each option either run or named as skipped."""
+    from tunebook.gpu_bench import bench_gpu, markdown
+
+    result = bench_gpu(("phi3-sql",), tiny=True, steps=2)
+    [model] = result["models"]
+    runs = {run["run"]: run for run in model["runs"]}
+    assert {"plain", "tunebook"} <= set(runs) and model["rows"] == 8 * 2 * 2 and model["plan_gib"] > 0
+    for run in runs.values():
+        assert run["tokens_per_s"] > 0 and run["optimizer_steps"] >= 1 and run["train_loss"] > 0
+    assert runs["plain"]["optimizer_steps"] == 2, "plain: one epoch of padded batches, 8 rows x 2 accumulation"
+    assert runs["tunebook"]["vs_plain"] == round(runs["tunebook"]["tokens_per_s"] / runs["plain"]["tokens_per_s"], 2)
+    assert set(model["skipped"]) | {r.removeprefix("tunebook+") for r in runs} >= {"liger", "flash_attention_2"}
+    table = markdown(result)
+    assert "tiny configs" in table and "| phi3-mini-4k-instruct | plain |" in table
+    path = bench.record_gpu(result, tmp_path / "results.json")
+    assert path.name == "gpu-tiny.json" and json.loads(path.read_text()) == json.loads(json.dumps(result))
+    assert not (tmp_path / "results.json").exists(), "a tiny run is a smoke run, never a result"

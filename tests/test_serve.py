@@ -114,8 +114,9 @@ def _user(row: dict) -> str:
     return user_message(row)
 
 
-def test_adapter_gguf_is_checked_and_one_base_serves_several_runs(exported):
+def test_adapter_gguf_is_checked_and_one_base_serves_several_runs(exported, capfd, tmp_path):
     from tunebook import llamacpp
+    from tunebook.console import setup_console
     from tunebook.evaluate import load_eval_rows
     from tunebook.models import load_tokenizer
     from tunebook.outputs import merged_dir
@@ -138,8 +139,15 @@ def test_adapter_gguf_is_checked_and_one_base_serves_several_runs(exported):
     for recipe in (first, second):  # what llama.cpp answers with this run's adapter on the base, loaded alone
         tokenizer = load_tokenizer(str(merged_dir(recipe.name)))
         system = recipe.data.system_prompt
-        llm = llamacpp.load_gguf(base_gguf_file(recipe.model.name, "q8_0"), n_ctx=512,
-                                 lora_path=adapter_gguf_file(recipe.name))
+        log = tmp_path / f"{recipe.name}.log"
+        setup_console(log, verbose=False)
+        try:  # llama.cpp logs a line per adapter tensor from C: the log file gets them, not the console
+            capfd.readouterr()
+            llm = llamacpp.load_gguf(base_gguf_file(recipe.model.name, "q8_0"), n_ctx=512,
+                                     lora_path=adapter_gguf_file(recipe.name))
+            assert "llama_" not in capfd.readouterr().err
+        finally:
+            setup_console(None, verbose=False)
         ids = llamacpp.generate_ids(llm, [encode_prompt(tokenizer, r, system) for r in rows],
                                     stop_token_ids(tokenizer, system), recipe.eval.max_new_tokens)
         expected[recipe.name] = [tokenizer.decode(a, skip_special_tokens=True).strip() for a in ids]

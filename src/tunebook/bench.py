@@ -446,6 +446,27 @@ def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, q
     return results
 
 
+def record_gpu(result: dict[str, Any], results: Path = RESULTS) -> Path:
+    """Write `tunebook bench --gpu`'s result: under the GPU's kind in bench/results.json (and its table in
+    bench/results.md); a `--tiny` smoke run to bench/gpu-tiny.json only."""
+    from tunebook.gpu_bench import markdown as gpu_markdown
+    from tunebook.outputs import write_text_atomic
+
+    if result["tiny"]:
+        path = results.with_name("gpu-tiny.json")
+        write_text_atomic(path, json.dumps(result, indent=2))
+        return path
+    recorded = recorded_runs(results)
+    kind = machine_kind({**machine(), "gpu": result["device"]})
+    recorded[kind] = {**recorded.get(kind, {}), "machine": machine(), "gpu_training": result}
+    write_text_atomic(results, json.dumps({"by_machine": recorded}, indent=2))
+    write_text_atomic(results.with_suffix(".md"), "\n".join(
+        f"## {k}\n\n" + (markdown(v) if "recipe" in v else "") + (gpu_markdown(v["gpu_training"])
+                                                                    if "gpu_training" in v else "")
+        for k, v in sorted(recorded.items())))
+    return results
+
+
 def machine_kind(m: dict[str, Any]) -> str:
     """The kind of machine a run's numbers hold for, e.g. `intel-avx512-amx`, `amd-avx2`, `gpu-nvidia-h100`: a
     run replaces only the last run of its own kind in bench/results.json."""

@@ -210,8 +210,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from tunebook.bench import RESULTS, TABLE, markdown, run
+    from tunebook.bench import RESULTS, TABLE, markdown, record_gpu, run
 
+    if args.gpu:
+        from tunebook.gpu_bench import bench_gpu
+        from tunebook.gpu_bench import markdown as gpu_markdown
+
+        result = bench_gpu(tiny=args.tiny, steps=args.steps if args.steps != 12 else 6)
+        print(gpu_markdown(result))
+        print(f"results: {record_gpu(result)}")
+        return 0
     results = run(args.recipe, steps=args.steps, eval_examples=args.eval_examples, quick=args.quick,
                   repeats=args.repeats, only=args.only.split(",") if args.only else None)
     print(markdown(results))
@@ -296,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--eval-examples", type=int, default=48)
     bench.add_argument("--repeats", type=int, default=3, help="runs of each measurement (medians, min and max)")
     bench.add_argument("--quick", action="store_true", help="a smoke run (writes bench/quick.*, not results)")
+    bench.add_argument("--gpu", action="store_true",
+                       help="QLoRA training of the seed models (random weights, real size) vs plain Trainer + PEFT")
+    bench.add_argument("--tiny", action="store_true", help="with --gpu: tiny configs, a smoke run on any machine")
     bench.add_argument("--only", default=None, metavar="PARTS",
                        help="comma-separated parts to run (training, eval, sql_scoring, memory, serve); the others "
                             "are kept from this machine's last results")

@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--workdir", default="build/gpu-check")
+    parser.add_argument("--bench", action="store_true",
+                        help="also `tunebook bench --gpu`: tunebook's QLoRA training vs plain Trainer + PEFT")
     args = parser.parse_args(argv)
     import torch
 
@@ -210,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     for tier in args.tiers:
         results["tiers"].append(tier_launch(tier, Path(args.workdir) / tier.removesuffix(".yaml"), args.tiny))
         print(json.dumps({k: v for k, v in results["tiers"][-1].items() if k != "tail"}), flush=True)
+    if args.bench:
+        from tunebook.bench import record_gpu
+        from tunebook.gpu_bench import bench_gpu
+
+        results["bench"] = bench_gpu(tuple(args.recipes), args.tiny, steps=args.steps)
+        if not args.tiny:
+            print(f"bench: {record_gpu(results['bench'])}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

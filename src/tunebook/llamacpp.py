@@ -20,12 +20,16 @@ def load_gguf(path: Path, n_ctx: int, logits_all: bool = False, lora_path: Path 
         import llama_cpp
     except ImportError:
         return None
+    from tunebook.console import native_output_to_log
+
     kwargs = dict(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, n_threads=os.cpu_count(),
                   **({"lora_path": str(lora_path)} if lora_path else {}), **extra)
-    try:
-        return llama_cpp.Llama(use_extra_bufts=False, **kwargs)
-    except TypeError:  # older llama-cpp-python without that switch
-        return llama_cpp.Llama(**kwargs)
+    # `verbose=False` does not reach everything: loading an adapter logs a line per tensor from C.
+    with native_output_to_log():
+        try:
+            return llama_cpp.Llama(use_extra_bufts=False, **kwargs)
+        except TypeError:  # older llama-cpp-python without that switch
+            return llama_cpp.Llama(**kwargs)
 
 
 def greedy_ids(llm: Any, prompt: list[int], stops: list[int], max_new_tokens: int) -> list[int]:

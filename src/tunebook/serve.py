@@ -157,7 +157,10 @@ class Models:
     def _init_lora(self, path: Path | None) -> Any:
         import llama_cpp
 
-        handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(path).encode())
+        from tunebook.console import native_output_to_log
+
+        with native_output_to_log():  # a line per tensor from C
+            handle = llama_cpp.llama_adapter_lora_init(self.llama._model.model, str(path).encode())
         if handle is None:
             raise RecipeError(str(path), None, "llama.cpp cannot load this adapter.", "Run `tunebook export` again.")
         self.llama._stack.callback(llama_cpp.llama_adapter_lora_free, handle)
