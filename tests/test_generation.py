@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM
 
-from tunebook.continuous import greedy
+from tunebook.continuous import decode
 from tunebook.data import read_split
 from tunebook.generation import generate, generate_ids, prefix_groups, sample_batch, shared_prefix_batches
 from tunebook.prompts import encode_prompt, stop_token_ids
@@ -58,7 +58,7 @@ def test_continuous_batching_gives_generates_answers_as_rows_leave_and_join(base
     # A window with 4 spare columns moves every few steps: still the same answers.
     prompts = [encode_prompt(tokenizer, row, system) for row in rows]
     groups = [(prefix, [(i, prompts[i]) for i in members]) for prefix, members in prefix_groups(prompts, 3)]
-    moved = greedy(model, groups, 3, 60, stop_token_ids(tokenizer, system), tokenizer.pad_token_id, spare=4)
+    moved = decode(model, groups, 3, 60, stop_token_ids(tokenizer, system), tokenizer.pad_token_id, spare=4)
     assert [moved[i] for i in range(len(rows))] == alone
 
 

@@ -1,4 +1,4 @@
-"""Greedy decoding with continuous batching: a row leaves the batch when it stops, and the next prompts take its slot.
+"""Decoding with continuous batching: a row leaves the batch when it stops, and the next prompts take its slot.
 
 Hand-written because `generate()` runs a batch until its last row ends. With SQL answers of ~30 tokens and a limit
 of 80, most of a batch's decode steps then serve a few long rows, and on a CPU a decode step costs nearly as much
@@ -6,8 +6,9 @@ for 2 rows as for 16 (the weights are read either way). Here the batch stays ful
 
 Layout: each slot (batch row) holds its tokens right-aligned in one column window of the KV cache shared by every
 slot; a row's columns left of its own start are masked out, and position ids are each row's own. Prompts that
-share a long prefix (one database schema) are prefilled as a group whose prefix is computed once. The tokens are
-`generate()`'s greedy search: the argmax of the same logits.
+share a long prefix (one database schema) are prefilled as a group whose prefix is computed once. Greedy tokens
+are `generate()`'s greedy search: the argmax of the same logits. Sampling (verified decoding's candidates, DPO
+pairs) uses transformers' top-p warper and a seeded generator.
 """
 
 from __future__ import annotations
@@ -200,13 +201,28 @@ class Constraints:
                 raise RuntimeError(f"the grammar refused token {token} it had allowed")
 
 
-def greedy(model: Any, groups: list[Group], slots: int, max_new_tokens: int, stops: list[int], pad_id: int,
+def next_tokens(logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
+    """Greedy (temperature 0) or sampled next tokens, with transformers' own top-p warper."""
+    import torch
+    from transformers import TopPLogitsWarper
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
+
+
+def decode(model: Any, groups: list[Group], slots: int, max_new_tokens: int, stops: list[int], pad_id: int,
            on_done: Any = None, spare: int | None = None, grammars: dict[int, Any] | None = None,
-           vocab_size: int | None = None) -> dict[int, list[int]]:
-    """Greedy answers (token ids through the stop token) to every group's prompts, `slots` rows decoding at once.
+           vocab_size: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+           seed: int = 0) -> dict[int, list[int]]:
+    """Answers (token ids through the stop token) to every group's prompts, greedy, `slots` rows decoding at once.
     `on_done(indices, answers)` gets answers as rows finish. Every prompt has at least two tokens (a chat turn).
     `spare`: columns the cache keeps free to append into before its window moves (default 2 × max_new_tokens).
-    `grammars` (answer index -> xgrammar compiled grammar over `vocab_size` tokens) constrains those answers."""
+    `grammars` (answer index -> xgrammar compiled grammar over `vocab_size` tokens) constrains those answers.
+    `temperature` > 0 samples instead (top-p `top_p`, a generator seeded with `seed`)."""
     import torch
 
     device = next(model.parameters()).device
@@ -220,6 +236,7 @@ def greedy(model: Any, groups: list[Group], slots: int, max_new_tokens: int, sto
     constraints = Constraints(grammars, slots, vocab_size or model.config.vocab_size) if grammars else None
     answers: dict[int, list[int]] = {}
     stop = set(stops)
+    generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
     with torch.no_grad():
         while True:
             free = [s for s in range(len(owner)) if owner[s] < 0]
@@ -252,7 +269,7 @@ def greedy(model: Any, groups: list[Group], slots: int, max_new_tokens: int, sto
             logits, constrained = out.logits[:, -1, :], []
             if constraints is not None:
                 logits, constrained = constraints.mask(logits, running)
-            tokens = logits.argmax(-1)
+            tokens = next_tokens(logits, temperature, top_p, generator)
             if constrained:
                 constraints.accept(constrained, tokens[constrained].tolist())
             done = []

@@ -56,13 +56,13 @@ def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt
             progress(len(indices))
 
     if share_prefixes:
-        from tunebook.continuous import greedy
+        from tunebook.continuous import decode
 
         compiled = None
         if grammars:
             compiled = {i: grammars[0].compile(text) for i, text in enumerate(grammars[1]) if text is not None}
         groups = [(prefix, [(i, prompts[i]) for i in members]) for prefix, members in prefix_groups(prompts, batch_size)]
-        greedy(model, groups, batch_size, max_new_tokens, stops, tokenizer.pad_token_id, on_done=done,
+        decode(model, groups, batch_size, max_new_tokens, stops, tokenizer.pad_token_id, on_done=done,
                grammars=compiled)
         return outputs
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -149,40 +149,20 @@ def _through_stop(tokens: list[int], stops: list[int]) -> list[int]:
 def sample_batch(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
                  n: int, temperature: float, seed: int, grammars: Any = None,
                  grammar_texts: list[str] | None = None) -> list[list[list[int]]]:
-    """`n` sampled answers to each prompt (token ids through the stop token), optionally grammar-constrained, in
-    one left-padded batch: the candidates verified decoding chooses from."""
-    import torch
+    """`n` sampled answers to each prompt (token ids through the stop token, top-p 0.95), optionally
+    grammar-constrained: the candidates verified decoding chooses from. All rows decode at once with continuous
+    batching; each prompt is prefilled once and its cache shared by its `n` samples."""
+    from tunebook.continuous import decode
 
-    device = next(model.parameters()).device
     prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    stops = stop_token_ids(tokenizer, system_prompt)
-    extra: dict[str, Any] = {}
-    if grammars is not None and grammar_texts is not None:  # generate() repeats each row n times, in place
-        extra["logits_processor"] = [grammars.processor([t for t in grammar_texts for _ in range(n)])]
-    torch.manual_seed(seed)
-    repeats = n
-    with torch.no_grad():
-        if n > 1 and width > 1:
-            # Each prompt's KV cache is computed once and shared by its n samples; generate() with
-            # num_return_sequences would prefill n copies of every prompt, most of the cost for long prompts.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = model(input_ids=ids[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
-                          position_ids=positions[:, :-1].to(device), use_cache=True,
-                          logits_to_keep=1).cache  # only the cache is used: no logits for every position
-            cache.batch_repeat_interleave(n)
-            extra["cache"] = cache
-            ids, mask, repeats = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=True, temperature=temperature, top_p=0.95, top_k=None,
-                             num_return_sequences=repeats, use_cache=True, eos_token_id=stops,
-                             pad_token_id=tokenizer.pad_token_id, **extra)
-    return [[_through_stop(out[row * n + k, width:].tolist(), stops) for k in range(n)] for row in range(len(prompts))]
+    groups = [(len(prompt) - 1, [(i * n + k, prompt) for k in range(n)]) for i, prompt in enumerate(prompts)]
+    compiled = None
+    if grammars is not None and grammar_texts is not None:
+        compiled = {i * n + k: grammars.compile(text) for i, text in enumerate(grammar_texts) if text is not None
+                    for k in range(n)}
+    answers = decode(model, groups, len(prompts) * n, max_new_tokens, stop_token_ids(tokenizer, system_prompt),
+                     tokenizer.pad_token_id, grammars=compiled, temperature=temperature, top_p=0.95, seed=seed)
+    return [[answers[i * n + k] for k in range(n)] for i in range(len(prompts))]
 
 
 def stream_side_by_side(model: Any, tokenizer: Any, example: dict, system_prompt: str | None, max_new_tokens: int,
