@@ -21,6 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+from tunebook.bench import padded_collator
 from tunebook.config import load_recipe
 from tunebook.data import read_split, select_rows
 from tunebook.models import load_tokenizer, resolve_model_path
@@ -37,18 +38,6 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter() - self.started)
-
-
-def pad_batch(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(item["input_ids"]) for item in items)
-    ids = torch.full((len(items), width), pad_id)
-    labels = torch.full((len(items), width), -100)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):
-        n = len(item["input_ids"])
-        ids[row, :n], labels[row, :n], mask[row, :n] = (torch.tensor(item["input_ids"]),
-                                                         torch.tensor(item["labels"]), 1)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def main(recipe_name: str, steps: int, tokens_per_step: int) -> dict:
@@ -72,7 +61,7 @@ def main(recipe_name: str, steps: int, tokens_per_step: int) -> dict:
                              report_to=[], save_strategy="no", logging_steps=steps, use_cpu=True,
                              disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=encoded, callbacks=[timer],
-                      data_collator=lambda items: pad_batch(items, tokenizer.pad_token_id))
+                      data_collator=padded_collator(tokenizer.pad_token_id))
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

@@ -48,6 +48,25 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
+def padded_collator(pad_id: int) -> Any:
+    """What the plain baselines use (bench/baseline_train.py, `bench --gpu`): each batch padded to its longest
+    row, loss where `labels` says."""
+    import torch
+
+    def collate(items: list[dict]) -> dict[str, Any]:
+        width = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), width), pad_id)
+        labels = torch.full((len(items), width), -100)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[row, :n], labels[row, :n], mask[row, :n] = (torch.tensor(item["input_ids"]),
+                                                             torch.tensor(item["labels"]), 1)
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    return collate
+
+
 def bench_recipe(recipe: str, workdir: Path, name: str, overrides: dict[str, Any]) -> Path:
     """A copy of `recipe` named `name` with `overrides` (dotted keys) applied, in `workdir`."""
     raw = yaml.safe_load(recipe_path(recipe).read_text())

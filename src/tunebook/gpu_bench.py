@@ -40,24 +40,6 @@ def random_rows(vocab_size: int, max_length: int, n: int, seed: int = 0) -> list
     return rows
 
 
-def padded_collator(pad_id: int) -> Any:
-    """What a plain Trainer run uses: each batch padded to its longest row."""
-    import torch
-
-    def collate(items: list[dict]) -> dict[str, Any]:
-        width = max(len(item["input_ids"]) for item in items)
-        ids = torch.full((len(items), width), pad_id)
-        labels = torch.full((len(items), width), -100)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            ids[row, :n], labels[row, :n], mask[row, :n] = (torch.tensor(item["input_ids"]),
-                                                             torch.tensor(item["labels"]), 1)
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-    return collate
-
-
 def qlora_model(recipe: Any, tiny: bool, device: str, attn: str | None = None) -> Any:
     """A fresh random QLoRA model of the recipe's architecture with the recipe's LoRA adapter."""
     import torch
@@ -83,6 +65,7 @@ def one_run(name: str, recipe: Any, rows: list[dict], tiny: bool, device: str, e
     from transformers import Trainer, TrainingArguments
     from trl import SFTTrainer
 
+    from tunebook.bench import padded_collator
     from tunebook.models import load_tokenizer, resolve_model_path
     from tunebook.train import sft_config
 
