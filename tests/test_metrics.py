@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from tunebook.generation import shared_prefix_batches
 from tunebook.metrics import (
     execution_match,
     extract_sql,
@@ -115,10 +116,18 @@ def test_text_metrics():
     assert text_metrics(["dog"], ["cat"])["rouge1"] == 0
 
 
-def test_perplexity_matches_hand_computed_loss(tiny_model_dir, tokenizer):
+def test_perplexity_matches_hand_computed_loss_with_and_without_shared_prefixes(tiny_model_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    schema = " ".join(f"CREATE TABLE t{i} (id INT, name TEXT);" for i in range(12))  # a long shared prefix
     examples = [{"instruction": "Say hi.", "input": "", "output": "hi there"},
-                {"instruction": "Count.", "input": "one two", "output": "three four five"}]
+                {"instruction": "Count.", "input": "one two", "output": "three four five"},
+                *({"instruction": schema, "input": question, "output": answer} for question, answer in
+                  [("How many t1?", "SELECT count(*) FROM t1"), ("Names in t3", "SELECT name FROM t3"),
+                   ("All of t0, longer question here", "SELECT * FROM t0 WHERE id > 2")])]
+    items = [encode_example(tokenizer, ex, "sys") for ex in examples]
+    prompts = [it["input_ids"][:next(i for i, t in enumerate(it["labels"]) if t != -100)] for it in items]
+    shared, rest = shared_prefix_batches(prompts, 8)
+    assert [sorted(members) for _, members in shared] == [[2, 3, 4]] and sorted(rest) == [0, 1]
     nll, count = 0.0, 0
     for ex in examples:
         item = encode_example(tokenizer, ex, "sys")
@@ -129,7 +138,9 @@ def test_perplexity_matches_hand_computed_loss(tiny_model_dir, tokenizer):
             if label != -100:
                 nll -= logp[pos, label].item()
                 count += 1
-    assert perplexity(model, tokenizer, examples, "sys", batch_size=2) == pytest.approx(math.exp(nll / count), rel=1e-4)
+    for batch_size in (2, 8):  # the shared group split over batches, and whole
+        assert perplexity(model, tokenizer, examples, "sys", batch_size=batch_size) == pytest.approx(
+            math.exp(nll / count), rel=1e-4)
 
 
 def test_review_metric_on_good_and_bad_fixes():

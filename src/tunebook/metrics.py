@@ -151,38 +151,61 @@ def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: 
                batch_size: int = 8) -> float:
     """exp(mean negative log-likelihood of the reference answer tokens, each conditioned on its prompt).
 
-    Examples are batched by length, and the LM head runs only from the earliest answer position of a batch on
-    (`logits_to_keep`): a 16 x 900-token batch of full logits over a 49k vocabulary would take ~3 GB.
+    Prompts that share a long prefix (one database schema for many test questions) are scored as a group whose
+    prefix is computed once and cached; the rest are batched by length. The LM head runs only from the earliest
+    answer position of a batch on (`logits_to_keep`): a 16 x 900-token batch of full logits over a 49k vocabulary
+    would take ~3 GB.
     """
-    import torch
-
+    from tunebook.generation import shared_prefix_batches
     from tunebook.prompts import encode_example
 
-    encoded = sorted((encode_example(tokenizer, ex, system_prompt) for ex in examples), key=lambda e: len(e["input_ids"]))
-    device = next(model.parameters()).device
+    encoded = [encode_example(tokenizer, ex, system_prompt) for ex in examples]
+    firsts = [next(i for i, t in enumerate(e["labels"]) if t != -100) for e in encoded]
+    shared, rest = shared_prefix_batches([e["input_ids"][:f] for e, f in zip(encoded, firsts, strict=True)],
+                                         batch_size)
+    rest.sort(key=lambda i: len(encoded[i]["input_ids"]))
+    groups = shared + [(0, rest[k:k + batch_size]) for k in range(0, len(rest), batch_size)]
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = encoded[start:start + batch_size]
-        width = max(len(e["input_ids"]) for e in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, e in enumerate(batch):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            mask[i, :n] = 1
-        first_answer = min(next(i for i, t in enumerate(e["labels"]) if t != -100) for e in batch)
-        keep = width - first_answer + 1  # logits from the position that predicts the first answer token
-        with torch.no_grad():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep).logits
-        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, width - keep + 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += int((shift_labels != -100).sum())
+    for prefix, members in groups:
+        nll, tokens = _answer_nll(model, [encoded[i] for i in members], [firsts[i] for i in members], prefix,
+                                  tokenizer.pad_token_id)
+        total_nll, total_tokens = total_nll + nll, total_tokens + tokens
     return math.exp(total_nll / max(total_tokens, 1))
+
+
+def _answer_nll(model: Any, batch: list[dict], firsts: list[int], prefix: int, pad_id: int) -> tuple[float, int]:
+    """Summed answer-token NLL and token count of examples that share their first `prefix` tokens (0: none)."""
+    import torch
+
+    device = next(model.parameters()).device
+    cache = None
+    with torch.no_grad():
+        if prefix:
+            cache = model(input_ids=torch.tensor([batch[0]["input_ids"][:prefix]], device=device), use_cache=True,
+                          logits_to_keep=1).cache
+            cache.batch_repeat_interleave(len(batch))
+        tails = [e["input_ids"][prefix:] for e in batch]
+        width = max(len(t) for t in tails)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)  # labels[j]: the token after position j
+        mask = torch.zeros((len(batch), prefix + width), dtype=torch.long)
+        mask[:, :prefix] = 1
+        for row, (e, tail) in enumerate(zip(batch, tails, strict=True)):
+            ids[row, :len(tail)] = torch.tensor(tail)
+            labels[row, :len(tail) - 1] = torch.tensor(e["labels"][prefix + 1:])
+            mask[row, prefix:prefix + len(tail)] = 1
+        keep = width - (min(firsts) - 1 - prefix)  # from the position that predicts the earliest answer token
+        positions = torch.arange(prefix, prefix + width).expand(len(batch), -1)
+        # Positions as a tensor, not a count: the model then gathers them into a contiguous block before the LM
+        # head. With a count it slices a strided view, which torch's matmul cannot fold to 2D, so it broadcasts the
+        # 49k x 576 head weight across the batch (a copy per row; most of this function's time on a CPU).
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       cache=cache, use_cache=cache is not None,
+                       logits_to_keep=torch.arange(width - keep, width, device=device)).logits
+        shift_labels = labels[:, width - keep:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+    return nll.item(), int((shift_labels != -100).sum())
 
 
 _PY_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
