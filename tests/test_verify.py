@@ -3,6 +3,7 @@ reads the reference, and the report says what kind of error each answer made."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sqlite3
@@ -136,6 +137,49 @@ def test_verified_choice_never_reads_the_reference(db, tiny_model_dir, tokenizer
     corrupted, tally_again = run([{**r, "output": "SELECT nonsense"} for r in rows])
     assert first == corrupted and tally == tally_again
     assert sum(tally.values()) == 3
+
+
+def test_verified_takes_plain_answers_the_grammar_follows_and_decodes_the_rest(db, tiny_model_dir, tokenizer,
+                                                                              tmp_path):
+    from conftest import write_recipe
+
+    from tunebook.config import load_recipe
+    from tunebook.verify import Tally, hf_verified, row_key, verifier_for
+
+    data = tmp_path / "rows.jsonl"
+    rows = [{"instruction": "Write a SQLite query.", "input": f"Question: pets of owner {n}?",
+             "output": "SELECT pet_id FROM pets", "db_path": str(db)} for n in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(write_recipe(
+        tmp_path / "v.yaml", model={"name": str(tiny_model_dir)}, task="sql",
+        data={"train": str(data), "val": str(data), "test": str(data), "max_length": 256},
+        lora={"r": 4}, training={"max_steps": 1}, eval={"max_new_tokens": 16, "batch_size": 4,
+                                                         "decoding": ["plain", "verified"]}))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    # Every answer passes its check, so no candidates are sampled: the answers are the constrained greedy ones.
+    verifier = dataclasses.replace(verifier_for(recipe), check=lambda text, row, data_file: 2)
+    grammars = HFGrammars(tokenizer, model.config.vocab_size, stop_token_ids(tokenizer, None))
+    grammar = schema_grammar(db)
+    constrained = generate_ids(model, tokenizer, rows, None, 16, 4, grammars=(grammars, [grammar] * 4))
+    free = generate_ids(model, tokenizer, rows, None, 16, 4)
+    assert all(grammars.follows(grammar, ids) for ids in constrained)
+    assert not any(grammars.follows(grammar, ids) for ids in free), "control: the tiny model writes no SQL"
+
+    def run(plain: dict | None) -> tuple[list[str], int]:
+        got: dict[int, str] = {}
+        tally = Tally()
+        hf_verified(model, tokenizer, rows, None, lambda idx, answers: got.update(zip(idx, answers, strict=True)),
+                    data_file=data, recipe=recipe, verifier=verifier, tally=tally, plain=plain)
+        return [got[i] for i in range(len(rows))], tally.from_plain
+
+    alone, reused = run(None)
+    assert reused == 0
+    assert alone == decode_answers(tokenizer, constrained)
+    # Greedy answers the grammar takes are the constrained greedy answers, so they need no decoding; answers it
+    # refuses are decoded again. Either way the verified answers are the same.
+    mixed = {row_key(rows[0]): constrained[0], row_key(rows[1]): free[1], row_key(rows[2]): constrained[2]}
+    assert run(mixed) == (alone, 2)
+    assert run({row_key(r): ids for r, ids in zip(rows, free, strict=True)}) == (alone, 0)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")

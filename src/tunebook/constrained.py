@@ -26,6 +26,16 @@ class HFGrammars:
             self._compiled[grammar] = self._compiler.compile_grammar(grammar)
         return self._compiled[grammar]
 
+    def follows(self, grammar: str, ids: list[int]) -> bool:
+        """Whether the grammar takes these tokens one by one (through the stop token, if they end with one).
+
+        When a greedy answer does, constrained greedy decoding would pick exactly the same tokens: at each step
+        the argmax was allowed, and masking other tokens cannot change an argmax that is allowed."""
+        import xgrammar as xgr
+
+        matcher = xgr.GrammarMatcher(self.compile(grammar))
+        return all(matcher.accept_token(token) for token in ids)
+
     def processor(self, grammars: list[str]) -> Any:
         """A fresh logits processor for one `generate` call, one grammar per row of the batch (xgrammar's own)."""
         import xgrammar as xgr

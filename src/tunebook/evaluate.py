@@ -23,7 +23,7 @@ from tunebook.config import EvalConfig, Recipe, load_recipe, redacted_overrides
 from tunebook.data import read_split, select_rows
 from tunebook.errors import RecipeError
 from tunebook.exported import gguf_files
-from tunebook.generation import decode_answers, generate
+from tunebook.generation import decode_answers, generate_ids
 from tunebook.journal import Journal
 from tunebook.metrics import METRICS, perplexity, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
@@ -173,6 +173,7 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
     model = load_pass_model(recipe, kinds, adapter_dir) if not all(map(complete, passes)) else None
     system = recipe.data.system_prompt
     results: dict[str, dict[str, Any]] = {}
+    plain_ids: dict[str, list[int]] = {}  # the last model's plain greedy answers, which its verified pass reuses
     for p in passes:
         journal, kind = journals[p], p.removesuffix(VERIFIED)
         if complete(p):
@@ -193,11 +194,12 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
                     tally = Tally()
                     generate_rest(journal, p, rows, functools.partial(
                         hf_verified, model, tokenizer, data_file=data_file, recipe=recipe, verifier=verifier,
-                        tally=tally))
+                        tally=tally, plain=plain_ids))
                     journal.set("verified", add_counts(journal.values.get("verified"), tally.as_dict()))
                 else:
                     generate_rest(journal, p, rows, functools.partial(
-                        plain_batches, model, tokenizer, system, recipe.eval.max_new_tokens, recipe.eval.batch_size))
+                        plain_batches, model, tokenizer, system, recipe.eval.max_new_tokens, recipe.eval.batch_size,
+                        keep_ids=plain_ids if kind == kinds[-1] else None))
                     if perplexity_wanted and "perplexity" not in journal.values:
                         journal.set("perplexity", perplexity(model, tokenizer, rows, system,
                                                              batch_size=recipe.eval.batch_size))
@@ -206,8 +208,16 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
 
 
 def plain_batches(model: Any, tokenizer: Any, system: str | None, max_new_tokens: int, batch_size: int,
-                  rows: list[dict], progress: Any, on_batch: Any) -> None:
-    generate(model, tokenizer, rows, system, max_new_tokens, batch_size, progress, on_batch=on_batch)
+                  rows: list[dict], progress: Any, on_batch: Any, keep_ids: dict[str, list[int]] | None = None) -> None:
+    """Greedy answers into `on_batch`; with `keep_ids`, also each answer's token ids by `verify.row_key`."""
+    from tunebook.verify import row_key
+
+    def decoded(indices: list[int], ids: list[list[int]]) -> None:
+        if keep_ids is not None:
+            keep_ids.update((row_key(rows[i]), tokens) for i, tokens in zip(indices, ids, strict=True))
+        on_batch(indices, decode_answers(tokenizer, ids))
+
+    generate_ids(model, tokenizer, rows, system, max_new_tokens, batch_size, progress, on_batch=decoded)
 
 
 def pass_result(journal: Journal, rows: list[dict]) -> dict[str, Any]:

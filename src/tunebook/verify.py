@@ -10,6 +10,7 @@ decoding), falling back to the greedy answer. The row it sees has its reference 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class Tally:
     greedy_passed: int = 0
     rescued: int = 0
     failed: int = 0
+    from_plain: int = 0  # constrained greedy answers taken from the plain pass (not part of the choice counts)
 
     def as_dict(self) -> dict[str, int]:
         return {"greedy_passed": self.greedy_passed, "rescued_by_a_candidate": self.rescued,
@@ -89,12 +91,21 @@ def row_grammars(verifier: Verifier, rows: list[dict], data_file: Path) -> list[
     return [verifier.grammar(without_reference(row), data_file) for row in rows]
 
 
+def row_key(row: dict) -> str:
+    """A row as the key of its greedy answer within one eval (the row fixes the prompt)."""
+    return json.dumps(row, sort_keys=True, default=str)
+
+
 def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
                 on_batch: Callable[[list[int], list[str]], None], *, data_file: Path, recipe: Recipe,
-                verifier: Verifier, tally: Tally) -> None:
+                verifier: Verifier, tally: Tally, plain: dict[str, list[int]] | None = None) -> None:
     """Verified answers from a transformers model into `on_batch` (the eval journal) as they are settled: a row
     whose constrained greedy answer passes at once; failing rows once candidates have been sampled for them, in
-    calls of about `eval.batch_size` candidates."""
+    calls of about `eval.batch_size` candidates.
+
+    `plain` holds the same model's unconstrained greedy answer ids by `row_key`: a row whose plain answer the
+    grammar takes token by token has that answer as its constrained greedy one (`HFGrammars.follows`), so only
+    the other rows are decoded again."""
     from tunebook.constrained import HFGrammars
     from tunebook.generation import decode_answers, generate, sample_batch
     from tunebook.prompts import stop_token_ids
@@ -132,8 +143,21 @@ def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
         if len(waiting) * CANDIDATES >= recipe.eval.batch_size:
             sample_waiting()
 
-    generate(model, tokenizer, rows, system, recipe.eval.max_new_tokens, recipe.eval.batch_size, progress,
-             on_batch=checked, grammars=(hf, texts) if hf else None)
+    known = {}
+    for i, row in enumerate(rows):
+        ids = (plain or {}).get(row_key(row))
+        if ids is not None and (hf is None or hf.follows(texts[i], ids)):
+            known[i] = ids
+    tally.from_plain += len(known)
+    if known:
+        checked(list(known), decode_answers(tokenizer, list(known.values())))
+        if progress is not None:
+            progress(len(known))
+    todo = [i for i in range(len(rows)) if i not in known]
+    if todo:
+        generate(model, tokenizer, [rows[i] for i in todo], system, recipe.eval.max_new_tokens,
+                 recipe.eval.batch_size, progress, grammars=(hf, [texts[i] for i in todo]) if hf else None,
+                 on_batch=lambda idx, answers: checked([todo[j] for j in idx], answers))
     if waiting:
         sample_waiting()
 
