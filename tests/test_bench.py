@@ -24,13 +24,17 @@ def test_bench_quick_on_tiny_model(tiny_recipe, tmp_path, monkeypatch):
     assert written["eval"]["examples"] == 4 and written["eval"]["adapter"] == "untrained LoRA"
     assert written["eval"]["identical_outputs"] is True
     assert written["eval"]["new_examples_per_s"]["median"] > 0
+    profile = written["profile"]  # measured inside real training steps of the recipe
+    assert profile["seconds_per_step"] > 0 and abs(sum(profile["shares"].values()) - 1) < 0.01
+    assert profile["shares"]["matmul"] > 0 and profile["top"][0]["share"] > 0
     scoring = written["sql_scoring"]
     assert scoring["examples"] == 6 and scoring["worker_s"]["median"] > 0 and scoring["in_process_s"]["median"] > 0
     assert set(written["targets"]) >= {"eval_speedup", "training_peak_rss_gib", "demo_minutes_after_install"}
     rss = written["targets"]["training_peak_rss_gib"]
     assert rss["measured"] == round(training["tunebook"]["peak_rss_mb"]["median"] / 1024, 2)
     assert rss["met"] == (rss["measured"] <= 3.0) and (rss["met"] or rss["missed_by_percent"] > 0)
-    assert "| training tokens/s (2 steps × 1) |" in (tmp_path / "bench" / "quick.md").read_text()
+    table = (tmp_path / "bench" / "quick.md").read_text()
+    assert "| training tokens/s (2 steps × 1) |" in table and "where a training step's time goes" in table
     assert not (tmp_path / "models").exists(), "bench runs keep their outputs in a temp folder"
 
 

@@ -134,6 +134,24 @@ def bench_training(recipe: str, steps: int, workdir: Path, repeats: int) -> dict
             "speedup_per_pair": spread(ratios)}
 
 
+def bench_step_profile(recipe: str, workdir: Path) -> dict[str, Any]:
+    """Where a training step's time goes on this machine (torch.profiler, bench/profile_step.py): seconds per
+    step and the shares of matmuls, attention, elementwise ops and dtype copies, with the recipe's own settings."""
+    from tunebook import outputs
+
+    folder = workdir / "profile"
+    (folder / "models").mkdir(parents=True, exist_ok=True)
+    if (outputs.MODELS_DIR / "base").is_dir():
+        (folder / "models" / "base").symlink_to((outputs.MODELS_DIR / "base").resolve())
+    recipe_file = bench_recipe(recipe, folder, "bench-profile", {
+        "training.max_steps": 8, "training.save_steps": 10_000, "data.val_limit": 0, "training.report_to": "none"})
+    script = Path(__file__).resolve().parents[2] / "bench" / "profile_step.py"
+    done = subprocess.run([sys.executable, str(script), str(recipe_file)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"step profile failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def bench_memory(recipe: str, workdir: Path) -> dict[str, Any]:
     """Peak RSS of a 2-step `tunebook train` in fp32, bf16 and QLoRA (4-bit), each in its own process."""
     out = {}
@@ -405,6 +423,11 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| GGUF {qtype}: served first token s; decode tokens/s | eval {x['eval_tokens_per_s']} "
                          f"tokens/s (prefill included) | {fmt(x['first_token_s'])} s; {x['served_decode_tokens_per_s']} "
                          "tokens/s | |")
+    p = results.get("profile")
+    if p:
+        shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["shares"].items())
+        lines.append(f"| where a training step's time goes (torch.profiler, 2 steps) | | {p['seconds_per_step']} s "
+                     f"per step: {shares} | |")
     for label, entry in (results.get("memory") or {}).items():
         lines.append(f"| peak RSS, 2-step train, {label} | | {entry['peak_rss_mb']:.0f} MB | |")
     d = results.get("demo")
@@ -418,7 +441,7 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = ("training", "eval", "sql_scoring", "memory", "serve")
+PARTS = ("training", "profile", "eval", "sql_scoring", "memory", "serve")
 
 
 def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, quick: bool = False,
@@ -445,6 +468,8 @@ def run(recipe: str = "smollm2-sql", steps: int = 12, eval_examples: int = 48, q
     with tempfile.TemporaryDirectory() as tmp:
         if "training" in wanted:
             results["training"] = bench_training(recipe, steps, Path(tmp), repeats)
+        if "profile" in wanted:
+            results["profile"] = bench_step_profile(recipe, Path(tmp))
         if "eval" in wanted:
             results["eval"] = bench_eval(recipe, eval_examples, repeats)
         if "sql_scoring" in wanted:
