@@ -106,21 +106,30 @@ def test_constrained_decoding_never_names_what_the_schema_lacks(db, tiny_model_d
     assert not free.upper().startswith("SELECT"), "control: unconstrained, the tiny model writes no SQL"
 
 
-def test_verified_choice_never_reads_the_reference(db, tiny_model_dir, tokenizer, tmp_path):
+def verified_rows(tmp_path, tiny_model_dir, db, questions: list[str], output: str, max_new: int):
+    """Rows asking `questions` about the pets database (one JSONL file for every split) and a tiny-model SQL
+    recipe with plain and verified decoding, batches of all the rows."""
     from conftest import write_recipe
 
     from tunebook.config import load_recipe
-    from tunebook.verify import Tally, hf_verified, verifier_for, without_reference
 
     data = tmp_path / "rows.jsonl"
-    rows = [{"instruction": "Write a SQLite query.", "input": f"Question: pets heavier than {w}?",
-             "output": "SELECT pet_id FROM pets WHERE weight > 5", "db_path": str(db)} for w in (1, 5, 10)]
+    rows = [{"instruction": "Write a SQLite query.", "input": f"Question: {q}", "output": output, "db_path": str(db)}
+            for q in questions]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = load_recipe(write_recipe(
         tmp_path / "v.yaml", model={"name": str(tiny_model_dir)}, task="sql",
         data={"train": str(data), "val": str(data), "test": str(data), "max_length": 256},
-        lora={"r": 4}, training={"max_steps": 1}, eval={"max_new_tokens": 24, "batch_size": 3,
+        lora={"r": 4}, training={"max_steps": 1}, eval={"max_new_tokens": max_new, "batch_size": len(rows),
                                                          "decoding": ["plain", "verified"]}))
+    return rows, data, recipe
+
+
+def test_verified_choice_never_reads_the_reference(db, tiny_model_dir, tokenizer, tmp_path):
+    from tunebook.verify import Tally, hf_verified, verifier_for, without_reference
+
+    rows, data, recipe = verified_rows(tmp_path, tiny_model_dir, db, [f"pets heavier than {w}?" for w in (1, 5, 10)],
+                                       "SELECT pet_id FROM pets WHERE weight > 5", 24)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer.padding_side = "left"
     verifier = verifier_for(recipe)
@@ -141,20 +150,10 @@ def test_verified_choice_never_reads_the_reference(db, tiny_model_dir, tokenizer
 
 def test_verified_takes_plain_answers_the_grammar_follows_and_decodes_the_rest(db, tiny_model_dir, tokenizer,
                                                                               tmp_path):
-    from conftest import write_recipe
-
-    from tunebook.config import load_recipe
     from tunebook.verify import Tally, hf_verified, row_key, verifier_for
 
-    data = tmp_path / "rows.jsonl"
-    rows = [{"instruction": "Write a SQLite query.", "input": f"Question: pets of owner {n}?",
-             "output": "SELECT pet_id FROM pets", "db_path": str(db)} for n in range(4)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recipe = load_recipe(write_recipe(
-        tmp_path / "v.yaml", model={"name": str(tiny_model_dir)}, task="sql",
-        data={"train": str(data), "val": str(data), "test": str(data), "max_length": 256},
-        lora={"r": 4}, training={"max_steps": 1}, eval={"max_new_tokens": 16, "batch_size": 4,
-                                                         "decoding": ["plain", "verified"]}))
+    rows, data, recipe = verified_rows(tmp_path, tiny_model_dir, db, [f"pets of owner {n}?" for n in range(4)],
+                                       "SELECT pet_id FROM pets", 16)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     # Every answer passes its check, so no candidates are sampled: the answers are the constrained greedy ones.
     verifier = dataclasses.replace(verifier_for(recipe), check=lambda text, row, data_file: 2)
