@@ -78,14 +78,21 @@ def bench_recipe(recipe: str, workdir: Path, name: str, overrides: dict[str, Any
     return path
 
 
-def run_tunebook_train(recipe_file: Path) -> dict[str, Any]:
-    """`tunebook train` in its own process, with outputs under the recipe's folder; its run_info.json figures."""
+def outputs_beside(recipe_file: Path) -> Path:
+    """The models folder a bench run of `recipe_file` writes into (beside it), with the base model linked in, not
+    copied."""
     from tunebook import outputs
 
     models = recipe_file.parent / "models"
-    models.mkdir(exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
     if not (models / "base").exists() and (outputs.MODELS_DIR / "base").is_dir():
-        (models / "base").symlink_to((outputs.MODELS_DIR / "base").resolve())  # the base model is not copied
+        (models / "base").symlink_to((outputs.MODELS_DIR / "base").resolve())
+    return models
+
+
+def run_tunebook_train(recipe_file: Path) -> dict[str, Any]:
+    """`tunebook train` in its own process, with outputs under the recipe's folder; its run_info.json figures."""
+    models = outputs_beside(recipe_file)
     code = ("import sys, tunebook.outputs as o; from pathlib import Path; "
             f"o.MODELS_DIR = Path({str(models)!r}); o.LOGS_DIR = Path({str(recipe_file.parent / 'logs')!r}); "
             "from tunebook.cli import main; sys.exit(main(sys.argv[1:]))")
@@ -137,14 +144,11 @@ def bench_training(recipe: str, steps: int, workdir: Path, repeats: int) -> dict
 def bench_step_profile(recipe: str, workdir: Path) -> dict[str, Any]:
     """Where a training step's time goes on this machine (torch.profiler, bench/profile_step.py): seconds per
     step and the shares of matmuls, attention, elementwise ops and dtype copies, with the recipe's own settings."""
-    from tunebook import outputs
-
     folder = workdir / "profile"
-    (folder / "models").mkdir(parents=True, exist_ok=True)
-    if (outputs.MODELS_DIR / "base").is_dir():
-        (folder / "models" / "base").symlink_to((outputs.MODELS_DIR / "base").resolve())
+    folder.mkdir()
     recipe_file = bench_recipe(recipe, folder, "bench-profile", {
         "training.max_steps": 8, "training.save_steps": 10_000, "data.val_limit": 0, "training.report_to": "none"})
+    outputs_beside(recipe_file)
     script = Path(__file__).resolve().parents[2] / "bench" / "profile_step.py"
     done = subprocess.run([sys.executable, str(script), str(recipe_file)], capture_output=True, text=True)
     if done.returncode != 0:
