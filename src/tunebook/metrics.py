@@ -396,6 +396,9 @@ class Metric:
     check: Callable[[str, dict, Path], int] | None = None
     check_best: int = 1
     grammar: Callable[[dict, Path], str | None] | None = None
+    # Verified decoding: a failing answer rewritten from the row's own context, never its reference (None: no
+    # repair); the rewrite is checked like any answer.
+    repair: Callable[[str, dict, Path], str | None] | None = None
     # Eval, before generating: raises RecipeError for the first row whose own files (its database …) are missing
     # or unusable (rows, data file). `row_problem` checks the row's fields; this checks what they point to.
     check_resources: Callable[[list[dict], Path], None] | None = None
@@ -448,6 +451,14 @@ def _sql_runs(answer: str, row: dict, data_file: Path) -> int:
     return 0 if result.error is not None else 2 if result.rows else 1
 
 
+def _sql_repair(answer: str, row: dict, data_file: Path) -> str | None:
+    """The query with its columns put on the tables that have them (`sql_repair.py`), or None."""
+    from tunebook.sql_repair import repair, schema_for
+
+    sql, path = extract_sql(answer), db_path_for(row, data_file)
+    return repair(sql, schema_for(path)) if sql and path.is_file() else None
+
+
 def _sql_databases_ready(rows: list[dict], data_file: Path) -> None:
     """Every row's database exists and its gold query runs there (one over the time limit may only mean a loaded
     machine: it is scored, or counted unscored, later). A failing gold query would leave the row unscoreable."""
@@ -497,7 +508,7 @@ METRICS: dict[str, Metric] = {
         row_problem=_sql_problem,
         row_fix="Give each row its database: 'db_id' (databases/<db_id>.sqlite beside the split) or 'db_path'",
         about="runs the SQL on the row's database: same result set as the gold query; sqlglot exact match; errors",
-        check=_sql_runs, check_best=2, grammar=_sql_grammar, check_resources=_sql_databases_ready,
+        check=_sql_runs, check_best=2, grammar=_sql_grammar, repair=_sql_repair, check_resources=_sql_databases_ready,
     ),
     "code_fixed": Metric(("code_fixed", "fix_parses", "rule_checked", "rule_fixed", "fix_matches_reference",
                           "fix_unchanged", "rule_named"), _code_fixed,

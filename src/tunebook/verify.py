@@ -25,12 +25,27 @@ TEMPERATURE = 0.7
 
 @dataclass(frozen=True)
 class Verifier:
-    """How to constrain and check one task's answers: a grammar per row, and a check per answer (0 = fails, up
-    to `best` = passes whole: for SQL, 1 = runs, 2 = runs and returns rows)."""
+    """How to constrain and check one task's answers: a grammar per row, a check per answer (0 = fails, up
+    to `best` = passes whole: for SQL, 1 = runs, 2 = runs and returns rows), and a repair of a failing answer
+    from the row's own context (None: the task has none)."""
 
     grammar: Callable[[dict, Path], str | None] | None
     check: Callable[[str, dict, Path], int]
     best: int = 1
+    repair: Callable[[str, dict, Path], str | None] | None = None
+
+    def judge(self, row: dict, data_file: Path) -> Callable[[str], tuple[str, int]]:
+        """For one row (without its reference): answer -> (the answer or its repair, whichever passes better;
+        its score)."""
+        def judged(answer: str) -> tuple[str, int]:
+            score = self.check(answer, row, data_file)
+            if score < self.best and self.repair is not None:
+                fixed = self.repair(answer, row, data_file)
+                if fixed is not None and (fixed_score := self.check(fixed, row, data_file)) > score:
+                    return fixed, fixed_score
+            return answer, score
+
+        return judged
 
 
 def verifier_for(recipe: Recipe) -> Verifier | None:
@@ -40,7 +55,7 @@ def verifier_for(recipe: Recipe) -> Verifier | None:
     for name in recipe.eval.metrics:
         metric = METRICS[name]
         if metric.check is not None:
-            return Verifier(metric.grammar, metric.check, metric.check_best)
+            return Verifier(metric.grammar, metric.check, metric.check_best, metric.repair)
     return None
 
 
@@ -56,32 +71,37 @@ class Tally:
     """How verified decoding got its answers."""
 
     greedy_passed: int = 0
+    repaired: int = 0
     rescued: int = 0
     failed: int = 0
     from_plain: int = 0  # constrained greedy answers taken from the plain pass (not part of the choice counts)
 
     def as_dict(self) -> dict[str, int]:
-        return {"greedy_passed": self.greedy_passed, "rescued_by_a_candidate": self.rescued,
-                "no_candidate_passed": self.failed}
+        return {"greedy_passed": self.greedy_passed, "greedy_repaired": self.repaired,
+                "rescued_by_a_candidate": self.rescued, "no_candidate_passed": self.failed}
 
 
-def choose(greedy: str, candidates: list[str], level: Callable[[str], int], best: int, tally: Tally) -> str:
-    """The greedy answer if it passes whole, else the first candidate that passes best (ties: the greedy answer,
-    then candidate order)."""
-    top, chosen = level(greedy), greedy
+def choose(greedy: tuple[str, int], candidates: list[str], judge: Callable[[str], tuple[str, int]], best: int,
+           tally: Tally, raw: str) -> str:
+    """The judged greedy answer (`raw` as generated, `greedy` as judged) if it passes whole, else the first
+    judged candidate that passes best (ties: the greedy answer, then candidate order)."""
+    chosen, top = greedy
+    from_greedy = True
     if top < best:
         for answer in candidates:
-            score = level(answer)
+            text, score = judge(answer)
             if score > top:
-                top, chosen = score, answer
+                (chosen, top), from_greedy = (text, score), False
             if top == best:
                 break
-    if chosen is greedy and top == best:
-        tally.greedy_passed += 1
-    elif top == best:
-        tally.rescued += 1
-    else:
+    if top < best:
         tally.failed += 1
+    elif not from_greedy:
+        tally.rescued += 1
+    elif chosen == raw:
+        tally.greedy_passed += 1
+    else:
+        tally.repaired += 1
     return chosen
 
 
@@ -116,28 +136,29 @@ def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
     if all(t is not None for t in texts):
         hf = HFGrammars(tokenizer, model.config.vocab_size, stop_token_ids(tokenizer, system))
     views = [without_reference(row) for row in rows]
-    waiting: dict[int, str] = {}  # failing rows' greedy answers, until their candidates are sampled
+    waiting: dict[int, tuple[str, tuple[str, int]]] = {}  # failing rows' greedy answers (as generated, as
+    # judged), until their candidates are sampled
 
-    def level(i: int) -> Callable[[str], int]:
-        return lambda text: verifier.check(text, views[i], data_file)
+    judges = [verifier.judge(view, data_file) for view in views]
 
     def sample_waiting() -> None:
         failing = list(waiting)
         ids = sample_batch(model, tokenizer, [rows[i] for i in failing], system, recipe.eval.max_new_tokens,
                            CANDIDATES, TEMPERATURE, seed=failing[0], grammars=hf,
                            grammar_texts=[texts[i] for i in failing] if hf else None)
-        final = [choose(waiting[i], decode_answers(tokenizer, group), level(i), verifier.best, tally)
-                 for i, group in zip(failing, ids, strict=True)]
+        final = [choose(waiting[i][1], decode_answers(tokenizer, group), judges[i], verifier.best, tally,
+                        waiting[i][0]) for i, group in zip(failing, ids, strict=True)]
         waiting.clear()
         on_batch(failing, final)
 
     def checked(indices: list[int], answers: list[str]) -> None:
         passed = []
         for i, answer in zip(indices, answers, strict=True):
-            if level(i)(answer) < verifier.best:
-                waiting[i] = answer
+            judged = judges[i](answer)
+            if judged[1] < verifier.best:
+                waiting[i] = answer, judged
             else:
-                passed.append((i, choose(answer, [], level(i), verifier.best, tally)))
+                passed.append((i, choose(judged, [], judges[i], verifier.best, tally, answer)))
         if passed:
             on_batch([i for i, _ in passed], [a for _, a in passed])
         if len(waiting) * CANDIDATES >= recipe.eval.batch_size:
@@ -177,14 +198,14 @@ def gguf_verified(llm: Any, tokenizer: Any, rows: list[dict], progress: Any,
     prompts = [encode_prompt(tokenizer, row, system) for row in rows]
     for i in sorted(range(len(rows)), key=lambda i: prompts[i]):  # shared prefixes stay in llama.cpp's cache
         grammar = llama_grammar(texts[i]) if texts[i] else None
-        view = without_reference(rows[i])
+        judge = verifier.judge(without_reference(rows[i]), data_file)
         greedy = decode_answers(tokenizer, [_llama_answer(llm, prompts[i], stops, max_new, grammar, 0.0, 0)])[0]
+        judged = judge(greedy)
         candidates = []
-        if verifier.check(greedy, view, data_file) < verifier.best:
+        if judged[1] < verifier.best:
             candidates = decode_answers(tokenizer, [_llama_answer(llm, prompts[i], stops, max_new, grammar,
                                                                   TEMPERATURE, i * 31 + k) for k in range(CANDIDATES)])
-        on_batch([i], [choose(greedy, candidates, lambda text, view=view: verifier.check(text, view, data_file),
-                              verifier.best, tally)])
+        on_batch([i], [choose(judged, candidates, judge, verifier.best, tally, greedy)])
         if progress is not None:
             progress(1)
 

@@ -1,0 +1,103 @@
+"""Schema repair: a column named on a table that lacks it is put on the table that has it, along the database's
+foreign keys, and a repaired query answers what the model's query meant; what cannot be repaired is left alone."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from tunebook.metrics import METRICS, run_sql
+from tunebook.sql_repair import join_path, repair, schema_for
+from tunebook.verify import Tally, Verifier, choose
+
+SCHEMA = """
+CREATE TABLE city (city_id INTEGER PRIMARY KEY, city_name TEXT);
+CREATE TABLE student (stu_id INTEGER PRIMARY KEY, name TEXT, age INTEGER, city_id INTEGER REFERENCES city(city_id));
+CREATE TABLE pets (pet_id INTEGER PRIMARY KEY, pet_type TEXT, weight REAL);
+CREATE TABLE has_pet (stu_id INTEGER REFERENCES student(stu_id), pet_id INTEGER REFERENCES pets);
+INSERT INTO city VALUES (1, 'Oslo'), (2, 'Lima');
+INSERT INTO student VALUES (1, 'Ann', 22, 1), (2, 'Bo', 19, 2), (3, 'Cy', 25, 1);
+INSERT INTO pets VALUES (1, 'dog', 12.5), (2, 'cat', 4.0), (3, 'dog', 9.0);
+INSERT INTO has_pet VALUES (1, 1), (2, 2), (3, 2);
+"""
+
+
+@pytest.fixture
+def db(tmp_path):
+    path = tmp_path / "school.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(SCHEMA)
+    con.commit()
+    con.close()
+    return path
+
+
+def rows_of(db, sql: str) -> list[tuple]:
+    rows, error = run_sql(db, sql)
+    assert error is None, (sql, error)
+    return sorted(rows)
+
+
+@pytest.mark.parametrize(("broken", "meant"), [
+    # the other table's column, its table never joined: joined along the foreign key
+    ("SELECT name FROM student WHERE city_name = 'Oslo'",
+     "SELECT T1.name FROM student AS T1 JOIN city AS T2 ON T1.city_id = T2.city_id WHERE T2.city_name = 'Oslo'"),
+    # ... two joins away, through the link table
+    ("SELECT name FROM student WHERE pet_type = 'dog'",
+     "SELECT S.name FROM student AS S JOIN has_pet AS H ON S.stu_id = H.stu_id JOIN pets AS P ON H.pet_id = P.pet_id "
+     "WHERE P.pet_type = 'dog'"),
+    # qualified by the wrong alias, the right table already joined
+    ("SELECT T1.city_name FROM student AS T1 JOIN city AS T2 ON T1.city_id = T2.city_id WHERE T1.age > 20",
+     "SELECT T2.city_name FROM student AS T1 JOIN city AS T2 ON T1.city_id = T2.city_id WHERE T1.age > 20"),
+    # a join on a column neither table has: joined along the keys, through the link table
+    ("SELECT T1.name FROM student AS T1 JOIN pets AS T2 ON T1.pet_id = T2.pet_id WHERE T2.weight < 5",
+     "SELECT S.name FROM student AS S JOIN has_pet AS H ON S.stu_id = H.stu_id JOIN pets AS P ON H.pet_id = P.pet_id "
+     "WHERE P.weight < 5"),
+    # a bare column two joined tables have (SQLite: ambiguous)
+    ("SELECT stu_id FROM student JOIN has_pet ON student.stu_id = has_pet.stu_id WHERE pet_id = 2",
+     "SELECT H.stu_id FROM student AS S JOIN has_pet AS H ON S.stu_id = H.stu_id WHERE H.pet_id = 2"),
+    # inside a subquery, the outer query untouched
+    ("SELECT name FROM student WHERE stu_id IN (SELECT stu_id FROM has_pet WHERE pet_type = 'cat')",
+     "SELECT name FROM student WHERE stu_id IN (SELECT H.stu_id FROM has_pet AS H JOIN pets AS P "
+     "ON H.pet_id = P.pet_id WHERE P.pet_type = 'cat')"),
+])
+def test_a_column_on_the_wrong_table_is_put_on_the_right_one(db, broken, meant):
+    assert run_sql(db, broken)[1] is not None, "control: the broken query fails"
+    fixed = repair(broken, schema_for(db))
+    assert fixed is not None
+    assert rows_of(db, fixed) == rows_of(db, meant) != []
+
+
+@pytest.mark.parametrize("query", [
+    "SELECT name FROM student WHERE age > 20",  # nothing wrong
+    "SELECT nickname FROM student",  # no table has the column
+    "SELECT name FROM student WHERE EXISTS (SELECT 1 FROM has_pet WHERE has_pet.stu_id = student.stu_id)",  # outer
+    "SELECT name FROM student WHERE",  # does not parse
+    "SELECT name FROM nowhere WHERE pet_type = 'dog'",  # no table of the schema to start from
+])
+def test_what_needs_no_repair_or_cannot_be_repaired_is_left_alone(db, query):
+    assert repair(query, schema_for(db)) is None
+
+
+def test_foreign_keys_without_a_column_name_point_at_the_primary_key(db):
+    schema = schema_for(db)
+    assert ("has_pet", "pet_id", "pets", "pet_id") in schema.foreign_keys
+    assert join_path(schema, ["student"], {"pets"}) == [("student", "stu_id", "has_pet", "stu_id"),
+                                                        ("has_pet", "pet_id", "pets", "pet_id")]
+    assert join_path(schema, ["city"], {"pets"}) is None, "three joins away: past MAX_HOPS"
+
+
+def test_verified_choice_takes_a_repair_that_passes_before_any_candidate(db, tmp_path):
+    metric = METRICS["sql_execution"]
+    verifier = Verifier(metric.grammar, metric.check, metric.check_best, metric.repair)
+    judge = verifier.judge({"instruction": "Write a SQLite query.", "db_path": str(db)}, tmp_path / "rows.jsonl")
+    tally = Tally()
+    broken = "SELECT name FROM student WHERE city_name = 'Lima'"
+    chosen = choose(judge(broken), ["SELECT name FROM student"], judge, 2, tally, broken)
+    assert rows_of(db, chosen) == [("Bo",)]
+    assert tally.as_dict() == {"greedy_passed": 0, "greedy_repaired": 1, "rescued_by_a_candidate": 0,
+                               "no_candidate_passed": 0}
+    hopeless = "SELECT nickname FROM student"
+    assert choose(judge(hopeless), ["SELECT name FROM student"], judge, 2, tally, hopeless) == "SELECT name FROM student"
+    assert tally.rescued == 1
