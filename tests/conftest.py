@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,15 @@ def tiny_recipe(tmp_path, tiny_model_dir, sql_data, monkeypatch):
         return write_recipe(tmp_path / f"{name}.yaml", **sections)
 
     return build
+
+
+def sqlite_file(path: Path, script: str) -> Path:
+    """A SQLite database at `path` built by an SQL script."""
+    con = sqlite3.connect(path)
+    con.executescript(script)
+    con.commit()
+    con.close()
+    return path
 
 
 def read_json(path: Path):

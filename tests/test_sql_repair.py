@@ -3,9 +3,8 @@ foreign keys, and a repaired query answers what the model's query meant; what ca
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
+from conftest import sqlite_file
 
 from tunebook.metrics import METRICS, run_sql
 from tunebook.sql_repair import join_path, repair, schema_for
@@ -25,12 +24,7 @@ INSERT INTO has_pet VALUES (1, 1), (2, 2), (3, 2);
 
 @pytest.fixture
 def db(tmp_path):
-    path = tmp_path / "school.sqlite"
-    con = sqlite3.connect(path)
-    con.executescript(SCHEMA)
-    con.commit()
-    con.close()
-    return path
+    return sqlite_file(tmp_path / "school.sqlite", SCHEMA)
 
 
 def rows_of(db, sql: str) -> list[tuple]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import sqlite3
 import subprocess
 import sys
 
 import pytest
 import sqlglot
+from conftest import sqlite_file
 from sqlglot import exp
 from transformers import AutoModelForCausalLM
 
@@ -32,12 +32,7 @@ INSERT INTO pets VALUES (1, 1, 'dog', 12.5), (2, 2, 'cat', 4.0);
 
 @pytest.fixture
 def db(tmp_path):
-    path = tmp_path / "pets.sqlite"
-    con = sqlite3.connect(path)
-    con.executescript(SCHEMA)
-    con.commit()
-    con.close()
-    return path
+    return sqlite_file(tmp_path / "pets.sqlite", SCHEMA)
 
 
 def accepts(grammar: str, tokenizer, text: str) -> bool:
