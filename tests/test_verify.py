@@ -49,7 +49,8 @@ def test_the_grammar_takes_real_queries_and_refuses_names_the_schema_lacks(db, t
                  'SELECT T1.first_name, T2."Pet Type" FROM owner AS T1 JOIN pets AS T2 ON T1.owner_id = T2.owner_id',
                  "select count(*) from pets group by owner_id having count(*) > 1 order by count(*) desc limit 1",
                  "SELECT first_name FROM owner WHERE owner_id IN (SELECT owner_id FROM pets WHERE weight < 5)",
-                 "SELECT avg(weight) FROM pets;"):
+                 "SELECT avg(weight) FROM pets;",
+                 'SELECT FIRST_NAME, Age FROM Owner', 'SELECT "pet type" FROM PETS WHERE Weight > 5'):  # any case
         assert accepts(grammar, tokenizer, good), good
     for bad in ("SELECT name FROM Students", "SELECT owner.weight FROM owner", "SELECT Pet Type FROM pets",
                 "DROP TABLE pets", "SELECT first_name FROM owner WHERE name = \"Ann\"", "Here is the query: SELECT 1"):

@@ -3,9 +3,10 @@
 `schema_grammar(db_path)` reads a database's tables and columns and writes a GBNF grammar (llama.cpp's grammar
 format, which xgrammar also reads) for one SELECT query: tables are the database's tables, a column qualified by a
 table is one of that table's columns, an unqualified column is one of the database's columns, aliases are `T1`,
-`T2`, … (the training data's style). Keywords, functions, literals and nesting are SQLite's; keywords are
-accepted in upper or lower case. What a grammar cannot see — an alias bound to the wrong table, a column of another
-table unqualified — is left to the execution check (`verify.py`).
+`T2`, … (the training data's style). Keywords, functions, literals and nesting are SQLite's; keywords and names
+are accepted in the cases people write them (SQLite ignores case in both). What a grammar cannot see — an alias
+bound to the wrong table, a column of another table unqualified — is left to the execution check and the schema
+repair (`verify.py`, `sql_repair.py`).
 """
 
 from __future__ import annotations
@@ -72,12 +73,21 @@ def _keyword_rule(word: str) -> str:
     return f"{name} ::= " + " | ".join(_literal(f) for f in forms)
 
 
+def _spellings(name: str) -> list[str]:
+    """The ways a person or model writes one name: as the schema does, lower, upper, capitalised, and each word
+    capitalised. SQLite compares identifiers case-insensitively, so all of them name the same thing; allowing only
+    the schema's own case would push `MAX(Amount)` (column `amount`) onto some other column."""
+    words = "_".join(part.capitalize() for part in name.split("_"))
+    return list(dict.fromkeys([name, name.lower(), name.upper(), name.capitalize(), words]))
+
+
 def _identifier(name: str) -> str:
-    """How a query may write one identifier: bare when SQLite allows it, and always double-quoted."""
-    quoted = _literal('"' + name.replace('"', '""') + '"')
+    """How a query may write one identifier: bare when SQLite allows it, and always double-quoted; in any of its
+    `_spellings`."""
+    forms = [_literal('"' + form.replace('"', '""') + '"') for form in _spellings(name)]
     if PLAIN_IDENTIFIER.fullmatch(name) and name.upper() not in KEYWORDS:
-        return f"{_literal(name)} | {quoted}"
-    return quoted
+        forms = [_literal(form) for form in _spellings(name)] + forms
+    return " | ".join(forms)
 
 
 def schema_of(db_path: str | Path) -> dict[str, list[str]]:
@@ -103,8 +113,11 @@ def grammar_for_schema(schema: dict[str, list[str]]) -> str:
     lines.append("tablename ::= " + " | ".join(f"({_identifier(t)})" for t in tables))
     for table, columns in schema.items():
         lines.append(f"{rule_of[table]} ::= " + " | ".join(f"({_identifier(c)})" for c in columns))
-    every_column = list(dict.fromkeys(c for columns in schema.values() for c in columns))
-    lines.append("anycol ::= " + " | ".join(f"({_identifier(c)})" for c in every_column))
+    every_column: dict[str, str] = {}  # one entry per name as SQLite compares them: the spellings cover the rest
+    for columns in schema.values():
+        for column in columns:
+            every_column.setdefault(column.lower(), column)
+    lines.append("anycol ::= " + " | ".join(f"({_identifier(c)})" for c in every_column.values()))
     qualified = [f"({_identifier(t)}) \".\" {rule_of[t]}" for t in tables]
     lines.append("column ::= " + " | ".join([*qualified, 'alias "." anycol', "anycol"]))
     lines.append("qualifier ::= tablename | alias")
