@@ -87,6 +87,27 @@ def test_sql_results_run_in_the_sandbox_and_are_marked_against_gold(trained):
         sql_database(trained, "nope")
 
 
+def test_verified_answers_name_only_what_the_database_has(trained):
+    """The app's verified decoding is eval's: a query over the picked database's names, and how it was chosen."""
+    import sqlglot
+    from sqlglot import exp
+
+    from tunebook.app import verified_answer
+    from tunebook.sql_grammar import identifiers
+
+    loaded = AppSession([trained.source]).load(trained.source)
+    row = eval_examples(trained)[0]
+    db = sql_database(trained, row["db_id"])
+    text, how = verified_answer(loaded, build_request(row["instruction"], row["input"], ""), db, 24)
+    assert how in ("greedy passed", "greedy repaired", "rescued by a candidate", "no candidate passed")
+    assert text.upper().startswith("SELECT"), text
+    try:
+        names = {n.name.lower() for n in sqlglot.parse_one(text, read="sqlite").find_all(exp.Column, exp.Table)}
+    except sqlglot.errors.ParseError:  # cut off at 24 tokens: the grammar still held every name written so far
+        names = set()
+    assert names - {"*"} <= identifiers(db) | {f"t{i}" for i in range(1, 10)}, text
+
+
 def test_no_adapter_yet_answers_with_the_base_model_and_says_how_to_train(tiny_recipe):
     recipe = load_recipe(tiny_recipe(eval__max_new_tokens=4))
     assert not recipe_status(recipe)["adapter"]
@@ -146,11 +167,12 @@ def test_the_page_end_to_end_through_gradio_client(served):
     recipe, url = served
     client = Client(url, verbose=False)
     row = eval_examples(recipe)[0]
-    base, tuned, status, base_verdict, tuned_verdict, _, tuned_table = client.predict(
-        recipe.source, row["instruction"], row["input"], "", row["db_id"], 8, 0, 1, 1, api_name="/answer")
+    base, tuned, status, base_verdict, tuned_verdict, _, tuned_table, verified = client.predict(
+        recipe.source, row["instruction"], row["input"], "", row["db_id"], 8, 0, 1, 1, True, api_name="/answer")
     assert isinstance(base, str) and tuned and "both answers in" in status  # the tiny base may stop at once
     assert base_verdict and tuned_verdict and tuned_table["headers"]
-    *_, status, _, _, _, _ = client.predict(recipe.source, "", "", "", None, 8, 0, 1, 1, api_name="/answer")
+    assert "verified in" in status and verified.startswith("**fine-tuned verified**") and "```sql" in verified
+    status = client.predict(recipe.source, "", "", "", None, 8, 0, 1, 1, False, api_name="/answer")[2]
     assert status.startswith("**error:** Write an instruction")
 
 
@@ -165,8 +187,8 @@ def test_the_page_serves_only_the_recipes_databases_and_says_no_path(served, tmp
     sqlite3.connect(secret).executescript("CREATE TABLE t (x); INSERT INTO t VALUES ('hidden');")
     client = Client(url, verbose=False)
     for db_id in (str(secret.with_suffix("")), "../../secret", "../databases/../secret", "/etc/passwd"):
-        *_, status, _, _, _, _ = client.predict(recipe.source, "Show everything.", "SELECT x FROM t", "", db_id,
-                                                8, 0, 1, 1, api_name="/answer")
+        status = client.predict(recipe.source, "Show everything.", "SELECT x FROM t", "", db_id, 8, 0, 1, 1, True,
+                                api_name="/answer")[2]
         assert status.startswith("**error:**") and "is not one of this recipe's databases" in status, status
         assert str(tmp_path) not in status and "databases/" not in status
 

@@ -8,6 +8,7 @@ curve that `tunebook eval`/`train` wrote. The functions below do the work and ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -224,6 +225,27 @@ def stream_answers(loaded: Loaded, request: dict, settings: Settings) -> Iterato
         lock=loaded.lock)
 
 
+def verified_answer(loaded: Loaded, request: dict, db_path: Path, max_new_tokens: int) -> tuple[str, str]:
+    """The fine-tuned model's answer with verified decoding, as eval's `fine-tuned verified` column gives it (a
+    grammar of the database, the query must run and return rows, then schema repair and sampled candidates:
+    `verify.py`), and how it was chosen. SQL recipes only; the model's lock is held for the whole decode."""
+    from tunebook.verify import Tally, hf_verified, verifier_for
+
+    verifier = verifier_for(loaded.recipe)
+    if verifier is None or not loaded.has_adapter:
+        raise AppError("Verified decoding needs a trained adapter and a task whose answers can be checked (SQL).")
+    recipe = dataclasses.replace(loaded.recipe, eval=dataclasses.replace(
+        loaded.recipe.eval, max_new_tokens=max(1, min(int(max_new_tokens), MAX_NEW_TOKENS))))
+    got: dict[int, str] = {}
+    tally = Tally()
+    with loaded.lock:
+        hf_verified(loaded.model, loaded.tokenizer, [{**request, "db_path": str(db_path)}], None,
+                    lambda idx, answers: got.update(zip(idx, answers, strict=True)), data_file=db_path,
+                    recipe=recipe, verifier=verifier, tally=tally)
+    how = next(name for name, count in tally.as_dict().items() if count)
+    return got[0], how.replace("_", " ")
+
+
 def sql_databases(recipe: Recipe) -> list[str]:
     """The databases the app offers for a SQL recipe: the SQLite files beside its test split."""
     folder = databases_folder(recipe)
@@ -341,6 +363,9 @@ def build_ui(session: AppSession) -> Any:
             temperature = gr.Slider(0, 2, value=0, step=0.05, label="temperature (0 = greedy, as eval)")
             top_p = gr.Slider(0.05, 1, value=1, step=0.05, label="top-p")
             penalty = gr.Slider(1, 2, value=1, step=0.05, label="repetition penalty")
+        verified_box = gr.Checkbox(False, label="also verified decoding (SQL: names only what the database has, the "
+                                   "query must run; as eval's `fine-tuned verified`)", visible=False,
+                                   elem_id="verified")
         go = gr.Button("Generate", variant="primary", elem_id="generate")
         run_status = gr.Markdown(elem_id="run-status")
         with gr.Row():
@@ -354,6 +379,7 @@ def build_ui(session: AppSession) -> Any:
                 tuned_out = gr.Textbox(label="fine-tuned answer", lines=8, elem_id="tuned-answer")
                 tuned_verdict = gr.Markdown()
                 tuned_table = gr.Dataframe(label="fine-tuned result", interactive=False)
+                verified_out = gr.Markdown(elem_id="verified-answer")
         with gr.Accordion("eval report and training", open=False):
             report_md = gr.Markdown()
             with gr.Row():
@@ -367,7 +393,8 @@ def build_ui(session: AppSession) -> Any:
                 recipe = session.recipe(name)
             except AppError as exc:
                 return {**cleared, status: f"**error:** {exc}", examples: gr.update(choices=[], value=None),
-                        db_box: gr.update(choices=[]), max_new: DEFAULT_MAX_NEW_TOKENS, report_md: "",
+                        db_box: gr.update(choices=[]), verified_box: gr.update(visible=False),
+                        max_new: DEFAULT_MAX_NEW_TOKENS, report_md: "",
                         chart: None, curve: None, rows_state: []}
             rows = eval_examples(recipe)
             view = report_view(recipe)
@@ -375,6 +402,7 @@ def build_ui(session: AppSession) -> Any:
             return {**cleared, status: status_line(recipe),
                     examples: gr.update(choices=[example_label(r) for r in rows], value=None),
                     db_box: gr.update(choices=databases, value=None, visible=bool(databases)),
+                    verified_box: gr.update(visible=bool(databases)),
                     max_new: recipe.eval.max_new_tokens, report_md: view["markdown"], chart: view["chart"],
                     curve: view["loss_curve"], rows_state: rows}
 
@@ -393,13 +421,13 @@ def build_ui(session: AppSession) -> Any:
         blank = {"headers": ["result"], "data": [[""]]}
 
         def answers_view(texts: dict[str, str], run: str, verdicts: tuple[str, str] = ("", ""),
-                         tables: tuple[dict, dict] = (blank, blank)) -> dict:
+                         tables: tuple[dict, dict] = (blank, blank), verified: str = "") -> dict:
             return {base_out: texts.get("base", ""), tuned_out: texts.get("fine_tuned", ""), run_status: run,
                     base_verdict: verdicts[0], tuned_verdict: verdicts[1], base_table: tables[0],
-                    tuned_table: tables[1]}
+                    tuned_table: tables[1], verified_out: verified}
 
         def answer(name, instruction_text, input_text, conversation_json, db_id, picked, max_new_tokens,
-                   temperature_value, top_p_value, penalty_value):
+                   temperature_value, top_p_value, penalty_value, verified=False):
             try:
                 request = build_request(instruction_text or "", input_text or "", conversation_json or "")
                 recipe = session.recipe(name)
@@ -425,7 +453,16 @@ def build_ui(session: AppSession) -> Any:
                             verdicts[i] = sql_verdict(result)
                             tables[i] = {"headers": result["columns"] or ["result"],
                                          "data": [list(r) for r in result["rows"][:200]] or [[""]]}
-                yield answers_view({"fine_tuned": no_adapter, **texts}, run, tuple(verdicts), tuple(tables))
+                shown = {"fine_tuned": no_adapter, **texts}
+                yield answers_view(shown, run, tuple(verdicts), tuple(tables))
+                if verified and db_path is not None:
+                    yield answers_view(shown, run + "; _verified decoding…_", tuple(verdicts), tuple(tables))
+                    text, how = verified_answer(loaded, request, db_path, int(max_new_tokens))
+                    gold = (picked or {}).get("gold") if _same_request(picked, request) else None
+                    note = (f"**fine-tuned verified** ({how}):\n\n```sql\n{text}\n```\n\n"
+                            f"{sql_verdict(sql_result(db_path, text, gold))}")
+                    yield answers_view(shown, f"{run}; verified in {time.perf_counter() - started - total:.1f} s",
+                                       tuple(verdicts), tuple(tables), note)
             except (AppError, RecipeError) as exc:
                 yield answers_view({}, f"**error:** {exc}")
             except Exception as exc:  # never a dead page: the message, and where the traceback went
@@ -434,16 +471,16 @@ def build_ui(session: AppSession) -> Any:
                 logging.getLogger("tunebook").exception("app error")
                 yield answers_view({}, f"**error:** {type(exc).__name__}: {exc}")
 
-        changed_outputs = {status, examples, instruction, input_box, conversation, db_box, max_new, report_md,
-                           chart, curve, rows_state}
+        changed_outputs = {status, examples, instruction, input_box, conversation, db_box, verified_box, max_new,
+                           report_md, chart, curve, rows_state}
         recipe_box.change(recipe_changed, recipe_box, changed_outputs, api_name=False)
         page.load(recipe_changed, recipe_box, changed_outputs, api_name=False)
         examples.change(example_picked, [examples, rows_state],
                         {instruction, input_box, conversation, db_box, picked_state}, api_name=False)
         go.click(answer, [recipe_box, instruction, input_box, conversation, db_box, picked_state, max_new,
-                          temperature, top_p, penalty],
-                 [base_out, tuned_out, run_status, base_verdict, tuned_verdict, base_table, tuned_table],
-                 api_name="answer")
+                          temperature, top_p, penalty, verified_box],
+                 [base_out, tuned_out, run_status, base_verdict, tuned_verdict, base_table, tuned_table,
+                  verified_out], api_name="answer")
     return page
 
 
