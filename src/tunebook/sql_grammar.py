@@ -96,12 +96,13 @@ def schema_of(db_path: str | Path) -> dict[str, list[str]]:
     try:
         tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")
                   if not t.lower().startswith("sqlite_")]
-        return {t: [row[1] for row in con.execute(f"PRAGMA table_info({_sql_quote(t)})")] for t in tables}
+        return {t: [row[1] for row in con.execute(f"PRAGMA table_info({quote_identifier(t)})")] for t in tables}
     finally:
         con.close()
 
 
-def _sql_quote(name: str) -> str:
+def quote_identifier(name: str) -> str:
+    """A table or column name as SQL may always write it: double-quoted."""
     return '"' + name.replace('"', '""') + '"'
 
 

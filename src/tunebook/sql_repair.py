@@ -32,6 +32,7 @@ from sqlglot import exp
 from sqlglot.optimizer.scope import traverse_scope
 
 from tunebook.sandbox import read_only_uri
+from tunebook.sql_grammar import quote_identifier, schema_of
 
 MAX_HOPS = 2
 
@@ -50,25 +51,23 @@ class Schema:
 
 def read_schema(db_path: str | Path) -> Schema:
     """Tables, columns and declared foreign keys of a SQLite file (read-only)."""
+    tables = schema_of(db_path)
     con = sqlite3.connect(read_only_uri(db_path), uri=True)
     try:
-        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")
-                  if not t.lower().startswith("sqlite_")]
-        info = {t: con.execute(f"PRAGMA table_info({_quote(t)})").fetchall() for t in tables}
         keys = []
         for table in tables:
-            for row in con.execute(f"PRAGMA foreign_key_list({_quote(table)})"):
+            for row in con.execute(f"PRAGMA foreign_key_list({quote_identifier(table)})"):
                 target = next((t for t in tables if t.lower() == row[2].lower()), None)
-                to = row[4] or next((c[1] for c in info.get(target, []) if c[5]), None)  # no column: its primary key
+                to = row[4] or (_primary_key(con, target) if target else None)  # no column named: the primary key
                 if target is not None and to:
                     keys.append((table, row[3], target, to))
-        return Schema({t: frozenset(c[1].lower() for c in cols) for t, cols in info.items()}, tuple(keys))
     finally:
         con.close()
+    return Schema({t: frozenset(c.lower() for c in cols) for t, cols in tables.items()}, tuple(keys))
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def _primary_key(con: sqlite3.Connection, table: str) -> str | None:
+    return next((c[1] for c in con.execute(f"PRAGMA table_info({quote_identifier(table)})") if c[5]), None)
 
 
 @functools.lru_cache(maxsize=256)

@@ -136,8 +136,8 @@ def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
     if all(t is not None for t in texts):
         hf = HFGrammars(tokenizer, model.config.vocab_size, stop_token_ids(tokenizer, system))
     views = [without_reference(row) for row in rows]
-    waiting: dict[int, tuple[str, tuple[str, int]]] = {}  # failing rows' greedy answers (as generated, as
-    # judged), until their candidates are sampled
+    # failing rows' greedy answers (as generated, as judged), until their candidates are sampled
+    waiting: dict[int, tuple[str, tuple[str, int]]] = {}
 
     judges = [verifier.judge(view, data_file) for view in views]
 
