@@ -53,6 +53,17 @@ def test_results_keep_the_last_run_of_each_machine_kind(tmp_path):
     assert bench.recorded_runs(tmp_path / "missing.json") == {}
 
 
+def test_demo_time_target_follows_the_vector_width_not_the_vendor():
+    """Issue 27: 20 minutes where the CPU has only AVX2, 15 where it has AVX-512 (AMD's Zen 4 EPYCs have it)."""
+    demo = {"demo": {"total_seconds": 17 * 60}}
+    zen2 = {"cpu": "AMD EPYC 7B12", "flags": ["avx2"]}
+    zen4 = {"cpu": "AMD EPYC", "flags": ["avx2", "avx512f", "avx512_bf16"]}
+    assert bench.targets({**demo, "machine": zen2})["demo_minutes_after_install"]["met"] is True
+    assert bench.targets({**demo, "machine": zen4})["demo_minutes_after_install"]["target"] == 15.0
+    assert bench.targets({**demo, "machine": zen4})["demo_minutes_after_install"]["met"] is False
+    assert bench.machine_kind({**zen4, "gpu": None}) == "amd-avx512"
+
+
 def test_gpu_bench_runs_plain_and_tunebook_qlora_on_tiny_models(tmp_path):
     """`tunebook bench --gpu --tiny` on the CPU: the same code a GPU run uses, plain Trainer + PEFT against
     tunebook's SFTTrainer on the same random rows, each option either run or named as skipped."""
