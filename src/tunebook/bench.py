@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from tunebook import allocator
 from tunebook.config import load_recipe, recipe_path
 from tunebook.outputs import RUN_INFO_FILE
 from tunebook.precision import BF16_FLAGS, cpu_description
@@ -100,13 +101,14 @@ def run_tunebook_train(recipe_file: Path) -> dict[str, Any]:
     log = recipe_file.with_suffix(".log")
     with log.open("w") as out:  # a file, not a pipe: nothing the child leaves running can hold the bench up
         done = subprocess.run([sys.executable, "-c", code, "train", str(recipe_file), "--force"],
-                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env=allocator.preloaded_env(allocator.find()))  # as `tunebook train` starts
     if done.returncode != 0:
         raise RuntimeError(f"tunebook train failed:\n{log.read_text()[-3000:]}")
     info = json.loads((models / "fine-tuned" / recipe_file.stem / RUN_INFO_FILE).read_text())
     return {"tokens": info["tokens_seen"], "train_seconds": info["train_runtime_s"],
             "tokens_per_s": info["train_tokens_per_s"], "peak_rss_mb": info["peak_memory_mb"],
-            "dtype": info.get("dtype"), "wall_seconds": round(time.perf_counter() - started, 1)}
+            "dtype": info.get("dtype"), "allocator": (info.get("allocator") or {}).get("name"), "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
 def run_baseline_train(recipe_file: Path, steps: int, tokens_per_step: int) -> dict[str, Any]:
@@ -150,7 +152,8 @@ def bench_step_profile(recipe: str, workdir: Path) -> dict[str, Any]:
         "training.max_steps": 8, "training.save_steps": 10_000, "data.val_limit": 0, "training.report_to": "none"})
     outputs_beside(recipe_file)
     script = Path(__file__).resolve().parents[2] / "bench" / "profile_step.py"
-    done = subprocess.run([sys.executable, str(script), str(recipe_file)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, str(script), str(recipe_file)], capture_output=True, text=True,
+                          env=allocator.preloaded_env(allocator.find()))
     if done.returncode != 0:
         raise RuntimeError(f"step profile failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -401,7 +404,8 @@ def markdown(results: dict[str, Any]) -> str:
     if t:
         lines.append(f"| training tokens/s ({t['steps']} steps × {t['repeats']}) | {fmt(t['baseline']['tokens_per_s'])} "
                      f"(Trainer+PEFT, padded, fp32) | {fmt(t['tunebook']['tokens_per_s'])} "
-                     f"({(t['tunebook'].get('dtype') or {}).get('dtype', '?')}) | **{t['speedup']}x** |")
+                     f"({(t['tunebook'].get('dtype') or {}).get('dtype', '?')}, {t['tunebook'].get('allocator') or 'glibc'} malloc)"
+                     f" | **{t['speedup']}x** |")
         lines.append(f"| training peak RSS (MB) | {fmt(t['baseline']['peak_rss_mb'])} | "
                      f"{fmt(t['tunebook']['peak_rss_mb'])} | |")
     e = results.get("eval")

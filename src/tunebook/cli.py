@@ -339,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if argv is None:  # started from the shell: training commands restart once on an allocator that frees memory
+        from tunebook.allocator import prepare
+
+        prepare(args.command, sys.argv[1:])
     name = args.command if args.command in ("data", "bench", "new", "app", "serve") else Path(args.recipe).stem
     setup_console(log_file(name, args.command), args.verbose)
     try:

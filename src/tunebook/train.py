@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from tunebook import allocator
 from tunebook.config import Recipe, redacted_overrides
 from tunebook.data import repeat_rows, sha256, share_context
 from tunebook.errors import RecipeError
@@ -273,7 +274,7 @@ def describe_run(run: Run, trainer: Any, model: Any, resume: Path | None, train_
         "resumed_from": str(resume) if resume else None, "train_runtime_s": round(train_seconds, 1),
         "wall_time_s": round(wall, 1), "tokens_seen": tokens,
         "train_tokens_per_s": round(tokens / train_seconds, 1) if tokens and train_seconds else None,
-        "peak_memory_mb": peak_memory_mb(use_cuda),
+        "peak_memory_mb": peak_memory_mb(use_cuda), "allocator": allocator.as_dict(allocator.in_use()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         **extra, "fingerprint": run.fingerprint,
     }
