@@ -10,6 +10,7 @@ import pytest
 from conftest import ROOT, run_tunebook
 
 from tunebook import allocator
+from tunebook.errors import RecipeError
 
 IN_USE = "from tunebook.allocator import in_use; print(in_use().name)"
 
@@ -33,8 +34,8 @@ def test_the_environment_chooses_or_refuses(monkeypatch, tmp_path):
     monkeypatch.setenv(allocator.ENV, "system")
     assert allocator.find() == allocator.Allocator("glibc", None, f"{allocator.ENV}=system")
     monkeypatch.setenv(allocator.ENV, str(tmp_path / "missing.so"))
-    missing = allocator.find()
-    assert missing.path is None and "is not a file" in missing.why
+    with pytest.raises(RecipeError, match=f"environment: {allocator.ENV}: '.*missing.so' is not a file. Point it"):
+        allocator.find()
     library = tmp_path / "libjemalloc.so.2"
     library.write_bytes(b"")
     monkeypatch.setenv(allocator.ENV, str(library))
@@ -42,8 +43,13 @@ def test_the_environment_chooses_or_refuses(monkeypatch, tmp_path):
 
 
 def test_train_from_the_shell_runs_on_the_found_allocator_and_says_so(tiny_recipe, tmp_path):
-    """`python -m tunebook train` restarts itself once on `find()`'s allocator; run_info.json names it."""
-    done = run_tunebook(tmp_path, "train", str(tiny_recipe(training__max_steps=1)))
+    """`python -m tunebook train` restarts itself once on `find()`'s allocator; run_info.json names it. A
+    TUNEBOOK_MALLOC that names no file is refused with the fix, before anything loads."""
+    recipe = str(tiny_recipe(training__max_steps=1))
+    refused = run_tunebook(tmp_path, "train", recipe, env={allocator.ENV: "/nowhere/libjemalloc.so"})
+    assert refused.returncode == 2 and refused.stderr.startswith(f"error: environment: {allocator.ENV}: ")
+    assert "Traceback" not in refused.stderr and not (tmp_path / "models").exists()
+    done = run_tunebook(tmp_path, "train", recipe)
     assert done.returncode == 0, done.stderr
     info = json.loads(next((tmp_path / "models").rglob("run_info.json")).read_text())
     found = allocator.find()

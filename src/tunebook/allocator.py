@@ -9,7 +9,7 @@ the process starts (LD_PRELOAD), so the `tunebook` command starts itself again w
 Where it comes from, first found wins: `TUNEBOOK_MALLOC` (a library path, or `system` for glibc's malloc);
 Debian's `libjemalloc2`; the `cmeel-mimalloc` wheel, which tunebook's install brings on Linux. jemalloc comes
 first because it measured best (docs/performance.md#the-allocator): in 40-step smollm2-sql runs it was both faster
-and smaller than glibc, mimalloc smaller but slightly slower.
+and smaller than glibc's malloc; mimalloc was as fast as glibc's and smaller.
 """
 
 from __future__ import annotations
@@ -43,7 +43,11 @@ def find() -> Allocator:
         return Allocator("glibc", None, f"{ENV}=system")
     if wanted:
         if not Path(wanted).is_file():
-            return Allocator("glibc", None, f"{ENV}={wanted} is not a file; glibc's malloc instead")
+            from tunebook.errors import RecipeError
+
+            raise RecipeError("environment", ENV, f"{wanted!r} is not a file.",
+                              f"Point it at a malloc library (e.g. {SYSTEM_JEMALLOC[0]}), or set {ENV}=system "
+                              "for the system's malloc.")
         return Allocator(_name(wanted), wanted, f"{ENV}={wanted}")
     if not sys.platform.startswith("linux"):
         return Allocator("system", None, "LD_PRELOAD is Linux's; this platform's own malloc")

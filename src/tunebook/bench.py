@@ -108,7 +108,8 @@ def run_tunebook_train(recipe_file: Path) -> dict[str, Any]:
     info = json.loads((models / "fine-tuned" / recipe_file.stem / RUN_INFO_FILE).read_text())
     return {"tokens": info["tokens_seen"], "train_seconds": info["train_runtime_s"],
             "tokens_per_s": info["train_tokens_per_s"], "peak_rss_mb": info["peak_memory_mb"],
-            "dtype": info.get("dtype"), "allocator": (info.get("allocator") or {}).get("name"), "wall_seconds": round(time.perf_counter() - started, 1)}
+            "dtype": info.get("dtype"), "allocator": (info.get("allocator") or {}).get("name"),
+            "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
 def run_baseline_train(recipe_file: Path, steps: int, tokens_per_step: int) -> dict[str, Any]:
@@ -404,8 +405,8 @@ def markdown(results: dict[str, Any]) -> str:
     if t:
         lines.append(f"| training tokens/s ({t['steps']} steps × {t['repeats']}) | {fmt(t['baseline']['tokens_per_s'])} "
                      f"(Trainer+PEFT, padded, fp32) | {fmt(t['tunebook']['tokens_per_s'])} "
-                     f"({(t['tunebook'].get('dtype') or {}).get('dtype', '?')}, {t['tunebook'].get('allocator') or 'glibc'} malloc)"
-                     f" | **{t['speedup']}x** |")
+                     f"({(t['tunebook'].get('dtype') or {}).get('dtype', '?')}, "
+                     f"{t['tunebook'].get('allocator') or 'glibc'} malloc) | **{t['speedup']}x** |")
         lines.append(f"| training peak RSS (MB) | {fmt(t['baseline']['peak_rss_mb'])} | "
                      f"{fmt(t['tunebook']['peak_rss_mb'])} | |")
     e = results.get("eval")

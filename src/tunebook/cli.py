@@ -342,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # started from the shell: training commands restart once on an allocator that frees memory
         from tunebook.allocator import prepare
 
-        prepare(args.command, sys.argv[1:])
+        try:
+            prepare(args.command, sys.argv[1:])
+        except RecipeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     name = args.command if args.command in ("data", "bench", "new", "app", "serve") else Path(args.recipe).stem
     setup_console(log_file(name, args.command), args.verbose)
     try:
