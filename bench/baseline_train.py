@@ -13,7 +13,6 @@ both runs train the same number of steps on about the same tokens.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
@@ -26,6 +25,7 @@ from tunebook.config import load_recipe
 from tunebook.data import read_split, select_rows
 from tunebook.models import load_tokenizer, resolve_model_path
 from tunebook.prompts import encode_example
+from tunebook.train import peak_memory_mb
 
 
 class StepTimer(TrainerCallback):
@@ -68,7 +68,7 @@ def main(recipe_name: str, steps: int, tokens_per_step: int) -> dict:
     tokens = sum(len(e["input_ids"]) for e in encoded)
     return {"batch_size": batch_size, "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
             "step_s_median": round(sorted(timer.times)[len(timer.times) // 2], 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": peak_memory_mb(use_cuda=False)}
 
 
 if __name__ == "__main__":

@@ -83,3 +83,21 @@ def test_gpu_bench_runs_plain_and_tunebook_qlora_on_tiny_models(tmp_path):
     path = bench.record_gpu(result, tmp_path / "results.json")
     assert path.name == "gpu-tiny.json" and json.loads(path.read_text()) == json.loads(json.dumps(result))
     assert not (tmp_path / "results.json").exists(), "a tiny run is a smoke run, never a result"
+
+
+def test_a_run_reports_its_own_peak_memory_not_its_parents():
+    """Linux carries ru_maxrss over an exec, so a training run started by a large `tunebook bench` once reported
+    the bench's peak (every 2-step run read 3,763 MB); peak_memory_mb reads the run's own high-water mark."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    ballast = bytearray(800 * 2**20)  # the parent's RSS well above what the child will ever touch
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    code = "from tunebook.train import peak_memory_mb; print(peak_memory_mb(use_cuda=False))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT / "src")})
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 600, "the child's peak includes its parent's"
+    del ballast

@@ -333,6 +333,12 @@ def peak_memory_mb(use_cuda: bool) -> float:
         import torch
 
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    # VmHWM is this process image's own peak. ru_maxrss is not: Linux carries it over an exec, so a run started
+    # by a large parent (`tunebook bench` after its eval part) reported the parent's peak as its own.
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
