@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+
+from conftest import ROOT
 
 from tunebook import bench
 
@@ -88,11 +92,6 @@ def test_gpu_bench_runs_plain_and_tunebook_qlora_on_tiny_models(tmp_path):
 def test_a_run_reports_its_own_peak_memory_not_its_parents():
     """Linux carries ru_maxrss over an exec, so a training run started by a large `tunebook bench` once reported
     the bench's peak (every 2-step run read 3,763 MB); peak_memory_mb reads the run's own high-water mark."""
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     ballast = bytearray(800 * 2**20)  # the parent's RSS well above what the child will ever touch
     ballast[:: 4096] = b"x" * len(ballast[:: 4096])
     code = "from tunebook.train import peak_memory_mb; print(peak_memory_mb(use_cuda=False))"
