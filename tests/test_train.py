@@ -58,6 +58,15 @@ def test_dora_option(tiny_recipe):
     assert config["use_dora"] is True
 
 
+def test_layers_to_transform_adapts_only_those_layers(tiny_recipe):
+    from safetensors import safe_open
+
+    out = train(load_recipe(tiny_recipe(name="tiny-top", lora__layers_to_transform=[1], training__max_steps=1)))
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as weights:
+        names = list(weights.keys())
+    assert names and all(".layers.1." in name for name in names), names
+
+
 def test_qlora_step_on_cpu(tiny_recipe):
     """bitsandbytes nf4 on CPU: the base loads in 4 bit, a LoRA step runs and the adapter is written."""
     pytest.importorskip("bitsandbytes")

@@ -401,6 +401,13 @@ def check_lora_values(lora: dict[str, Any], source: str) -> None:
     if dropout is not None and _number(dropout) and not 0 <= dropout < 1:
         raise RecipeError(source, "lora.lora_dropout", f"{dropout} is not a dropout probability.",
                           "Use a value from 0 up to (not including) 1, e.g. 0.05.")
+    layers = lora.get("layers_to_transform")
+    indices = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if layers is not None and not (isinstance(indices, list) and indices
+                                   and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)):
+        raise RecipeError(source, "lora.layers_to_transform", f"{layers!r} is not a layer index or a list of them.",
+                          "Write the decoder layers to adapt by index from 0, e.g. [15, 16, 17], or leave it out "
+                          "to adapt every layer.")
     targets = lora.get("target_modules")
     if isinstance(targets, list) and not targets:
         raise RecipeError(source, "lora.target_modules", "is empty: the adapter would train nothing.",

@@ -45,6 +45,7 @@ def check_target_modules(recipe: Recipe, report: ValidationReport) -> None:
         return
     modules = linear_module_names(config)
     report.linear_modules = sorted(modules)
+    check_layers_to_transform(recipe, config)
     if targets is None or targets == "all-linear":
         return  # PEFT's own defaults
     if isinstance(targets, str):  # a regex PEFT matches against each layer's full name
@@ -67,6 +68,24 @@ def check_target_modules(recipe: Recipe, report: ValidationReport) -> None:
             f"(its linear layers: {', '.join(sorted(modules))}).",
             "Use names from that list, or 'all-linear'.",
         )
+
+
+def check_layers_to_transform(recipe: Recipe, config: Any) -> None:
+    """`lora.layers_to_transform` must name layers the model has: PEFT adapts the ones it finds and says nothing
+    of the rest, so a list written for a deeper model would silently train fewer layers."""
+    from tunebook.runs import lora_settings
+
+    layers = lora_settings(recipe).get("layers_to_transform")
+    count = getattr(config, "num_hidden_layers", None)
+    if layers is None or not isinstance(count, int):
+        return
+    outside = sorted({i for i in ([layers] if isinstance(layers, int) else layers) if i >= count})
+    if outside:
+        raise RecipeError(
+            recipe.source, "lora.layers_to_transform",
+            f"{', '.join(map(str, outside))} {'is' if len(outside) == 1 else 'are'} not a layer of "
+            f"'{recipe.model.name}', which has {count} decoder layers (0 to {count - 1}).",
+            f"Use indices from 0 to {count - 1}.")
 
 
 def check_quantization_and_dtype(recipe: Recipe, report: ValidationReport) -> None:
