@@ -59,6 +59,32 @@ def test_eval_end_to_end_writes_documented_report(tiny_recipe, tmp_path, monkeyp
     assert [p["fine_tuned_prediction"] for p in predictions] == texts
 
 
+def test_a_base_pass_is_reused_by_other_runs_of_the_same_base_model(tiny_recipe, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
+    first, other = (load_recipe(tiny_recipe(name=n, training__max_steps=1, training__seed=s))
+                    for n, s in (("tiny-a", 1), ("tiny-b", 2)))
+    train(first)
+    train(other)
+
+    def base_answers(out):
+        return [json.loads(line)["base_prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+    kept = base_answers(evaluate(first))
+    capsys.readouterr()
+    out = evaluate(other)
+    assert "base: all 6 answers reused from the eval of tiny-a" in capsys.readouterr().out
+    assert base_answers(out) == kept
+    assert any("answers reused from the eval of tiny-a" in n for n in json.loads((out / "report.json").read_text())["notes"])
+    # what was reused is what running the base model again gives
+    for kept_pass in (tmp_path / "reports" / ".base-passes").iterdir():
+        kept_pass.unlink()
+    again = evaluate(other)
+    assert "reused" not in capsys.readouterr().out and base_answers(again) == kept
+    # other generation settings: not the same base pass
+    evaluate(load_recipe(tiny_recipe(name="tiny-a", training__max_steps=1, training__seed=1, eval__max_new_tokens=8)))
+    assert "reused" not in capsys.readouterr().out
+
+
 def test_eval_on_user_data_with_db_path(tiny_recipe, tmp_path, monkeypatch, sql_data):
     monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
     row = read_split(sql_data / "test.jsonl")[0]

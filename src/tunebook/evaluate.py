@@ -27,7 +27,15 @@ from tunebook.generation import decode_answers, generate_ids
 from tunebook.journal import Journal
 from tunebook.metrics import METRICS, perplexity, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
-from tunebook.outputs import ADAPTER_WEIGHTS, atomic_dir, clean_leftovers, eval_journal, report_dir
+from tunebook.outputs import (
+    ADAPTER_WEIGHTS,
+    atomic_dir,
+    base_pass_file,
+    clean_leftovers,
+    eval_journal,
+    report_dir,
+    write_text_atomic,
+)
 from tunebook.progress import progress_bar, rate_updater
 from tunebook.prompts import reference_answer, user_message
 from tunebook.reporting import VERIFIED, error_table, metrics_table, shape_table, view
@@ -146,6 +154,9 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
         by_shape = {shape: score_subset(recipe, idx, rows, results, data_file)
                     for shape, idx in sorted(group_indices(rows, "shape").items())}
         notes += sorted(set(problems))
+        notes += [f"{p}: answers reused from the eval of {r['reused_from']}, which ran the same base model on the "
+                  f"same rows with the same settings on this machine; its examples/s are that run's"
+                  for p, r in results.items() if r.get("reused_from")]
         out = write_report(name, recipe, rows, results, subsets, data_file, by_shape, key, notes)
         shutil.rmtree(eval_journal(name, "x").parent, ignore_errors=True)  # the report now holds every answer
     return out
@@ -170,6 +181,10 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
         return len(journals[p].answers) == len(rows) and not (
             plain and perplexity_wanted and "perplexity" not in journals[p].values)
 
+    base_key = base_pass_key(recipe, rows) if "base" in kinds else None
+    if base_key and not journals["base"].answers and reuse_base_pass(journals["base"], base_key, len(rows)):
+        print(f"base: all {len(rows)} answers reused from the eval of {journals['base'].values['reused_from']} "
+              "(same base model, rows, settings and machine)")
     model = load_pass_model(recipe, kinds, adapter_dir) if not all(map(complete, passes)) else None
     system = recipe.data.system_prompt
     results: dict[str, dict[str, Any]] = {}
@@ -204,7 +219,52 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
                         journal.set("perplexity", perplexity(model, tokenizer, rows, system,
                                                              batch_size=recipe.eval.batch_size))
         results[p] = pass_result(journal, rows)
+    if base_key and complete("base") and "reused_from" not in journals["base"].values:
+        keep_base_pass(journals["base"], base_key, name, len(rows))
     return results
+
+
+def base_pass_key(recipe: Recipe, rows: list[dict]) -> str:
+    """What a base model's plain answers depend on, whichever adapter is evaluated beside it: rows, prompt,
+    generation settings, the base weights, and the numerics of this machine (resolved dtype, torch, CPU or GPU)."""
+    import torch
+
+    from tunebook.precision import cpu_description, resolve
+
+    path = Path(resolve_model_path(recipe.model.name))
+    files = sorted(path.iterdir()) if path.is_dir() else [path] if path.exists() else []
+    weights = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:
+        cpu, flags = cpu_description()
+        device = f"{cpu} {' '.join(sorted(flags))}"
+    return hashlib.sha256(json.dumps(
+        [rows, recipe.data.system_prompt, recipe.eval.max_new_tokens, recipe.eval.metrics, recipe.eval.batch_size,
+         recipe.model.name, str(path), weights, resolve(recipe.model.dtype).dtype, recipe.model.quantization,
+         recipe.model.attn_implementation, torch.__version__, device, torch.get_num_threads()],
+        sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reuse_base_pass(journal: Journal, key: str, n: int) -> bool:
+    """Fill an empty base journal from a kept pass with the same `base_pass_key`; True when it was there."""
+    try:
+        kept = json.loads(base_pass_file(key).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if kept.get("key") != key or len(kept.get("answers", [])) != n:
+        return False
+    journal.add(list(range(n)), kept["answers"], kept["seconds"])
+    for name, value in {**kept.get("values", {}), "reused_from": kept["report"]}.items():
+        journal.set(name, value)
+    return True
+
+
+def keep_base_pass(journal: Journal, key: str, report: str, n: int) -> None:
+    """Keep a finished base pass for later evals of other runs of the same base model (`reuse_base_pass`)."""
+    write_text_atomic(base_pass_file(key), json.dumps({
+        "key": key, "report": report, "answers": [journal.answers[i] for i in range(n)], "seconds": journal.seconds,
+        "values": {k: v for k, v in journal.values.items() if k == "perplexity"}}, ensure_ascii=False))
 
 
 def plain_batches(model: Any, tokenizer: Any, system: str | None, max_new_tokens: int, batch_size: int,
@@ -227,6 +287,8 @@ def pass_result(journal: Journal, rows: list[dict]) -> dict[str, Any]:
               "examples_per_s": len(rows) / max(journal.seconds, 1e-9)}
     if "verified" in journal.values:
         result["verified"] = journal.values["verified"]
+    if "reused_from" in journal.values:
+        result["reused_from"] = journal.values["reused_from"]
     return result
 
 

@@ -88,6 +88,12 @@ def eval_journal(report_name: str, kind: str) -> Path:
     return REPORTS_DIR / ".journal" / report_name / f"{kind}.jsonl"
 
 
+def base_pass_file(key: str) -> Path:
+    """A finished base-model pass, kept for any later eval with the same base model, rows, settings and machine
+    (evaluate.py: reused across runs, seeds and stages, whose base answers are the same)."""
+    return REPORTS_DIR / ".base-passes" / f"{key[:40]}.json"
+
+
 def demo_times_file(run_name: str) -> Path:
     """Wall time of each stage of the last `tunebook demo` of a run (read by `tunebook bench`). The dot in the
     name keeps it apart from every report folder: recipe and run names have none."""
