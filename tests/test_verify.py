@@ -234,3 +234,50 @@ def test_eval_reports_plain_and_verified_side_by_side_and_keeps_them_for_gguf(ti
     assert with_gguf["verified"]["fine_tuned"] == report["verified"]["fine_tuned"], "reused, not lost"
     assert set(with_gguf["verified"]) == {"fine_tuned", "gguf_f16"} and "f16" in with_gguf["gguf"]
     assert with_gguf["verified"]["gguf_f16"]["unknown_table"] == 0
+
+
+def _ceiling_script():
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("verified_ceiling", ROOT / "bench" / "verified_ceiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_ceiling_rules_choose_without_the_reference():
+    ceiling = _ceiling_script()
+
+    def answer(passes, result, right=False):
+        return {"passes": passes, "result": result, "right": right}
+
+    fails, lone, pair = answer(False, None), answer(True, "[1]"), answer(True, "[2]", right=True)
+    assert ceiling.first_passing([fails, lone, pair, pair], 4) is lone
+    assert ceiling.first_passing([fails, fails, lone], 1) is fails, "only the first candidate was allowed"
+    assert ceiling.vote([lone, pair, fails, pair]) is pair, "the result most passing answers return"
+    assert ceiling.vote([lone, pair]) is lone, "a tie goes to the greedy answer"
+    assert ceiling.vote([fails, fails]) is fails
+    rows = [{"subset": "people", "answers": [fails, lone, pair, pair]}, {"subset": "people", "answers": [lone]}]
+    figures = ceiling.summary(rows, 3)["people"]
+    assert figures == {"rows": 2, "greedy": 0.0, "first passing of 4": 0.0, "first passing of 3": 0.0,
+                       "vote of 4": 50.0, "any right": 50.0}
+
+
+def test_the_ceiling_script_judges_every_sample_of_a_trained_adapter(tiny_recipe):
+    from tunebook.config import load_recipe
+    from tunebook.train import train
+
+    path = tiny_recipe(training__max_steps=1, eval__limit=3, eval__max_new_tokens=10,
+                       eval__decoding=["plain", "verified"])
+    train(load_recipe(path))
+    ceiling = _ceiling_script()
+    rows = ceiling.judged_answers(str(path), 2, 0.7, [])
+    assert len(rows) == 3 and all(len(row["answers"]) == 3 for row in rows)  # greedy + 2 samples
+    for judged in (a for row in rows for a in row["answers"]):
+        if judged["passes"]:  # runs and returns rows
+            assert judged["result"] not in (None, "[]")
+        if judged["right"]:
+            assert judged["result"] is not None
+    figures = ceiling.summary(rows, 2)["all rows"]
+    rules = {rule: value for rule, value in figures.items() if rule != "rows"}
+    assert figures["rows"] == 3 and all(value <= rules["any right"] for value in rules.values())
