@@ -37,10 +37,13 @@ def judged_answers(recipe_name: str, samples: int, temperature: float, overrides
     from tunebook.runs import identify
     from tunebook.sandbox import run_sql
     from tunebook.tasks import eval_subsets
+    from tunebook.validate import check_adapter, validate_recipe
     from tunebook.verify import row_grammars, verifier_for, without_reference
 
     recipe = load_recipe(recipe_name, overrides)
+    validate_recipe(recipe)
     run = identify(recipe)
+    check_adapter(run.adapter_dir, recipe)
     rows, data_file = load_eval_rows(recipe, None)
     tokenizer = load_tokenizer(str(run.adapter_dir), recipe.model.trust_remote_code)
     model = load_pass_model(recipe, ["fine_tuned"], run.adapter_dir)
@@ -120,6 +123,11 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
+    from tunebook.errors import RecipeError
+
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except RecipeError as exc:  # a recipe, data or adapter problem: one line, as the CLI says it
+        sys.exit(f"error: {exc}")
