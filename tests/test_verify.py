@@ -281,3 +281,14 @@ def test_the_ceiling_script_judges_every_sample_of_a_trained_adapter(tiny_recipe
     figures = ceiling.summary(rows, 2)["all rows"]
     rules = {rule: value for rule, value in figures.items() if rule != "rows"}
     assert figures["rows"] == 3 and all(value <= rules["any right"] for value in rules.values())
+
+
+def test_the_ceiling_script_says_in_one_line_what_is_missing(tiny_recipe, tmp_path):
+    from conftest import ROOT
+
+    path = tiny_recipe(eval__decoding=["plain", "verified"])  # never trained: no adapter
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "verified_ceiling.py"), str(path)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert last.startswith(f"error: {path}") and "no trained adapter" in last and "tunebook train" in last
