@@ -129,6 +129,14 @@ def test_metric_rewards_score_known_good_bad_and_hostile_answers(pets):
     chat = [[{"role": "assistant", "content": '{"a": 1}'}]]
     assert REWARDS["json_match"](None, chat, reference=['{"a": 1}']) == [1.0]
     assert load_reward("tunebook.rewards:exact_match") is REWARDS["exact_match"]
+    # Review: ruff judges the answer's improved code on the row's rule, as the `code_fixed` metric does.
+    snippet = "```python\nif not x in y:\n    pass\n```"
+    fixed = "E713 (not-in-test): use `not in`.\n\nImproved code:\n```python\nif x not in y:\n    pass\n```"
+    handed_back = "E713: fixed.\n\nImproved code:\n```python\nif not x in y:\n    pass\n```"
+    unrelated = "Slow.\n\n```python\ndef check(x, y):\n    return x\n```"
+    review = [fixed, handed_back, unrelated, "Looks fine."]
+    scores = REWARDS["code_fixed"](None, review, reference=[fixed] * 4, code=[snippet] * 4, rule=["E713"] * 4)
+    assert scores == [1.0, 0.0, 0.0, 0.0]
     with pytest.raises(RecipeError, match="cannot load the reward 'nowhere.fn'"):
         load_reward("nowhere.fn")
 
