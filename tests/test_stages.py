@@ -70,6 +70,18 @@ def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(pa
     assert "| metric | base | SFT (parent) | fine-tuned | delta |" in (out / "report.md").read_text()
 
 
+def test_dpo_pairs_are_judged_by_the_stages_reward_else_the_tasks_metric(parent, tmp_path):
+    from tunebook.pairs import judge_name
+
+    assert judge_name(load_recipe(stage_recipe(parent, tmp_path, "dpo"))) == "sql_execution"
+    strict = load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rewards": ["exact_match"]}))
+    assert judge_name(strict) == "exact_match"
+    review = load_recipe("smollm2-review-dpo")
+    assert judge_name(review) == "code_fixed"
+    assert judge_name(load_recipe("smollm2-review-dpo", ["stage.rewards=[fix_matches_reference]"])) == \
+        "fix_matches_reference"
+
+
 def render_prompt_of(recipe, row):
     from tunebook.models import load_tokenizer
     from tunebook.prompts import render_prompt
@@ -137,6 +149,12 @@ def test_metric_rewards_score_known_good_bad_and_hostile_answers(pets):
     review = [fixed, handed_back, unrelated, "Looks fine."]
     scores = REWARDS["code_fixed"](None, review, reference=[fixed] * 4, code=[snippet] * 4, rule=["E713"] * 4)
     assert scores == [1.0, 0.0, 0.0, 0.0]
+    spaced = fixed.replace("y:", "y :")  # the strict check: the reference fix, formatting aside, and nothing else
+    edited = "E713.\n\nImproved code:\n```python\nif x not in y:\n    print(x)\n```"
+    strict = REWARDS["fix_matches_reference"](None, [spaced, edited, handed_back], reference=[fixed] * 3,
+                                              code=[snippet] * 3, rule=["E713"] * 3)
+    assert strict == [1.0, 0.0, 0.0]
+    assert REWARDS["code_fixed"](None, [edited], reference=[fixed], code=[snippet], rule=["E713"]) == [1.0]
     with pytest.raises(RecipeError, match="cannot load the reward 'nowhere.fn'"):
         load_reward("nowhere.fn")
 
@@ -146,6 +164,10 @@ def test_bad_stages_and_preference_rows_are_named_before_any_model_loads(parent,
 
     with pytest.raises(RecipeError, match=r"stage.rewards: 'sql_exec' is not a reward. Did you mean 'sql_execution'"):
         load_recipe(stage_recipe(parent, tmp_path, "grpo", stage={"rewards": ["sql_exec"]}))
+    with pytest.raises(RecipeError, match=r"stage.rewards: 'code_fix' is not a reward. Did you mean 'code_fixed'"):
+        load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rewards": ["code_fix"]}))
+    with pytest.raises(RecipeError, match="stage.rewards: names 2 rewards; DPO pairs are judged by one"):
+        load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rewards": ["exact_match", "sql_execution"]}))
     with pytest.raises(RecipeError, match="stage.parent: a dpo stage starts from another recipe's adapter"):
         load_recipe(write_recipe(tmp_path / "x.yaml", model={"name": "smollm2-135m-instruct"}, task="sql",
                                  data={"train": "a", "val": "b", "test": "c"}, stage={"method": "dpo"}, dpo={}))

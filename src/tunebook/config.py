@@ -118,7 +118,7 @@ class StageConfig:
 
     method: str = "sft"
     parent: str | None = None  # the recipe (name or path) whose adapter this stage starts from
-    rewards: list[str] = field(default_factory=list)  # GRPO: metric names (rewards.py) or module:function
+    rewards: list[str] = field(default_factory=list)  # GRPO's rewards / DPO's pair judge: rewards.py names or module:function
     # DPO: pairs made from the parent's own answers on training prompts, judged by the task's metric
     samples: int = 4  # answers sampled per prompt
     temperature: float = 0.8
@@ -357,7 +357,8 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
 
 
 def check_stage(stage: StageConfig, source: str) -> None:
-    """A DPO/GRPO stage names its parent recipe; GRPO names rewards that exist (metric names or module:function)."""
+    """A DPO/GRPO stage names its parent recipe and only rewards that exist (metric names or module:function):
+    GRPO at least one, DPO at most one (the judge of its pairs)."""
     if stage.method == "sft":
         if stage.parent or stage.rewards:
             raise RecipeError(source, "stage", "parent and rewards belong to a dpo or grpo stage.",
@@ -366,18 +367,20 @@ def check_stage(stage: StageConfig, source: str) -> None:
     if not stage.parent:
         raise RecipeError(source, "stage.parent", f"a {stage.method} stage starts from another recipe's adapter.",
                           "Name it, e.g. `stage: {method: " + stage.method + ", parent: smollm2-sql}`.")
-    if stage.method == "grpo":
-        from tunebook.rewards import REWARDS
+    from tunebook.rewards import REWARDS
 
-        if not stage.rewards:
-            raise RecipeError(source, "stage.rewards", "GRPO needs at least one reward.",
-                              f"Name metric rewards ({', '.join(REWARDS)}) or your own as module:function.")
-        for name in stage.rewards:
-            if name not in REWARDS and ":" not in str(name) and "." not in str(name):
-                hint = difflib.get_close_matches(str(name), list(REWARDS), n=1)
-                raise RecipeError(source, "stage.rewards", f"'{name}' is not a reward.",
-                                  (f"Did you mean '{hint[0]}'? " if hint else "") +
-                                  f"Rewards: {', '.join(REWARDS)}, or module:function for your own.")
+    if stage.method == "grpo" and not stage.rewards:
+        raise RecipeError(source, "stage.rewards", "GRPO needs at least one reward.",
+                          f"Name metric rewards ({', '.join(REWARDS)}) or your own as module:function.")
+    if stage.method == "dpo" and len(stage.rewards) > 1:
+        raise RecipeError(source, "stage.rewards", f"names {len(stage.rewards)} rewards; DPO pairs are judged by one.",
+                          "Name one reward, or none to judge by the task's first metric.")
+    for name in stage.rewards:
+        if name not in REWARDS and ":" not in str(name) and "." not in str(name):
+            hint = difflib.get_close_matches(str(name), list(REWARDS), n=1)
+            raise RecipeError(source, "stage.rewards", f"'{name}' is not a reward.",
+                              (f"Did you mean '{hint[0]}'? " if hint else "") +
+                              f"Rewards: {', '.join(REWARDS)}, or module:function for your own.")
     if stage.samples < 2:
         raise RecipeError(source, "stage.samples", f"{stage.samples} is too few to make pairs.", "Use 2 or more.")
 

@@ -1,7 +1,8 @@
 """Preference pairs for DPO, without people: the parent adapter's own answers, judged by the task's metric.
 
 For each training prompt (a seeded sample of `stage.prompts`), the parent samples `stage.samples` answers; the
-task's reward (`rewards.py`: for SQL, execution in the sandbox against the gold result) scores each. The chosen
+judge scores each: the stage's reward if it names one (`stage.rewards`), else the task's first metric that scores
+one answer (`rewards.py`: for SQL, execution in the sandbox against the gold result; for review, ruff). The chosen
 answer is a sample that scored full marks — an execution-verified answer — or, when none did, the reference
 itself (correct by construction); the rejected answer is the lowest-scoring sample. Prompts whose samples all
 scored full marks teach nothing and are skipped. A recipe may instead give its own rows in TRL's preference
@@ -141,8 +142,11 @@ def judged_pairs(recipe: Any, batch: list[dict], model: Any, tokenizer: Any, jud
 
 
 def judge_name(recipe: Any) -> str:
-    """The reward that judges pairs: the task's first metric that scores one answer (exact match otherwise)."""
+    """The reward that judges pairs: the stage's own (`stage.rewards`), else the task's first metric that scores one
+    answer (exact match otherwise)."""
     from tunebook.rewards import REWARDS
 
+    if recipe.stage.rewards:
+        return recipe.stage.rewards[0]
     return next((m for m in recipe.eval.metrics if m in REWARDS), "exact_match")
 

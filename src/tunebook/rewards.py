@@ -56,14 +56,26 @@ def json_match(prompts: list[Any], completions: list[Any], reference: list[str],
 def code_fixed(prompts: list[Any], completions: list[Any], reference: list[str], code: list[str], rule: list[str],
                **_: Any) -> list[float]:
     """1.0 when the answer's improved code fixes the row's ruff rule (as the `code_fixed` metric counts it)."""
+    return _review_check("code_fixed", completions, reference, code, rule)
+
+
+def fix_matches_reference(prompts: list[Any], completions: list[Any], reference: list[str], code: list[str],
+                          rule: list[str], **_: Any) -> list[float]:
+    """1.0 when the answer's improved code is the reference fix, formatting aside: stricter than `code_fixed`,
+    which also credits any edit that clears the rule, meaning kept or not."""
+    return _review_check("fix_matches_reference", completions, reference, code, rule)
+
+
+def _review_check(check: str, completions: list[Any], reference: list[str], code: list[str],
+                  rule: list[str]) -> list[float]:
     from tunebook.metrics import review_metrics
 
-    return [review_metrics([_text(c)], [r], [i], [ru])["code_fixed"] / 100
+    return [review_metrics([_text(c)], [r], [i], [ru])[check] / 100
             for c, r, i, ru in zip(completions, reference, code, rule, strict=True)]
 
 
 REWARDS: dict[str, Reward] = {"sql_execution": sql_execution, "exact_match": exact_match, "json_match": json_match,
-                              "code_fixed": code_fixed}
+                              "code_fixed": code_fixed, "fix_matches_reference": fix_matches_reference}
 
 
 def _text(completion: Any) -> str:
