@@ -119,7 +119,7 @@ class StageConfig:
     method: str = "sft"
     parent: str | None = None  # the recipe (name or path) whose adapter this stage starts from
     rewards: list[str] = field(default_factory=list)  # GRPO's rewards / DPO's pair judge: rewards.py names or module:function
-    # DPO: pairs made from the parent's own answers on training prompts, judged by the task's metric
+    # DPO: pairs made from the parent's own answers on training prompts, judged by stage.rewards or the task's metric
     samples: int = 4  # answers sampled per prompt
     temperature: float = 0.8
     prompts: int | None = 400  # training prompts to sample from (None: all)
