@@ -82,6 +82,38 @@ def test_dpo_pairs_are_judged_by_the_stages_reward_else_the_tasks_metric(parent,
         "fix_matches_reference"
 
 
+def test_changing_the_pairing_rule_rejudges_the_kept_samples_without_sampling_again(parent, tmp_path):
+    from tunebook.data import read_split
+    from tunebook.models import load_tokenizer
+    from tunebook.outputs import pairs_file, samples_file
+    from tunebook.pairs import pair_samples, preference_pairs
+    from tunebook.runs import identify, parent_adapter_dir
+
+    recipe = load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"samples": 2, "prompts": 4}))
+    tokenizer = load_tokenizer(str(parent_adapter_dir(recipe)))
+    rows = read_split(recipe.data.train)
+    preference_pairs(identify(recipe), rows, parent_adapter_dir(recipe), tokenizer)
+    kept = samples_file(recipe.name).read_text()
+    assert len(kept.splitlines()) == 5, "a key line, then each prompt's sampled answers"
+    on_policy = load_recipe(recipe.source, ["stage.chosen=sample"])
+    pairs, facts = preference_pairs(identify(on_policy), rows, parent_adapter_dir(on_policy), tokenizer)
+    assert samples_file(on_policy.name).read_text() == kept, "the same answers, judged again, not sampled again"
+    assert facts["chosen"] == "sample" and facts["chosen_reference"] == 0
+    assert json.loads(pairs_file(on_policy.name).read_text().splitlines()[0])["key"]
+
+    # The rule itself, on answers whose verdicts are known: a prompt with a right and a failing answer makes a pair
+    # either way; one with no right answer makes a pair only when the reference may be chosen.
+    gold = rows[0]["output"]
+    sampled = [{"row": 0, "answers": [gold, "SELECT nothing FROM nowhere"]},
+               {"row": 1, "answers": ["SELECT nothing FROM nowhere", "DROP TABLE pets"]},
+               {"row": 2, "answers": [rows[2]["output"]] * 2}]
+    both = pair_samples(recipe, rows, parent_adapter_dir(recipe), tokenizer, sampled)
+    assert [(p["chosen"], p["chosen_source"]) for p in both] == [(gold, "sample"), (rows[1]["output"], "reference")]
+    own = pair_samples(on_policy, rows, parent_adapter_dir(recipe), tokenizer, sampled)
+    assert [(p["chosen"], p["rejected"], p["rejected_score"]) for p in own] == [(gold, "SELECT nothing FROM nowhere",
+                                                                                0.0)]
+
+
 def render_prompt_of(recipe, row):
     from tunebook.models import load_tokenizer
     from tunebook.prompts import render_prompt

@@ -123,6 +123,9 @@ class StageConfig:
     samples: int = 4  # answers sampled per prompt
     temperature: float = 0.8
     prompts: int | None = 400  # training prompts to sample from (None: all)
+    # DPO: where a pair's chosen answer comes from: a full-marks sample, else the reference (`sample_or_reference`),
+    # or a full-marks sample only, so both answers of every pair are the parent's own (`sample`: on-policy pairs)
+    chosen: str = "sample_or_reference"
 
 
 @dataclass
@@ -356,6 +359,9 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     )
 
 
+CHOSEN_FROM = ("sample_or_reference", "sample")  # StageConfig.chosen
+
+
 def check_stage(stage: StageConfig, source: str) -> None:
     """A DPO/GRPO stage names its parent recipe and only rewards that exist (metric names or module:function):
     GRPO at least one, DPO at most one (the judge of its pairs)."""
@@ -383,6 +389,9 @@ def check_stage(stage: StageConfig, source: str) -> None:
                               f"Rewards: {', '.join(REWARDS)}, or module:function for your own.")
     if stage.samples < 2:
         raise RecipeError(source, "stage.samples", f"{stage.samples} is too few to make pairs.", "Use 2 or more.")
+    if stage.chosen not in CHOSEN_FROM:
+        raise RecipeError(source, "stage.chosen", f"'{stage.chosen}' is not a source of chosen answers.",
+                          f"Use one of: {', '.join(CHOSEN_FROM)}.")
 
 
 # ---------------------------------------------------------------- checks

@@ -83,6 +83,11 @@ def pairs_file(run_name: str) -> Path:
     return MODELS_DIR / "pairs" / f"{run_name}.jsonl"
 
 
+def samples_file(run_name: str) -> Path:
+    """The parent's sampled answers a DPO stage judged into pairs (pairs.py), kept to re-judge without sampling."""
+    return MODELS_DIR / "pairs" / f"{run_name}.samples.jsonl"
+
+
 def eval_journal(report_name: str, kind: str) -> Path:
     """The answers an eval pass has generated so far (journal.py), until its report is written."""
     return REPORTS_DIR / ".journal" / report_name / f"{kind}.jsonl"

@@ -4,16 +4,19 @@ For each training prompt (a seeded sample of `stage.prompts`), the parent sample
 judge scores each: the stage's reward if it names one (`stage.rewards`), else the task's first metric that scores
 one answer (`rewards.py`: for SQL, execution in the sandbox against the gold result; for review, ruff). The chosen
 answer is a sample that scored full marks — an execution-verified answer — or, when none did, the reference
-itself (correct by construction); the rejected answer is the lowest-scoring sample. Prompts whose samples all
+itself (correct by construction; `stage.chosen: sample` skips such prompts instead, so that both answers of
+every pair are the parent's own: on-policy pairs); the rejected answer is the lowest-scoring sample. Prompts whose samples all
 scored full marks teach nothing and are skipped. A recipe may instead give its own rows in TRL's preference
 format (`prompt`/`chosen`/`rejected`, plain text or conversational), used as they are.
 
-Pairs are written to models/pairs/<run>.jsonl (with each answer's score) and reused while the parent adapter
-and the stage's settings are unchanged.
+The sampled answers are kept in models/pairs/<run>.samples.jsonl and reused while the parent adapter and the
+sampling settings are unchanged; the pairs, with each answer's score, in models/pairs/<run>.jsonl, remade from the
+kept answers when only the judge or `stage.chosen` changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -49,32 +52,38 @@ def preference_pairs(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -
                                                                                "pairs": len(rows)}
     path = outputs.pairs_file(run.name)
     key = pairs_key(recipe, parent)
-    cached = read_pairs(path, key)
+    cached = read_cached(path, key)
     if cached is None:
-        cached = make_pairs(recipe, rows, parent, tokenizer)
-        outputs.write_text_atomic(path, "\n".join([json.dumps({"key": key}),
-                                                   *(json.dumps(p, ensure_ascii=False) for p in cached)]) + "\n")
-    facts = {"source": str(path), "pairs": len(cached),
-             "chosen_from_samples": sum(p["chosen_score"] == 1.0 and p["chosen_source"] == "sample" for p in cached),
+        cached = pair_samples(recipe, rows, parent, tokenizer, sampled_answers(run, rows, parent, tokenizer))
+        write_cached(path, key, cached)
+    facts = {"source": str(path), "pairs": len(cached), "judge": judge_name(recipe), "chosen": recipe.stage.chosen,
+             "chosen_from_samples": sum(p["chosen_source"] == "sample" for p in cached),
              "chosen_reference": sum(p["chosen_source"] == "reference" for p in cached)}
     return [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in cached], facts
 
 
 def pairs_key(recipe: Any, parent: Path) -> str:
-    """What the pairs depend on: the parent's weights, the sampling settings, the data and the prompt; not the DPO
-    trainer's settings, so a new `dpo.max_steps` or learning rate reuses them."""
-    import dataclasses
-
-    from tunebook.outputs import ADAPTER_WEIGHTS
-
-    facts = {"parent": hashlib.sha256((parent / ADAPTER_WEIGHTS).read_bytes()).hexdigest(),
-             "stage": dataclasses.asdict(recipe.stage), "data": dataclasses.asdict(recipe.data),
-             "model": recipe.model.name, "max_new_tokens": recipe.eval.max_new_tokens,
-             "metrics": recipe.eval.metrics, "seed": recipe.seed}
+    """What the pairs depend on: the samples (`samples_key`), the judge and the pairing rule; not the DPO trainer's
+    settings, so a new `dpo.max_steps` or learning rate reuses them."""
+    facts = {"samples": samples_key(recipe, parent), "stage": dataclasses.asdict(recipe.stage),
+             "metrics": recipe.eval.metrics}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def read_pairs(path: Path, key: str) -> list[dict] | None:
+def samples_key(recipe: Any, parent: Path) -> str:
+    """What the sampled answers depend on: the parent's weights, the sampling settings, the data, the prompt and the
+    seed; not the judge or the pairing rule, so changing those re-judges the same answers without sampling again."""
+    from tunebook.outputs import ADAPTER_WEIGHTS
+
+    stage = recipe.stage
+    facts = {"parent": hashlib.sha256((parent / ADAPTER_WEIGHTS).read_bytes()).hexdigest(),
+             "sampling": [stage.samples, stage.temperature, stage.prompts], "data": dataclasses.asdict(recipe.data),
+             "model": recipe.model.name, "max_new_tokens": recipe.eval.max_new_tokens, "seed": recipe.seed}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_cached(path: Path, key: str) -> list[dict] | None:
+    """The rows of a keyed JSONL file (first line: its key), or None when absent or made from other inputs."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
@@ -84,60 +93,74 @@ def read_pairs(path: Path, key: str) -> list[dict] | None:
     return [json.loads(line) for line in lines[1:] if line.strip()]
 
 
+def write_cached(path: Path, key: str, rows: list[dict]) -> None:
+    outputs.write_text_atomic(path, "\n".join([json.dumps({"key": key}),
+                                               *(json.dumps(r, ensure_ascii=False) for r in rows)]) + "\n")
+
+
 PROMPTS_PER_BATCH = 16  # x stage.samples sequences per generate call; 16 beat 8 by ~12% per prompt (2-core Xeon)
 
 
-def make_pairs(recipe: Any, rows: list[dict], parent: Path, tokenizer: Any) -> list[dict]:
-    """Sample, judge and pair (see the module docstring). Only full-marks answers are ever chosen."""
+def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -> list[dict]:
+    """`stage.samples` answers of the parent to each of `stage.prompts` training prompts (a seeded choice), as
+    {"row": index into rows, "answers": [...]}; kept in models/pairs/<run>.samples.jsonl and reused."""
     from tunebook.evaluate import load_pass_model
+    from tunebook.generation import decode_answers, sample_batch
     from tunebook.progress import progress_bar, rate_updater
-    from tunebook.rewards import load_reward
 
-    judge = load_reward(judge_name(recipe), recipe.source)
-    chosen_rows = random.Random(recipe.seed).sample(rows, min(len(rows), recipe.stage.prompts or len(rows)))
+    recipe = run.recipe
+    path, key = outputs.samples_file(run.name), samples_key(recipe, parent)
+    cached = read_cached(path, key)
+    if cached is not None:
+        print(f"samples: reusing {len(cached)} prompts' answers from {path}")
+        return cached
+    indices = random.Random(recipe.seed).sample(range(len(rows)), min(len(rows), recipe.stage.prompts or len(rows)))
     model = load_pass_model(recipe, ["fine_tuned"], parent)
     if recipe.model.quantization == "none":
         model.merge_adapter()  # sampling with the adapter folded in skips two small matmuls per LoRA layer and token
     tokenizer.padding_side = "left"
     # Batches of similar length pad little: one long schema in a batch would make every row pay for it.
-    lengths = [len(render_prompt(tokenizer, r, recipe.data.system_prompt)) for r in chosen_rows]
-    chosen_rows = [chosen_rows[i] for i in sorted(range(len(chosen_rows)), key=lengths.__getitem__)]
-    pairs = []
+    lengths = {i: len(render_prompt(tokenizer, rows[i], recipe.data.system_prompt)) for i in indices}
+    indices.sort(key=lengths.__getitem__)
+    sampled = []
     label = f"sampling {recipe.stage.samples} answers per prompt"
     with progress_bar(label) as bar:
-        advance = rate_updater(bar, bar.add_task(label, total=len(chosen_rows), rate=""), time.perf_counter())
-        for start in range(0, len(chosen_rows), PROMPTS_PER_BATCH):
-            batch = chosen_rows[start:start + PROMPTS_PER_BATCH]
-            pairs += judged_pairs(recipe, batch, model, tokenizer, judge, start)
+        advance = rate_updater(bar, bar.add_task(label, total=len(indices), rate=""), time.perf_counter())
+        for start in range(0, len(indices), PROMPTS_PER_BATCH):
+            batch = indices[start:start + PROMPTS_PER_BATCH]
+            samples = sample_batch(model, tokenizer, [rows[i] for i in batch], recipe.data.system_prompt,
+                                   recipe.eval.max_new_tokens, recipe.stage.samples, recipe.stage.temperature,
+                                   seed=recipe.seed + start)
+            sampled += [{"row": i, "answers": decode_answers(tokenizer, ids)}
+                        for i, ids in zip(batch, samples, strict=True)]
             advance(len(batch))
-    chosen = sum(p["chosen_source"] == "sample" for p in pairs)
-    print(f"pairs: {len(pairs)} from {len(chosen_rows)} prompts ({chosen} chosen answers sampled, "
-          f"{len(pairs) - chosen} the reference; prompts whose samples were all right make none)")
-    return pairs
+    write_cached(path, key, sampled)
+    return sampled
 
 
-def judged_pairs(recipe: Any, batch: list[dict], model: Any, tokenizer: Any, judge: Any, start: int) -> list[dict]:
-    """One batch of prompts: sample, judge, pair the best full-marks answer (else the reference) with the worst."""
-    from tunebook.generation import decode_answers, sample_batch
-    from tunebook.rewards import reward_columns
+def pair_samples(recipe: Any, rows: list[dict], parent: Path, tokenizer: Any, sampled: list[dict]) -> list[dict]:
+    """Judge each prompt's answers and pair the best full-marks one (else, with `stage.chosen: sample_or_reference`,
+    the reference) with the worst. Only full-marks answers are ever chosen."""
+    from tunebook.rewards import load_reward, reward_columns
 
-    data_file = Path(recipe.data.train)
-    system = recipe.data.system_prompt
+    judge = load_reward(judge_name(recipe), recipe.source)
+    data_file, system = Path(recipe.data.train), recipe.data.system_prompt
     pairs = []
-    samples = sample_batch(model, tokenizer, batch, system, recipe.eval.max_new_tokens, recipe.stage.samples,
-                           recipe.stage.temperature, seed=recipe.seed + start)
-    for row, ids in zip(batch, samples, strict=True):
-        answers = decode_answers(tokenizer, ids)
+    for item in sampled:
+        row, answers = rows[item["row"]], item["answers"]
         columns = reward_columns(row, data_file)
         scores = judge([None] * len(answers), answers, **{k: [v] * len(answers) for k, v in columns.items()})
         best, worst = max(range(len(answers)), key=scores.__getitem__), min(range(len(answers)), key=scores.__getitem__)
-        if scores[worst] == 1.0:
-            continue  # every sample already right: nothing to prefer
         from_sample = scores[best] == 1.0
+        if scores[worst] == 1.0 or not (from_sample or recipe.stage.chosen == "sample_or_reference"):
+            continue  # every sample already right (nothing to prefer), or no right sample to choose
         pairs.append({"prompt": render_prompt(tokenizer, row, system),
                       "chosen": answers[best] if from_sample else reference_answer(row),
                       "rejected": answers[worst], "chosen_score": 1.0, "rejected_score": scores[worst],
                       "chosen_source": "sample" if from_sample else "reference"})
+    chosen = sum(p["chosen_source"] == "sample" for p in pairs)
+    print(f"pairs: {len(pairs)} from {len(sampled)} prompts ({chosen} chosen answers sampled, "
+          f"{len(pairs) - chosen} the reference; prompts whose samples were all right make none)")
     return pairs
 
 
