@@ -114,6 +114,19 @@ def test_changing_the_pairing_rule_rejudges_the_kept_samples_without_sampling_ag
                                                                                 0.0)]
 
 
+def test_nearest_length_pairs_the_right_answer_with_the_wrong_one_of_its_length(parent):
+    from tunebook.models import load_tokenizer
+    from tunebook.pairs import pick_pair
+    from tunebook.runs import parent_adapter_dir
+
+    tokenizer = load_tokenizer(str(parent_adapter_dir(parent)))
+    right = ["SELECT name FROM pets GROUP BY kind"]
+    wrong = [(0.0, "SELECT nme FROM pets AS T1 JOIN owners AS T2 ON T1.owner = T2.id WHERE T2.age > 30"),
+             (0.0, "SELECT nme FROM pets GROUP BY kind"), (0.4, "SELECT name FROM pets")]
+    assert pick_pair(right, wrong, "worst", tokenizer) == (right[0], wrong[0][1], 0.0)
+    assert pick_pair(right, wrong, "nearest_length", tokenizer) == (right[0], "SELECT nme FROM pets GROUP BY kind", 0.0)
+
+
 def render_prompt_of(recipe, row):
     from tunebook.models import load_tokenizer
     from tunebook.prompts import render_prompt

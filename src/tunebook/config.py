@@ -126,6 +126,9 @@ class StageConfig:
     # DPO: where a pair's chosen answer comes from: a full-marks sample, else the reference (`sample_or_reference`),
     # or a full-marks sample only, so both answers of every pair are the parent's own (`sample`: on-policy pairs)
     chosen: str = "sample_or_reference"
+    # DPO: which answer is rejected: the lowest-scoring sample (`worst`), or the one of the samples not at full marks
+    # whose length is nearest the chosen answer's (`nearest_length`), so that length does not tell the pair apart
+    rejected: str = "worst"
 
 
 @dataclass
@@ -360,6 +363,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
 
 
 CHOSEN_FROM = ("sample_or_reference", "sample")  # StageConfig.chosen
+REJECTED_BY = ("worst", "nearest_length")  # StageConfig.rejected
 
 
 def check_stage(stage: StageConfig, source: str) -> None:
@@ -392,6 +396,9 @@ def check_stage(stage: StageConfig, source: str) -> None:
     if stage.chosen not in CHOSEN_FROM:
         raise RecipeError(source, "stage.chosen", f"'{stage.chosen}' is not a source of chosen answers.",
                           f"Use one of: {', '.join(CHOSEN_FROM)}.")
+    if stage.rejected not in REJECTED_BY:
+        raise RecipeError(source, "stage.rejected", f"'{stage.rejected}' is not a way to pick the rejected answer.",
+                          f"Use one of: {', '.join(REJECTED_BY)}.")
 
 
 # ---------------------------------------------------------------- checks

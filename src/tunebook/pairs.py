@@ -150,18 +150,32 @@ def pair_samples(recipe: Any, rows: list[dict], parent: Path, tokenizer: Any, sa
         row, answers = rows[item["row"]], item["answers"]
         columns = reward_columns(row, data_file)
         scores = judge([None] * len(answers), answers, **{k: [v] * len(answers) for k, v in columns.items()})
-        best, worst = max(range(len(answers)), key=scores.__getitem__), min(range(len(answers)), key=scores.__getitem__)
-        from_sample = scores[best] == 1.0
-        if scores[worst] == 1.0 or not (from_sample or recipe.stage.chosen == "sample_or_reference"):
+        right = [a for a, s in zip(answers, scores, strict=True) if s == 1.0]
+        wrong = sorted(((s, a) for a, s in zip(answers, scores, strict=True) if s < 1.0), key=lambda w: w[0])
+        if not wrong or not (right or recipe.stage.chosen == "sample_or_reference"):
             continue  # every sample already right (nothing to prefer), or no right sample to choose
-        pairs.append({"prompt": render_prompt(tokenizer, row, system),
-                      "chosen": answers[best] if from_sample else reference_answer(row),
-                      "rejected": answers[worst], "chosen_score": 1.0, "rejected_score": scores[worst],
-                      "chosen_source": "sample" if from_sample else "reference"})
+        chosen, rejected, score = pick_pair(right or [reference_answer(row)], wrong, recipe.stage.rejected, tokenizer)
+        pairs.append({"prompt": render_prompt(tokenizer, row, system), "chosen": chosen, "rejected": rejected,
+                      "chosen_score": 1.0, "rejected_score": score,
+                      "chosen_source": "sample" if right else "reference"})
     chosen = sum(p["chosen_source"] == "sample" for p in pairs)
     print(f"pairs: {len(pairs)} from {len(sampled)} prompts ({chosen} chosen answers sampled, "
           f"{len(pairs) - chosen} the reference; prompts whose samples were all right make none)")
     return pairs
+
+
+def pick_pair(right: list[str], wrong: list[tuple[float, str]], rule: str, tokenizer: Any) -> tuple[str, str, float]:
+    """(chosen, rejected, rejected's score) from full-marks answers and (score, answer) of the others, lowest first:
+    the first right answer and the worst wrong one, or (`nearest_length`) the right and wrong answers nearest in
+    tokens, the lower score on a tie. Pairs whose chosen answer is mostly the shorter teach DPO that short is right:
+    measured on SQL, on-policy pairs picked by `worst` had the shorter answer chosen in 109 of 168, and the model
+    learned to drop GROUP BY, LIMIT and aggregates."""
+    if rule == "worst":
+        return right[0], wrong[0][1], wrong[0][0]
+    length = {a: len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in {*right, *(a for _, a in wrong)}}
+    _, _, chosen, (score, rejected) = min((abs(length[c] - length[w[1]]), i, c, w)
+                                                for c in right for i, w in enumerate(wrong))
+    return chosen, rejected, score
 
 
 def judge_name(recipe: Any) -> str:
