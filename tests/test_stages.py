@@ -116,10 +116,10 @@ def test_changing_the_pairing_rule_rejudges_the_kept_samples_without_sampling_ag
 
 def test_nearest_length_pairs_the_right_answer_with_the_wrong_one_of_its_length(parent):
     from tunebook.models import load_tokenizer
+    from tunebook.outputs import fine_tuned_dir
     from tunebook.pairs import pick_pair
-    from tunebook.runs import parent_adapter_dir
 
-    tokenizer = load_tokenizer(str(parent_adapter_dir(parent)))
+    tokenizer = load_tokenizer(str(fine_tuned_dir(parent.name)))
     right = ["SELECT name FROM pets GROUP BY kind"]
     wrong = [(0.0, "SELECT nme FROM pets AS T1 JOIN owners AS T2 ON T1.owner = T2.id WHERE T2.age > 30"),
              (0.0, "SELECT nme FROM pets GROUP BY kind"), (0.4, "SELECT name FROM pets")]
@@ -213,6 +213,10 @@ def test_bad_stages_and_preference_rows_are_named_before_any_model_loads(parent,
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rewards": ["code_fix"]}))
     with pytest.raises(RecipeError, match="stage.rewards: names 2 rewards; DPO pairs are judged by one"):
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rewards": ["exact_match", "sql_execution"]}))
+    with pytest.raises(RecipeError, match="stage.chosen: 'samples' is not a source of chosen answers. Use one of"):
+        load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"chosen": "samples"}))
+    with pytest.raises(RecipeError, match="stage.rejected: 'shortest' is not a way to pick the rejected answer"):
+        load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rejected": "shortest"}))
     with pytest.raises(RecipeError, match="stage.parent: a dpo stage starts from another recipe's adapter"):
         load_recipe(write_recipe(tmp_path / "x.yaml", model={"name": "smollm2-135m-instruct"}, task="sql",
                                  data={"train": "a", "val": "b", "test": "c"}, stage={"method": "dpo"}, dpo={}))
