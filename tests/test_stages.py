@@ -107,9 +107,9 @@ def test_changing_the_pairing_rule_rejudges_the_kept_samples_without_sampling_ag
     sampled = [{"row": 0, "answers": [gold, "SELECT nothing FROM nowhere"]},
                {"row": 1, "answers": ["SELECT nothing FROM nowhere", "DROP TABLE pets"]},
                {"row": 2, "answers": [rows[2]["output"]] * 2}]
-    both = pair_samples(recipe, rows, parent_adapter_dir(recipe), tokenizer, sampled)
+    both = pair_samples(recipe, rows, tokenizer, sampled)
     assert [(p["chosen"], p["chosen_source"]) for p in both] == [(gold, "sample"), (rows[1]["output"], "reference")]
-    own = pair_samples(on_policy, rows, parent_adapter_dir(recipe), tokenizer, sampled)
+    own = pair_samples(on_policy, rows, tokenizer, sampled)
     assert [(p["chosen"], p["rejected"], p["rejected_score"]) for p in own] == [(gold, "SELECT nothing FROM nowhere",
                                                                                 0.0)]
 

@@ -5,13 +5,14 @@ judge scores each: the stage's reward if it names one (`stage.rewards`), else th
 one answer (`rewards.py`: for SQL, execution in the sandbox against the gold result; for review, ruff). The chosen
 answer is a sample that scored full marks — an execution-verified answer — or, when none did, the reference
 itself (correct by construction; `stage.chosen: sample` skips such prompts instead, so that both answers of
-every pair are the parent's own: on-policy pairs); the rejected answer is the lowest-scoring sample. Prompts whose samples all
-scored full marks teach nothing and are skipped. A recipe may instead give its own rows in TRL's preference
-format (`prompt`/`chosen`/`rejected`, plain text or conversational), used as they are.
+every pair are the parent's own: on-policy pairs); the rejected answer is the lowest-scoring sample (or, with
+`stage.rejected: nearest_length`, the wrong one nearest the chosen in length). Prompts whose samples all scored
+full marks teach nothing and are skipped. A recipe may instead give its own rows in TRL's preference format
+(`prompt`/`chosen`/`rejected`, plain text or conversational), used as they are.
 
 The sampled answers are kept in models/pairs/<run>.samples.jsonl and reused while the parent adapter and the
 sampling settings are unchanged; the pairs, with each answer's score, in models/pairs/<run>.jsonl, remade from the
-kept answers when only the judge or `stage.chosen` changed.
+kept answers when only the judge or the pairing rule (`stage.chosen`, `stage.rejected`) changed.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def preference_pairs(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -
     key = pairs_key(recipe, parent)
     cached = read_cached(path, key)
     if cached is None:
-        cached = pair_samples(recipe, rows, parent, tokenizer, sampled_answers(run, rows, parent, tokenizer))
+        cached = pair_samples(recipe, rows, tokenizer, sampled_answers(run, rows, parent, tokenizer))
         write_cached(path, key, cached)
     facts = {"source": str(path), "pairs": len(cached), "judge": judge_name(recipe), "chosen": recipe.stage.chosen,
              "chosen_from_samples": sum(p["chosen_source"] == "sample" for p in cached),
@@ -138,7 +139,7 @@ def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any) ->
     return sampled
 
 
-def pair_samples(recipe: Any, rows: list[dict], parent: Path, tokenizer: Any, sampled: list[dict]) -> list[dict]:
+def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[dict]) -> list[dict]:
     """Judge each prompt's answers and pair the best full-marks one (else, with `stage.chosen: sample_or_reference`,
     the reference) with the worst. Only full-marks answers are ever chosen."""
     from tunebook.rewards import load_reward, reward_columns
