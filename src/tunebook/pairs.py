@@ -141,7 +141,8 @@ def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any) ->
 
 def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[dict]) -> list[dict]:
     """Judge each prompt's answers and pair the best full-marks one (else, with `stage.chosen: sample_or_reference`,
-    the reference) with the worst. Only full-marks answers are ever chosen."""
+    the reference) with a wrong one picked by `stage.rejected` (`pick_pair`). Only full-marks answers are ever
+    chosen."""
     from tunebook.rewards import load_reward, reward_columns
 
     judge = load_reward(judge_name(recipe), recipe.source)
