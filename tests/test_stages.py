@@ -117,14 +117,25 @@ def test_changing_the_pairing_rule_rejudges_the_kept_samples_without_sampling_ag
 def test_nearest_length_pairs_the_right_answer_with_the_wrong_one_of_its_length(parent):
     from tunebook.models import load_tokenizer
     from tunebook.outputs import fine_tuned_dir
-    from tunebook.pairs import pick_pair
+    from tunebook.pairs import pick_pairs
 
     tokenizer = load_tokenizer(str(fine_tuned_dir(parent.name)))
     right = ["SELECT name FROM pets GROUP BY kind"]
     wrong = [(0.0, "SELECT nme FROM pets AS T1 JOIN owners AS T2 ON T1.owner = T2.id WHERE T2.age > 30"),
              (0.0, "SELECT nme FROM pets GROUP BY kind"), (0.4, "SELECT name FROM pets")]
-    assert pick_pair(right, wrong, "worst", tokenizer) == (right[0], wrong[0][1], 0.0)
-    assert pick_pair(right, wrong, "nearest_length", tokenizer) == (right[0], "SELECT nme FROM pets GROUP BY kind", 0.0)
+    assert pick_pairs(right, wrong, "worst", tokenizer) == [(right[0], wrong[0][1], 0.0)]
+    assert pick_pairs(right, wrong, "nearest_length", tokenizer) == [(right[0], "SELECT nme FROM pets GROUP BY kind",
+                                                                      0.0)]
+
+    # Several pairs per prompt: each distinct wrong answer rejected once, beside the right answer nearest its length.
+    long_right = "SELECT T1.name FROM pets AS T1 JOIN owners AS T2 ON T1.owner = T2.id WHERE T2.age > 30"
+    pairs = pick_pairs([right[0], right[0], long_right], wrong + [wrong[1]], "nearest_length", tokenizer, n=2)
+    assert pairs == [(right[0], wrong[1][1], 0.0), (long_right, wrong[0][1], 0.0)]
+    pairs = pick_pairs([right[0], right[0]], wrong + [wrong[1]], "nearest_length", tokenizer, n=5)
+    assert [p[1] for p in pairs] == [wrong[1][1], wrong[2][1], wrong[0][1]] and {p[0] for p in pairs} == {right[0]}
+    assert pick_pairs([right[0], long_right], wrong, "worst", tokenizer, n=3) == [(right[0], wrong[0][1], 0.0),
+                                                                                  (long_right, wrong[1][1], 0.0),
+                                                                                  (right[0], wrong[2][1], 0.4)]
 
 
 def render_prompt_of(recipe, row):
@@ -215,6 +226,8 @@ def test_bad_stages_and_preference_rows_are_named_before_any_model_loads(parent,
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rewards": ["exact_match", "sql_execution"]}))
     with pytest.raises(RecipeError, match="stage.chosen: 'samples' is not a source of chosen answers. Use one of"):
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"chosen": "samples"}))
+    with pytest.raises(RecipeError, match="stage.pairs_per_prompt: 0 makes no pairs. Use 1 or more"):
+        load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"pairs_per_prompt": 0, "samples": 4}))
     with pytest.raises(RecipeError, match="stage.rejected: 'shortest' is not a way to pick the rejected answer"):
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rejected": "shortest"}))
     with pytest.raises(RecipeError, match="stage.parent: a dpo stage starts from another recipe's adapter"):

@@ -129,6 +129,8 @@ class StageConfig:
     # DPO: which answer is rejected: the lowest-scoring sample (`worst`), or the one of the samples not at full marks
     # whose length is nearest the chosen answer's (`nearest_length`), so that length does not tell the pair apart
     rejected: str = "worst"
+    # DPO: pairs per prompt, each rejecting another distinct wrong answer: more pairs from the same samples
+    pairs_per_prompt: int = 1
 
 
 @dataclass
@@ -399,6 +401,9 @@ def check_stage(stage: StageConfig, source: str) -> None:
     if stage.rejected not in REJECTED_BY:
         raise RecipeError(source, "stage.rejected", f"'{stage.rejected}' is not a way to pick the rejected answer.",
                           f"Use one of: {', '.join(REJECTED_BY)}.")
+    if stage.pairs_per_prompt < 1:
+        raise RecipeError(source, "stage.pairs_per_prompt", f"{stage.pairs_per_prompt} makes no pairs.",
+                          "Use 1 or more: each pair of a prompt rejects another of its wrong answers.")
 
 
 # ---------------------------------------------------------------- checks

@@ -6,7 +6,8 @@ one answer (`rewards.py`: for SQL, execution in the sandbox against the gold res
 answer is a sample that scored full marks — an execution-verified answer — or, when none did, the reference
 itself (correct by construction; `stage.chosen: sample` skips such prompts instead, so that both answers of
 every pair are the parent's own: on-policy pairs); the rejected answer is the lowest-scoring sample (or, with
-`stage.rejected: nearest_length`, the wrong one nearest the chosen in length). Prompts whose samples all scored
+`stage.rejected: nearest_length`, the wrong one nearest the chosen in length); `stage.pairs_per_prompt` makes up to
+that many pairs of a prompt, each with another of its distinct wrong answers. Prompts whose samples all scored
 full marks teach nothing and are skipped. A recipe may instead give its own rows in TRL's preference format
 (`prompt`/`chosen`/`rejected`, plain text or conversational), used as they are.
 
@@ -140,14 +141,14 @@ def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any) ->
 
 
 def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[dict]) -> list[dict]:
-    """Judge each prompt's answers and pair the best full-marks one (else, with `stage.chosen: sample_or_reference`,
-    the reference) with a wrong one picked by `stage.rejected` (`pick_pair`). Only full-marks answers are ever
-    chosen."""
+    """Judge each prompt's answers and pair full-marks ones (else, with `stage.chosen: sample_or_reference`, the
+    reference) with wrong ones picked by `stage.rejected`, up to `stage.pairs_per_prompt` pairs per prompt
+    (`pick_pairs`). Only full-marks answers are ever chosen."""
     from tunebook.rewards import load_reward, reward_columns
 
     judge = load_reward(judge_name(recipe), recipe.source)
     data_file, system = Path(recipe.data.train), recipe.data.system_prompt
-    pairs = []
+    pairs, prompts = [], 0
     for item in sampled:
         row, answers = rows[item["row"]], item["answers"]
         columns = reward_columns(row, data_file)
@@ -156,28 +157,37 @@ def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[di
         wrong = sorted(((s, a) for a, s in zip(answers, scores, strict=True) if s < 1.0), key=lambda w: w[0])
         if not wrong or not (right or recipe.stage.chosen == "sample_or_reference"):
             continue  # every sample already right (nothing to prefer), or no right sample to choose
-        chosen, rejected, score = pick_pair(right or [reference_answer(row)], wrong, recipe.stage.rejected, tokenizer)
-        pairs.append({"prompt": render_prompt(tokenizer, row, system), "chosen": chosen, "rejected": rejected,
-                      "chosen_score": 1.0, "rejected_score": score,
-                      "chosen_source": "sample" if right else "reference"})
+        prompt, prompts = render_prompt(tokenizer, row, system), prompts + 1
+        for chosen, rejected, score in pick_pairs(right or [reference_answer(row)], wrong, recipe.stage.rejected,
+                                                  tokenizer, recipe.stage.pairs_per_prompt):
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_score": 1.0,
+                          "rejected_score": score, "chosen_source": "sample" if right else "reference"})
     chosen = sum(p["chosen_source"] == "sample" for p in pairs)
-    print(f"pairs: {len(pairs)} from {len(sampled)} prompts ({chosen} chosen answers sampled, "
+    print(f"pairs: {len(pairs)} from {prompts} of {len(sampled)} prompts ({chosen} chosen answers sampled, "
           f"{len(pairs) - chosen} the reference; prompts whose samples were all right make none)")
     return pairs
 
 
-def pick_pair(right: list[str], wrong: list[tuple[float, str]], rule: str, tokenizer: Any) -> tuple[str, str, float]:
-    """(chosen, rejected, rejected's score) from full-marks answers and (score, answer) of the others, lowest first:
-    the first right answer and the worst wrong one, or (`nearest_length`) the right and wrong answers nearest in
-    tokens, the lower score on a tie. Pairs whose chosen answer is mostly the shorter teach DPO that short is right:
-    measured on SQL, on-policy pairs picked by `worst` had the shorter answer chosen in 109 of 168, and the model
-    learned to drop GROUP BY, LIMIT and aggregates."""
+def pick_pairs(right: list[str], wrong: list[tuple[float, str]], rule: str, tokenizer: Any,
+               n: int = 1) -> list[tuple[str, str, float]]:
+    """Up to `n` (chosen, rejected, rejected's score) from full-marks answers and (score, answer) of the others,
+    lowest first, each distinct wrong answer rejected once (a right answer may be chosen again: a prompt's right
+    answers are mostly one query, its wrong ones many): right answers in turn with the worst wrong ones, or
+    (`nearest_length`) the right and wrong answers nearest in tokens, the lower score on a tie. Pairs whose chosen
+    answer is mostly the shorter teach DPO that short is right: measured on SQL, on-policy pairs picked by `worst`
+    had the shorter answer chosen in 109 of 168, and the model learned to drop GROUP BY, LIMIT and aggregates."""
+    right = list(dict.fromkeys(right))
+    wrong = list(dict.fromkeys(wrong))  # an answer's score is the same each time it was sampled
     if rule == "worst":
-        return right[0], wrong[0][1], wrong[0][0]
+        return [(right[k % len(right)], answer, score) for k, (score, answer) in enumerate(wrong[:n])]
     length = {a: len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in {*right, *(a for _, a in wrong)}}
-    _, _, chosen, (score, rejected) = min((abs(length[c] - length[w[1]]), i, c, w)
-                                                for c in right for i, w in enumerate(wrong))
-    return chosen, rejected, score
+    pairs = []
+    while wrong and len(pairs) < n:
+        _, i, chosen, (score, rejected) = min((abs(length[c] - length[w[1]]), i, c, w)
+                                              for c in right for i, w in enumerate(wrong))
+        pairs.append((chosen, rejected, score))
+        del wrong[i]
+    return pairs
 
 
 def judge_name(recipe: Any) -> str:
