@@ -17,7 +17,7 @@ from tunebook.errors import RecipeError
 from tunebook.evaluate import evaluate, report_name
 from tunebook.outputs import fine_tuned_dir, log_file, report_dir
 from tunebook.runs import identify, run_lock
-from tunebook.train import train
+from tunebook.train import git_sha, train
 
 
 def test_override_runs_get_their_own_outputs_and_eval_finds_them_again(tiny_recipe, capsys):
@@ -165,3 +165,15 @@ def test_eval_without_perplexity_and_with_a_failing_metric_still_writes_its_repo
     report = json.loads((out / "report.json").read_text())
     assert report["notes"] == ["metric sql_execution could not be scored (RuntimeError: scorer exploded)"]
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2, "the answers were kept"
+
+
+def test_git_sha_names_the_code_that_runs_not_the_working_directory(tmp_path, monkeypatch):
+    code = Path(git_sha.__code__.co_filename).resolve().parent
+    head = subprocess.run(["git", "-C", str(code), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode:
+        pytest.skip("tunebook is not running from a git checkout")
+    other = tmp_path / "other-checkout"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=other, check=True)
+    monkeypatch.chdir(other)
+    assert git_sha().removesuffix("-dirty") == head.stdout.strip()

@@ -343,10 +343,17 @@ def peak_memory_mb(use_cuda: bool) -> float:
 
 
 def git_sha() -> str | None:
+    """The commit of the tunebook code that runs (asked where the package lives, not in the working directory,
+    which may be another checkout), with "-dirty" when that checkout has uncommitted changes; None outside git."""
+    here = str(Path(__file__).resolve().parent)
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+    return f"{sha}-dirty" if dirty else sha
 
 
 def versions() -> dict[str, str]:
