@@ -137,6 +137,19 @@ def test_nearest_length_pairs_the_right_answer_with_the_wrong_one_of_its_length(
                                                                                   (long_right, wrong[1][1], 0.0),
                                                                                   (right[0], wrong[2][1], 0.4)]
 
+    # No pair of answers further apart than max_gap tokens (SmolLM2's tokenizer: right 8 and 35 tokens, wrong 33,
+    # 9 and 4); a prompt may then make none.
+    size = {a: len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in [right[0], long_right,
+                                                                                  *(w[1] for w in wrong)]}
+    assert [size[a] for a in [right[0], long_right, *(w[1] for w in wrong)]] == [8, 35, 33, 9, 4]
+    assert pick_pairs(right, wrong, "worst", tokenizer, max_gap=4) == [(right[0], wrong[1][1], 0.0)]
+    assert pick_pairs(right, wrong, "worst", tokenizer, n=3, max_gap=4) == [(right[0], wrong[1][1], 0.0),
+                                                                            (right[0], wrong[2][1], 0.4)]
+    assert pick_pairs([right[0], long_right], wrong, "worst", tokenizer, n=3, max_gap=2) == [
+        (long_right, wrong[0][1], 0.0), (right[0], wrong[1][1], 0.0)]
+    assert pick_pairs(right, wrong[:1], "nearest_length", tokenizer, max_gap=4) == []
+    assert pick_pairs(right, wrong[:1], "nearest_length", tokenizer) == [(right[0], wrong[0][1], 0.0)]
+
 
 def render_prompt_of(recipe, row):
     from tunebook.models import load_tokenizer
@@ -228,6 +241,8 @@ def test_bad_stages_and_preference_rows_are_named_before_any_model_loads(parent,
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"chosen": "samples"}))
     with pytest.raises(RecipeError, match="stage.pairs_per_prompt: 0 makes no pairs. Use 1 or more"):
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"pairs_per_prompt": 0, "samples": 4}))
+    with pytest.raises(RecipeError, match="stage.max_length_gap: -1 is not a number of tokens"):
+        load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"max_length_gap": -1, "samples": 4}))
     with pytest.raises(RecipeError, match="stage.rejected: 'shortest' is not a way to pick the rejected answer"):
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"rejected": "shortest"}))
     with pytest.raises(RecipeError, match="stage.parent: a dpo stage starts from another recipe's adapter"):

@@ -131,6 +131,9 @@ class StageConfig:
     rejected: str = "worst"
     # DPO: pairs per prompt, each rejecting another distinct wrong answer: more pairs from the same samples
     pairs_per_prompt: int = 1
+    # DPO: no pair whose two answers differ by more than this many tokens (None: any gap). Where the wrong answers
+    # run longer than the right ones, the far-apart pairs teach that short is right (docs/stages.md)
+    max_length_gap: int | None = None
 
 
 @dataclass
@@ -404,6 +407,9 @@ def check_stage(stage: StageConfig, source: str) -> None:
     if stage.pairs_per_prompt < 1:
         raise RecipeError(source, "stage.pairs_per_prompt", f"{stage.pairs_per_prompt} makes no pairs.",
                           "Use 1 or more: each pair of a prompt rejects another of its wrong answers.")
+    if stage.max_length_gap is not None and (not isinstance(stage.max_length_gap, int) or stage.max_length_gap < 0):
+        raise RecipeError(source, "stage.max_length_gap", f"{stage.max_length_gap!r} is not a number of tokens.",
+                          "Use a whole number of 0 or more (0: only answers of the same length), or leave it out.")
 
 
 # ---------------------------------------------------------------- checks

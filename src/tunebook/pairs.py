@@ -7,7 +7,8 @@ answer is a sample that scored full marks — an execution-verified answer — o
 itself (correct by construction; `stage.chosen: sample` skips such prompts instead, so that both answers of
 every pair are the parent's own: on-policy pairs); the rejected answer is the lowest-scoring sample (or, with
 `stage.rejected: nearest_length`, the wrong one nearest the chosen in length); `stage.pairs_per_prompt` makes up to
-that many pairs of a prompt, each with another of its distinct wrong answers. Prompts whose samples all scored
+that many pairs of a prompt, each with another of its distinct wrong answers; `stage.max_length_gap` makes no pair
+whose answers differ by more than that many tokens. Prompts whose samples all scored
 full marks teach nothing and are skipped. A recipe may instead give its own rows in TRL's preference format
 (`prompt`/`chosen`/`rejected`, plain text or conversational), used as they are.
 
@@ -148,7 +149,7 @@ def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[di
 
     judge = load_reward(judge_name(recipe), recipe.source)
     data_file, system = Path(recipe.data.train), recipe.data.system_prompt
-    pairs, prompts = [], 0
+    pairs, prompts, too_far = [], 0, 0
     for item in sampled:
         row, answers = rows[item["row"]], item["answers"]
         columns = reward_columns(row, data_file)
@@ -157,34 +158,51 @@ def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[di
         wrong = sorted(((s, a) for a, s in zip(answers, scores, strict=True) if s < 1.0), key=lambda w: w[0])
         if not wrong or not (right or recipe.stage.chosen == "sample_or_reference"):
             continue  # every sample already right (nothing to prefer), or no right sample to choose
-        prompt, prompts = render_prompt(tokenizer, row, system), prompts + 1
-        for chosen, rejected, score in pick_pairs(right or [reference_answer(row)], wrong, recipe.stage.rejected,
-                                                  tokenizer, recipe.stage.pairs_per_prompt):
+        prompt = render_prompt(tokenizer, row, system)
+        picked = pick_pairs(right or [reference_answer(row)], wrong, recipe.stage.rejected, tokenizer,
+                            recipe.stage.pairs_per_prompt, recipe.stage.max_length_gap)
+        prompts, too_far = prompts + bool(picked), too_far + (not picked)
+        for chosen, rejected, score in picked:
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_score": 1.0,
                           "rejected_score": score, "chosen_source": "sample" if right else "reference"})
     chosen = sum(p["chosen_source"] == "sample" for p in pairs)
     print(f"pairs: {len(pairs)} from {prompts} of {len(sampled)} prompts ({chosen} chosen answers sampled, "
-          f"{len(pairs) - chosen} the reference; prompts whose samples were all right make none)")
+          f"{len(pairs) - chosen} the reference; prompts whose samples were all right make none"
+          + (f"; {too_far} more had none within stage.max_length_gap={recipe.stage.max_length_gap} tokens)"
+             if too_far else ")"))
     return pairs
 
 
 def pick_pairs(right: list[str], wrong: list[tuple[float, str]], rule: str, tokenizer: Any,
-               n: int = 1) -> list[tuple[str, str, float]]:
+               n: int = 1, max_gap: int | None = None) -> list[tuple[str, str, float]]:
     """Up to `n` (chosen, rejected, rejected's score) from full-marks answers and (score, answer) of the others,
     lowest first, each distinct wrong answer rejected once (a right answer may be chosen again: a prompt's right
     answers are mostly one query, its wrong ones many): right answers in turn with the worst wrong ones, or
-    (`nearest_length`) the right and wrong answers nearest in tokens, the lower score on a tie. Pairs whose chosen
-    answer is mostly the shorter teach DPO that short is right: measured on SQL, on-policy pairs picked by `worst`
-    had the shorter answer chosen in 109 of 168, and the model learned to drop GROUP BY, LIMIT and aggregates."""
+    (`nearest_length`) the right and wrong answers nearest in tokens, the lower score on a tie; never two answers
+    more than `max_gap` tokens apart. Pairs whose chosen answer is mostly the shorter teach DPO that short is right:
+    measured on SQL, on-policy pairs picked by `worst` had the shorter answer chosen in 109 of 168, and the model
+    learned to drop GROUP BY, LIMIT and aggregates."""
     right = list(dict.fromkeys(right))
     wrong = list(dict.fromkeys(wrong))  # an answer's score is the same each time it was sampled
-    if rule == "worst":
-        return [(right[k % len(right)], answer, score) for k, (score, answer) in enumerate(wrong[:n])]
     length = {a: len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in {*right, *(a for _, a in wrong)}}
-    pairs = []
-    while wrong and len(pairs) < n:
-        _, i, chosen, (score, rejected) = min((abs(length[c] - length[w[1]]), i, c, w)
-                                              for c in right for i, w in enumerate(wrong))
+
+    def close(chosen: str, rejected: str) -> bool:
+        return max_gap is None or abs(length[chosen] - length[rejected]) <= max_gap
+
+    pairs: list[tuple[str, str, float]] = []
+    if rule == "worst":
+        for score, answer in wrong:
+            turn = len(pairs) % len(right)
+            chosen = next((c for c in right[turn:] + right[:turn] if close(c, answer)), None)
+            if chosen is not None and len(pairs) < n:
+                pairs.append((chosen, answer, score))
+        return pairs
+    while len(pairs) < n:
+        candidates = [(abs(length[c] - length[w[1]]), i, c, w) for c in right for i, w in enumerate(wrong)
+                      if close(c, w[1])]
+        if not candidates:
+            break
+        _, i, chosen, (score, rejected) = min(candidates)
         pairs.append((chosen, rejected, score))
         del wrong[i]
     return pairs
