@@ -192,9 +192,11 @@ def pick_pairs(right: list[str], wrong: list[tuple[float, str]], rule: str, toke
     pairs: list[tuple[str, str, float]] = []
     if rule == "worst":
         for score, answer in wrong:
+            if len(pairs) == n:
+                break
             turn = len(pairs) % len(right)
             chosen = next((c for c in right[turn:] + right[:turn] if close(c, answer)), None)
-            if chosen is not None and len(pairs) < n:
+            if chosen is not None:
                 pairs.append((chosen, answer, score))
         return pairs
     while len(pairs) < n:
