@@ -124,7 +124,21 @@ def train(recipe: Recipe, force: bool = False, force_resume: bool = False) -> Pa
     report = validate_recipe(recipe)
     run = identify(recipe)
     with run_lock(run.name, f"train {run.command}"):
-        return train_run(run, report, force, force_resume)
+        out = train_run(run, report, force, force_resume)
+    leave_process_group()
+    return out
+
+
+def leave_process_group() -> None:
+    """Under `accelerate launch`: wait until every process is done (the main one writes the adapter), then close
+    the group. A process that exits with its gloo group open can abort at exit ("terminate called without an
+    active exception", pytorch/pytorch#190489): one two-process CPU run in about ten did. Only after a run that
+    succeeded: a process that failed must not wait in a barrier its peers never reach."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def train_run(run: Run, report: Any, force: bool, force_resume: bool) -> Path:
