@@ -178,3 +178,61 @@ def test_code_tokens_see_token_level_fixes_that_keep_the_ast():
     assert code_tokens(nested) != code_tokens(collapsed)  # PLR5501: same AST, different code
     assert code_tokens(collapsed) == code_tokens("if a:\n\n  x = 1\nelif b :\n  x=2\n")
     assert code_tokens("if a\n    pass\n") is None
+
+
+@pytest.mark.parametrize("answer", ["", "   ", ";", "```sql\n```", "-- I don't know", "/* no idea */"])
+def test_an_answer_with_no_query_is_a_failing_one_even_against_an_empty_gold_result(db, answer):
+    from tunebook.rewards import sql_execution
+
+    empty_gold = "SELECT name FROM pets WHERE species = 'horse'"
+    ok, error = execution_match(db, extract_sql(answer), empty_gold)
+    assert not ok and error is not None and error.startswith("not a query")
+    scores = sql_metrics([answer], [empty_gold], [db])
+    assert scores["exec_accuracy"] == 0 and scores["syntax_error"] == 100 and scores["sql_error_rate"] == 100
+    assert sql_execution(None, [answer], [empty_gold], [str(db)]) == [0.0]
+
+
+@pytest.mark.parametrize(("answer", "query"), [
+    ("```sqlite\nSELECT name FROM pets\n```", "SELECT name FROM pets"),
+    ("```SQL\nSELECT name FROM pets;\n```", "SELECT name FROM pets"),
+    ("```sql\nSELECT name FROM pets", "SELECT name FROM pets"),  # a fence the answer never closed
+    ("SELECT name FROM pets;\nThis lists every pet's name.", "SELECT name FROM pets"),
+    ("SELECT name FROM pets WHERE name = 'a;b'; -- done", "SELECT name FROM pets WHERE name = 'a;b'"),
+    (";; SELECT name FROM pets;", "SELECT name FROM pets"),
+    ("SELECT name FROM pets", "SELECT name FROM pets"),
+])
+def test_the_query_is_the_first_statement_of_the_first_fence(answer, query):
+    assert extract_sql(answer) == query
+
+
+def test_a_gold_query_with_a_trailing_comment_still_orders_its_rows(db):
+    gold = "SELECT name FROM pets ORDER BY age DESC, name; -- oldest first"
+    assert is_ordered(gold) and is_ordered("SELECT name FROM pets ORDER BY name;;")
+    assert not execution_match(db, "SELECT name FROM pets ORDER BY age ASC, name", gold)[0]
+    assert execution_match(db, "SELECT name FROM pets ORDER BY age DESC, name", gold)[0]
+    assert sql_exact_match("SELECT name FROM pets ORDER BY age DESC, name", gold)
+
+
+def test_the_gold_query_gets_the_longer_limit_and_rows_it_cannot_score_give_no_rates(db):
+    from tunebook.metrics import gold_result
+    from tunebook.sandbox import SqlSandbox
+
+    slow = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000) "
+            "SELECT count(*) FROM n")
+    box = SqlSandbox(time_limit_s=0.01, grace_s=0.5)
+    try:
+        assert box.query(db, slow).error is not None, "control: over a model answer's limit"
+        assert gold_result(db, slow, box).rows == [(300000,)]
+    finally:
+        box.close()
+    assert sql_metrics(["SELECT 1"], ["SELECT nothing FROM nowhere"], [db]) == {"unscored_rows": 1}
+
+
+def test_a_table_wider_than_500_columns_can_be_read(tmp_path):
+    path = tmp_path / "wide.sqlite"
+    con = sqlite3.connect(path)
+    con.execute(f"CREATE TABLE wide ({', '.join(f'c{i} INTEGER' for i in range(600))})")
+    con.execute(f"INSERT INTO wide VALUES ({', '.join('1' for _ in range(600))})")
+    con.commit()
+    con.close()
+    assert run_sql(path, "SELECT c599 FROM wide") == ([(1,)], None)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import sqlite_file
 
-from tunebook.metrics import METRICS, run_sql
+from tunebook.metrics import METRICS
+from tunebook.sandbox import run_sql
 from tunebook.sql_repair import join_path, repair, schema_for
 from tunebook.verify import Tally, Verifier, choose
 
@@ -95,3 +96,28 @@ def test_verified_choice_takes_a_repair_that_passes_before_any_candidate(db, tmp
     hopeless = "SELECT nickname FROM student"
     assert choose(judge(hopeless), ["SELECT name FROM student"], judge, 2, tally, hopeless) == "SELECT name FROM student"
     assert tally.rescued == 1
+
+
+def test_names_sqlite_reserves_are_written_quoted(tmp_path):
+    db = sqlite_file(tmp_path / "shop.sqlite", """
+        CREATE TABLE "order" (id INTEGER PRIMARY KEY, "group" TEXT);
+        CREATE TABLE "Order Items" (item_id INTEGER PRIMARY KEY, order_id INTEGER REFERENCES "order"(id), qty INTEGER);
+        INSERT INTO "order" VALUES (1, 'a'), (2, 'b');
+        INSERT INTO "Order Items" VALUES (1, 1, 3), (2, 2, 4);
+    """)
+    fixed = repair("""SELECT qty FROM "order" WHERE "group" = 'a'""", schema_for(db))
+    assert fixed is not None and '"order".id' in fixed and "JOIN \"Order Items\"" in fixed
+    assert rows_of(db, fixed) == [(3,)]
+
+
+def test_a_correlated_subquerys_outer_column_is_left_to_the_outer_query(tmp_path):
+    db = sqlite_file(tmp_path / "firm.sqlite", """
+        CREATE TABLE dept (dept_id INTEGER PRIMARY KEY, dname TEXT, budget INTEGER);
+        CREATE TABLE emp (emp_id INTEGER PRIMARY KEY, dept_id INTEGER REFERENCES dept(dept_id), salary INTEGER);
+        INSERT INTO dept VALUES (1, 'a', 10), (2, 'b', 100);
+        INSERT INTO emp VALUES (1, 1, 50), (2, 1, 60), (3, 2, 50);
+    """)
+    query = ("SELECT dname FROM dept WHERE (SELECT COUNT(*) FROM emp WHERE emp.dept_id = dept.dept_id "
+             "AND salary > budget) = 2")
+    assert rows_of(db, query) == [("a",)]
+    assert repair(query, schema_for(db)) is None

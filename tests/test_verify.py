@@ -57,6 +57,24 @@ def test_the_grammar_takes_real_queries_and_refuses_names_the_schema_lacks(db, t
         assert not accepts(grammar, tokenizer, bad), bad
 
 
+def test_the_grammar_quotes_what_sqlite_reserves_and_takes_every_tables_spelling(tmp_path, tokenizer):
+    db = sqlite_file(tmp_path / "odd.sqlite", """
+        CREATE TABLE "order" (id INTEGER PRIMARY KEY, "table" TEXT, text TEXT, année INTEGER, "two\nlines" TEXT);
+        CREATE TABLE item (item_id INTEGER PRIMARY KEY, Order_ID INTEGER, qty INTEGER);
+        CREATE TABLE log (order_id INTEGER);
+        CREATE VIEW big AS SELECT id FROM "order" WHERE id > 1;
+    """)
+    grammar = schema_grammar(db)
+    for good in ('SELECT "table" FROM "order"', 'SELECT text FROM "order"',  # SQLite reads `text` bare
+                 "SELECT T1.Order_ID FROM item AS T1", "SELECT order_id FROM log",  # each table's own spelling
+                 "SELECT id FROM big", 'SELECT année FROM "order"'):
+        assert accepts(grammar, tokenizer, good), good
+    for bad in ("SELECT id FROM order", 'SELECT table FROM "order"',  # SQLite refuses these bare
+                'SELECT "ANNÉE" FROM "order"'):  # SQLite folds only ASCII: quoted, this would be a string
+        assert not accepts(grammar, tokenizer, bad), bad
+    assert schema_grammar(sqlite_file(tmp_path / "empty.sqlite", "")) is None
+
+
 def push_logits(model, token_ids: list[int]):
     """Forced bad logits: the model itself gives the tokens of names the schema lacks +1000 (a hook on its LM
     head), so whatever decodes it sees them first. Returns the hook's handle."""

@@ -278,7 +278,7 @@ def sql_database(recipe: Recipe, db_id: str | None) -> Path | None:
 
 def sql_result(db_path: Path, answer: str, gold: str | None) -> dict[str, Any]:
     """One answer's query run in eval's sandbox: columns, rows, error, and whether it matches the gold result."""
-    from tunebook.metrics import extract_sql, is_ordered, same_result
+    from tunebook.metrics import extract_sql, gold_result, is_ordered, same_result
     from tunebook.sandbox import query_table
 
     sql = extract_sql(answer)
@@ -287,8 +287,8 @@ def sql_result(db_path: Path, answer: str, gold: str | None) -> dict[str, Any]:
     columns, rows, error = query_table(db_path, sql)
     verdict = None
     if gold and error is None:
-        _, gold_rows, gold_error = query_table(db_path, gold)
-        verdict = None if gold_error else same_result(rows, gold_rows, is_ordered(gold))
+        expected = gold_result(db_path, gold)
+        verdict = None if expected.error else same_result(rows, expected.rows, is_ordered(gold))
     return {"sql": sql, "columns": columns, "rows": rows or [], "error": error, "matches_gold": verdict}
 
 

@@ -10,13 +10,14 @@ import difflib
 import functools
 import math
 import re
+import sqlite3
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunebook.sandbox import TIME_LIMIT_ERROR, SqlSandbox, default_sandbox, run_sql
+from tunebook.sandbox import GOLD_TIME_LIMIT_S, TIME_LIMIT_ERROR, QueryResult, SqlSandbox, default_sandbox
 
 # The report row counting examples a metric could not score (only present when there were any).
 UNSCORED = "unscored_rows"
@@ -24,10 +25,25 @@ UNSCORED = "unscored_rows"
 DATABASES_DIR = "databases"
 
 
+def first_statement(sql: str) -> str:
+    """The first statement of `sql` that is not empty, without its semicolon (the text unchanged if it has one
+    statement). SQLite's own tokenizer (`sqlite3.complete_statement`) says where a statement ends, so a semicolon
+    in a string or a comment does not end one; an explanation after `SELECT …;` is left out."""
+    start = 0
+    for end, char in enumerate(sql):
+        if char == ";" and sqlite3.complete_statement(sql[start:end + 1]):
+            statement = sql[start:end].strip()
+            if statement:
+                return statement
+            start = end + 1
+    return sql[start:].strip()
+
+
 def is_ordered(sql: str) -> bool:
     """Whether the query's outermost SELECT has ORDER BY (then row order is part of the answer)."""
     import sqlglot
 
+    sql = first_statement(sql)
     try:
         tree = sqlglot.parse_one(sql, read="sqlite")
     except Exception:
@@ -52,11 +68,17 @@ class GoldFailed(ValueError):
     """The reference query itself fails, so the example cannot be scored."""
 
 
+def gold_result(db_path: str | Path, gold_sql: str, sandbox: SqlSandbox | None = None) -> QueryResult:
+    """The reference query's result, in the sandbox with the reference's longer time limit."""
+    return (sandbox or default_sandbox()).query(db_path, gold_sql, GOLD_TIME_LIMIT_S)
+
+
 def execution_match(db_path: str | Path, predicted_sql: str, gold_sql: str,
                     sandbox: SqlSandbox | None = None) -> tuple[bool, str | None]:
-    """(correct, error of the prediction or None). A failing, hostile or runaway prediction is wrong."""
+    """(correct, error of the prediction or None). A failing, hostile or runaway prediction is wrong; so is one
+    with no query in it (never "the same empty result" as a gold query that returns no rows)."""
     box = sandbox or default_sandbox()
-    gold = box.query(db_path, gold_sql)
+    gold = gold_result(db_path, gold_sql, box)
     if gold.error is not None:
         raise GoldFailed(f"gold SQL failed on {Path(db_path).name}: {gold.error}: {gold_sql}")
     predicted = box.query(db_path, predicted_sql)
@@ -72,12 +94,12 @@ def normalise_sql(sql: str) -> str | None:
     from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 
     try:
-        tree = sqlglot.parse_one(sql.strip().rstrip(";"), read="sqlite")
+        tree = sqlglot.parse_one(first_statement(sql), read="sqlite")
     except Exception:
         return None
     if tree is None:
         return None
-    return normalize_identifiers(tree, dialect="sqlite").sql(dialect="sqlite")
+    return normalize_identifiers(tree, dialect="sqlite").sql(dialect="sqlite", comments=False)
 
 
 def sql_exact_match(predicted: str, gold: str) -> bool:
@@ -85,14 +107,15 @@ def sql_exact_match(predicted: str, gold: str) -> bool:
     return pred is not None and pred == normalise_sql(gold)
 
 
-_FENCE = re.compile(r"```(?:sql|sqlite)?\s*(.*?)```", re.S | re.I)
+# A fenced block with any info string (```sql, ```sqlite, ```SQL …), closed or left open at the end of the answer.
+_FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)
 
 
 def extract_sql(text: str) -> str:
-    """The query in a model's answer: the first fenced block if there is one, without a trailing semicolon."""
+    """The query in a model's answer: the first fenced block if there is one, and of that its first statement
+    (an explanation after `SELECT …;` is not part of the query)."""
     match = _FENCE.search(text)
-    sql = match.group(1) if match else text
-    return sql.strip().rstrip(";").strip()
+    return first_statement(match.group(1) if match else text)
 
 
 def sql_metrics(predictions: list[str], references: list[str], db_paths: list[str | Path],
@@ -115,7 +138,10 @@ def sql_metrics(predictions: list[str], references: list[str], db_paths: list[st
         errors += error is not None
         exact += sql_exact_match(sql, gold)
         kinds[sql_error_kind(error, ok)] += 1
-    n = max(len(predictions) - unscored, 1)
+    n = len(predictions) - unscored
+    if not n and unscored:  # nothing could be scored: no rates at all, rather than rates of 0
+        return {UNSCORED: unscored}
+    n = max(n, 1)
     out = {"exec_accuracy": 100 * correct / n, "exact_match": 100 * exact / n, "sql_error_rate": 100 * errors / n,
            **{kind: 100 * kinds[kind] / n for kind in SQL_ERROR_KINDS}}
     if unscored:
@@ -137,7 +163,8 @@ def sql_error_kind(error: str | None, correct: bool) -> str:
         return "unknown_table"
     if text.startswith(("no such column", "ambiguous column")):
         return "unknown_column"
-    if "syntax error" in text or "incomplete input" in text or "unrecognized token" in text:
+    if "syntax error" in text or "incomplete input" in text or "unrecognized token" in text or \
+            text.startswith("not a query"):
         return "syntax_error"
     return "other_error"
 
@@ -470,7 +497,7 @@ def _sql_databases_ready(rows: list[dict], data_file: Path) -> None:
         if not db_path.exists():
             raise RecipeError(str(data_file), f"example {number}", f"database {db_path} "
                               "does not exist.", "Run `make data` or fix db_path.")
-        _, error = run_sql(db_path, reference_answer(row))
+        error = gold_result(db_path, reference_answer(row)).error
         if error is not None and error != TIME_LIMIT_ERROR:
             raise RecipeError(str(data_file), f"example {number}: field 'output'",
                               f"the gold SQL fails on {db_path.name} ({error}).",

@@ -20,14 +20,14 @@ Reward = Callable[..., list[float]]
 def sql_execution(prompts: list[Any], completions: list[Any], reference: list[str], db_path: list[str],
                   **_: Any) -> list[float]:
     """1.0 for the gold's result; 0.4 for the gold's number of columns; 0.2 for a query that runs; else 0."""
-    from tunebook.metrics import extract_sql, is_ordered, same_result
+    from tunebook.metrics import extract_sql, gold_result, is_ordered, same_result
     from tunebook.sandbox import default_sandbox
 
     box = default_sandbox()
     scores = []
     for completion, gold, db in zip(completions, reference, db_path, strict=True):
-        predicted = box.query(db, extract_sql(_text(completion)))
-        expected = box.query(db, gold)
+        predicted = box.query(db, extract_sql(_text(completion)))  # no query in it: an error, 0
+        expected = gold_result(db, gold, box)
         if predicted.error is not None or expected.error is not None:
             scores.append(0.0)
         elif same_result(predicted.rows, expected.rows, is_ordered(gold)):

@@ -35,6 +35,9 @@ from pathlib import Path
 from typing import Any
 
 SQL_TIME_LIMIT_S = 2.0
+# A reference (gold) query is the data's own, not a model's: on a large held-out database it may take longer
+# than a model's answer is given, and a row whose gold runs out of time cannot be scored at all.
+GOLD_TIME_LIMIT_S = 30.0
 # After the soft limit, how long the caller waits for an answer before it kills the worker.
 KILL_GRACE_S = 0.5
 MAX_ROWS = 100_000
@@ -49,7 +52,7 @@ MEMO_MAX_BYTES = 256 * 2**10  # results larger than this are not memoised
 LIMITS = {
     sqlite3.SQLITE_LIMIT_LENGTH: 4 * 2**20,  # bytes of one string, blob or row
     sqlite3.SQLITE_LIMIT_SQL_LENGTH: 100_000,
-    sqlite3.SQLITE_LIMIT_COLUMN: 500,
+    sqlite3.SQLITE_LIMIT_COLUMN: 2000,  # SQLite's default: a lower limit makes a wide table's schema unreadable
     sqlite3.SQLITE_LIMIT_EXPR_DEPTH: 200,
     sqlite3.SQLITE_LIMIT_COMPOUND_SELECT: 50,
     sqlite3.SQLITE_LIMIT_FUNCTION_ARG: 32,
@@ -67,6 +70,7 @@ _ALLOWED_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_F
 _DENIED_FUNCTIONS = {"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit"}
 
 TIME_LIMIT_ERROR = "time limit exceeded"
+NOT_A_QUERY_ERROR = "not a query: the answer holds no SELECT"
 
 
 @dataclass
@@ -122,7 +126,9 @@ def execute(con: sqlite3.Connection, deadline: list[float], sql: str, time_limit
                 return QueryResult(error=f"more than {max_rows} rows")
             if size > max_bytes:
                 return QueryResult(error=f"result larger than {max_bytes // 2**20} MB")
-        return QueryResult([d[0] for d in cursor.description or []], rows)
+        if cursor.description is None:  # empty, only a comment, or a statement that returns no result set
+            return QueryResult(error=NOT_A_QUERY_ERROR)
+        return QueryResult([d[0] for d in cursor.description], rows)
     except sqlite3.OperationalError as exc:
         return QueryResult(error=TIME_LIMIT_ERROR if "interrupted" in str(exc) else str(exc))
     except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError, MemoryError) as exc:

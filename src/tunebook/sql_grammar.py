@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+import string
 from pathlib import Path
 
 from tunebook.sandbox import read_only_uri
@@ -25,7 +26,7 @@ KEYWORDS = ("SELECT", "DISTINCT", "FROM", "WHERE", "GROUP", "BY", "HAVING", "ORD
 AGGREGATES = ("COUNT", "SUM", "AVG", "MIN", "MAX", "TOTAL", "GROUP_CONCAT")
 FUNCTIONS = ("ABS", "ROUND", "LENGTH", "LOWER", "UPPER", "SUBSTR", "TRIM", "REPLACE", "INSTR", "COALESCE", "IFNULL",
              "STRFTIME", "DATE", "JULIANDAY")
-PLAIN_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+PLAIN_IDENTIFIER = re.compile(r"[^\W\d]\w*")  # letters (any script), digits, _; SQLite has the last word (`bare_allowed`)
 ALIAS_COUNT = 9
 
 _RULES = r"""
@@ -64,7 +65,8 @@ ws ::= [ \t\n]+
 
 
 def _literal(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") + '"'
 
 
 def _keyword_rule(word: str) -> str:
@@ -73,29 +75,64 @@ def _keyword_rule(word: str) -> str:
     return f"{name} ::= " + " | ".join(_literal(f) for f in forms)
 
 
+_TO_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+_TO_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def _capitalised(word: str) -> str:
+    return word[:1].translate(_TO_UPPER) + word[1:].translate(_TO_LOWER)
+
+
 def _spellings(name: str) -> list[str]:
     """The ways a person or model writes one name: as the schema does, lower, upper, capitalised, and each word
     capitalised. SQLite compares identifiers case-insensitively, so all of them name the same thing; allowing only
-    the schema's own case would push `MAX(Amount)` (column `amount`) onto some other column."""
-    words = "_".join(part.capitalize() for part in name.split("_"))
-    return list(dict.fromkeys([name, name.lower(), name.upper(), name.capitalize(), words]))
+    the schema's own case would push `MAX(Amount)` (column `amount`) onto some other column. Only ASCII letters
+    change case: SQLite folds no other (`"ANNÉE"` is not the column `année`; quoted, it would be a string)."""
+    words = "_".join(_capitalised(part) for part in name.split("_"))
+    return list(dict.fromkeys([name, name.translate(_TO_LOWER), name.translate(_TO_UPPER), _capitalised(name),
+                               words]))
 
 
-def _identifier(name: str) -> str:
-    """How a query may write one identifier: bare when SQLite allows it, and always double-quoted; in any of its
-    `_spellings`."""
-    forms = [_literal('"' + form.replace('"', '""') + '"') for form in _spellings(name)]
-    if PLAIN_IDENTIFIER.fullmatch(name) and name.upper() not in KEYWORDS:
+@functools.lru_cache(maxsize=4096)
+def bare_allowed(name: str) -> bool:
+    """Whether SQLite reads `name` unquoted as a table and a column name wherever a query puts one. SQLite itself
+    is asked: which of its keywords it takes as names (`text`, `end`, `key` yes; `table`, `order`, `index` no)
+    depends on where they stand, and no fixed list of them is right."""
+    if not PLAIN_IDENTIFIER.fullmatch(name):
+        return False
+    con = sqlite3.connect(":memory:")
+    try:
+        con.execute(f"CREATE TABLE {quote_identifier(name)} ({quote_identifier(name)} INTEGER)")
+        con.execute(f"SELECT {name}, COUNT({name}) FROM {name} WHERE {name} = 1 AND {name} IN (SELECT {name} FROM "
+                    f"{name}) GROUP BY {name} ORDER BY {name}")
+        con.execute(f"SELECT {name}.{name} FROM {name} JOIN {name} AS x{name} ON x{name}.{name} = {name}.{name}")
+        return True
+    except sqlite3.Error:
+        return False
+    finally:
+        con.close()
+
+
+def _forms(name: str) -> list[str]:
+    """How a query may write one identifier, as grammar literals: bare where SQLite allows it, and always
+    double-quoted; in any of its `_spellings`."""
+    forms = [_literal(quote_identifier(form)) for form in _spellings(name)]
+    if bare_allowed(name):
         forms = [_literal(form) for form in _spellings(name)] + forms
-    return " | ".join(forms)
+    return forms
+
+
+def _identifier(*names: str) -> str:
+    """A grammar alternative for one identifier, or for any of several (each form once)."""
+    return " | ".join(dict.fromkeys(form for name in names for form in _forms(name)))
 
 
 def schema_of(db_path: str | Path) -> dict[str, list[str]]:
-    """Table -> column names of a SQLite file (read-only; SQLite's own tables left out)."""
+    """Table (or view) -> column names of a SQLite file (read-only; SQLite's own tables left out)."""
     con = sqlite3.connect(read_only_uri(db_path), uri=True)
     try:
-        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")
-                  if not t.lower().startswith("sqlite_")]
+        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') "
+                                             "ORDER BY rowid") if not t.lower().startswith("sqlite_")]
         return {t: [row[1] for row in con.execute(f"PRAGMA table_info({quote_identifier(t)})")] for t in tables}
     finally:
         con.close()
@@ -114,11 +151,9 @@ def grammar_for_schema(schema: dict[str, list[str]]) -> str:
     lines.append("tablename ::= " + " | ".join(f"({_identifier(t)})" for t in tables))
     for table, columns in schema.items():
         lines.append(f"{rule_of[table]} ::= " + " | ".join(f"({_identifier(c)})" for c in columns))
-    every_column: dict[str, str] = {}  # one entry per name as SQLite compares them: the spellings cover the rest
-    for columns in schema.values():
-        for column in columns:
-            every_column.setdefault(column.lower(), column)
-    lines.append("anycol ::= " + " | ".join(f"({_identifier(c)})" for c in every_column.values()))
+    # Every table's own spelling: `product_id` in one table and `Product_ID` in another are one name to SQLite.
+    every_column = dict.fromkeys(c for columns in schema.values() for c in columns)
+    lines.append(f"anycol ::= {_identifier(*every_column)}")
     qualified = [f"({_identifier(t)}) \".\" {rule_of[t]}" for t in tables]
     lines.append("column ::= " + " | ".join([*qualified, 'alias "." anycol', "anycol"]))
     lines.append("qualifier ::= tablename | alias")
@@ -130,12 +165,14 @@ def grammar_for_schema(schema: dict[str, list[str]]) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _cached(path: str, mtime_ns: int) -> str:
-    return grammar_for_schema(schema_of(path))
+def _cached(path: str, mtime_ns: int) -> str | None:
+    schema = schema_of(path)
+    return grammar_for_schema(schema) if schema else None
 
 
-def schema_grammar(db_path: str | Path) -> str:
-    """The grammar for one database file (cached until the file changes)."""
+def schema_grammar(db_path: str | Path) -> str | None:
+    """The grammar for one database file (cached until the file changes); None for a database with no tables, for
+    which no query can name anything (decoding is then left unconstrained)."""
     path = Path(db_path).resolve()
     return _cached(str(path), path.stat().st_mtime_ns)
 

@@ -32,7 +32,7 @@ from sqlglot import exp
 from sqlglot.optimizer.scope import traverse_scope
 
 from tunebook.sandbox import read_only_uri
-from tunebook.sql_grammar import quote_identifier, schema_of
+from tunebook.sql_grammar import bare_allowed, quote_identifier, schema_of
 
 MAX_HOPS = 2
 
@@ -127,6 +127,13 @@ class _Select:
         self.sources = {src.alias_or_name: schema.table(src.name) for src in scope.sources.values()
                         if isinstance(src, exp.Table) and schema.table(src.name)}
         labels = {e.alias.lower() for e in self.select.expressions if e.alias}
+        # columns the enclosing queries' tables have: a bare one in a correlated subquery is theirs, not missing
+        self.outer: set[str] = set()
+        outer = scope.parent
+        while outer is not None:
+            self.outer |= {c for src in outer.sources.values() if isinstance(src, exp.Table) and schema.table(src.name)
+                           for c in schema.columns[schema.table(src.name)]}
+            outer = outer.parent
         # this SELECT's own columns: sqlglot's scope also lists those of subqueries in its WHERE
         self.columns = [c for c in scope.columns if c.find_ancestor(exp.Select) is self.select and c.name != "*"
                         and not (not c.table and c.name.lower() in labels)]
@@ -152,6 +159,8 @@ class _Select:
         joined = False
         for column in self.columns:
             if self.resolves(column) or column.find_ancestor(exp.Join) is not None:
+                continue
+            if not column.table and column.name.lower() in self.outer:
                 continue
             if self.holders(column.name):
                 self.qualify(column, self.holders(column.name)[0])
@@ -201,7 +210,7 @@ class _Select:
             for link in links:
                 joins.insert(joins.index(join), link)
             last = list(self.sources)[-1] if links else previous
-            join.set("on", exp.EQ(this=exp.column(path[-1][1], last), expression=exp.column(path[-1][3], alias)))
+            join.set("on", exp.EQ(this=_column(path[-1][1], last), expression=_column(path[-1][3], alias)))
             before += [*(j.this.alias_or_name for j in links), alias]
             changed = True
         if changed:
@@ -213,17 +222,26 @@ class _Select:
         joins = []
         for _, col_a, table_b, col_b in path:
             alias = _new_alias(self.sources, table_b)
-            table = exp.Table(this=exp.to_identifier(table_b),
-                              alias=None if alias == table_b else exp.TableAlias(this=exp.to_identifier(alias)))
-            joins.append(exp.Join(this=table, on=exp.EQ(this=exp.column(col_a, previous),
-                                                        expression=exp.column(col_b, alias))))
+            table = exp.Table(this=_identifier(table_b),
+                              alias=None if alias == table_b else exp.TableAlias(this=_identifier(alias)))
+            joins.append(exp.Join(this=table, on=exp.EQ(this=_column(col_a, previous), expression=_column(col_b, alias))))
             self.sources[alias] = table_b
             previous = alias
         return joins
 
     @staticmethod
     def qualify(column: Any, alias: str) -> None:
-        column.set("table", exp.to_identifier(alias))
+        column.set("table", _identifier(alias))
+
+
+def _identifier(name: str) -> Any:
+    """A name as the repaired query writes it: quoted where SQLite would not read it bare (`"order"`, `"Order
+    Items"`)."""
+    return exp.to_identifier(name, quoted=not bare_allowed(name))
+
+
+def _column(name: str, table: str) -> Any:
+    return exp.Column(this=_identifier(name), table=_identifier(table))
 
 
 def _new_alias(sources: dict[str, str], table: str) -> str:
