@@ -311,3 +311,19 @@ def test_secrets_never_reach_outputs_and_remote_code_is_noted(tiny_recipe, monke
     assert redacted_overrides(recipe.overrides) == ["training.hub_token=<redacted>", "model.trust_remote_code=true"]
     notes = validate_recipe(recipe).notes
     assert any("trust_remote_code is on" in n for n in notes) and any("HF_TOKEN" in n for n in notes)
+
+
+def test_a_key_written_twice_is_refused_with_both_lines(tiny_recipe):
+    path = tiny_recipe()
+    text = path.read_text()
+    path.write_text(text + "training:\n  max_steps: 5\n")  # a second section would replace the first whole
+    message = error_for(path)
+    assert f"{path.name}: line {text.count(chr(10)) + 1}: repeats 'training' (first on line" in message
+    assert "Merge the two" in message
+
+
+def test_an_override_keeps_its_text_whole(tiny_recipe):
+    recipe = load_recipe(tiny_recipe(), ["data.system_prompt=Answer briefly #no-fluff, in French",
+                                         "data.val_limit=4"])
+    assert recipe.data.system_prompt == "Answer briefly #no-fluff, in French"
+    assert recipe.data.val_limit == 4

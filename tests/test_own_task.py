@@ -288,3 +288,17 @@ def test_share_context_is_checked_before_any_model_loads(own_task, tmp_path):
     assert "data.share_context.by: no instruction row of" in message and "db_id" in message
     validate_recipe(load_recipe(recipe, ["data.share_context={by: db_id, turns: 4}", "eval.metrics=[exact_match]",
                                          "eval.main_metric=exact_match"]))
+
+
+def test_csv_cells_and_bom_files_are_read_as_written(tmp_path):
+    # pandas would read None/null/NA/an empty cell as missing (the input dropped) and 42 as a number (refused)
+    (tmp_path / "t.csv").write_text('instruction,input,output\nSay it,None,Aucun\nSay it,NA,"N/A"\nCount,,42\n',
+                                    encoding="utf-8-sig")
+    assert read_split(tmp_path / "t.csv") == [
+        {"instruction": "Say it", "input": "None", "output": "Aucun"},
+        {"instruction": "Say it", "input": "NA", "output": "N/A"},
+        {"instruction": "Count", "input": "", "output": "42"}]
+    rows = instruction_rows()[:2]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8-sig")
+    (tmp_path / "b.json").write_text(json.dumps(rows), encoding="utf-8-sig")
+    assert read_split(tmp_path / "b.jsonl") == read_split(tmp_path / "b.json") == rows

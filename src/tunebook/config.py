@@ -242,7 +242,10 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     path = recipe_path(name_or_path)
     source = str(path)
     try:
-        raw = yaml.safe_load(read_utf8(path))
+        raw = yaml.load(read_utf8(path), Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except DuplicateKey as exc:
+        raise RecipeError(source, f"line {exc.line}", f"repeats '{exc.key}' (first on line {exc.first}); YAML would "
+                          "keep only the last one, silently.", "Merge the two into one.") from None
     except yaml.YAMLError as exc:
         raise RecipeError(source, None, f"is not valid YAML ({exc}).", "Fix the YAML syntax.") from None
     if not isinstance(raw, dict):
@@ -254,11 +257,35 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     return recipe
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} on line {line}")
+        self.key, self.line, self.first = key, line, first
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key a mapping already has (PyYAML keeps the last, so a second `training:`
+    section would silently replace the first)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKey(key, line, seen[key])
+                seen[key] = line
+            except TypeError:  # an unhashable key: PyYAML's own error follows
+                break
+        return super().construct_mapping(node, deep)
+
+
 def read_utf8(path: Path) -> str:
     """A text file's contents; bytes that are not UTF-8 are an error naming the file and the line."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not content
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise RecipeError(str(path), f"line {line}", f"is not UTF-8 (byte 0x{data[exc.start]:02x}).",
@@ -279,7 +306,10 @@ def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
             raise RecipeError(source, dotted, f"'{key}' is not a section.", "Override a key inside a section.")
         target = target[key]
     try:
-        target[keys[-1]] = yaml.safe_load(value) if value != "" else None
+        parsed = yaml.safe_load(value) if value != "" else None
+        if isinstance(parsed, str) and not value.lstrip().startswith(("'", '"')):
+            parsed = value.strip()  # text as typed: YAML would cut `Answer briefly #no-fluff` at its ` #`
+        target[keys[-1]] = parsed
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or "cannot be parsed"
         raise RecipeError(

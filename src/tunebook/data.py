@@ -10,6 +10,7 @@ ending with the assistant turn that is the answer). One file holds one format. E
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -63,7 +64,7 @@ def raw_examples(path: Path) -> list[tuple[str, Any]]:
         with path.open("rb") as handle:
             for number, raw in enumerate(handle, start=1):
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not data
                 except UnicodeDecodeError as exc:
                     raise RecipeError(str(path), f"line {number}", f"is not UTF-8 (byte 0x{raw[exc.start]:02x} at "
                                       f"column {exc.start + 1}).", "Save the file as UTF-8.") from None
@@ -86,15 +87,15 @@ def raw_examples(path: Path) -> list[tuple[str, Any]]:
         if not isinstance(rows, list):
             raise RecipeError(str(path), None, "is not a JSON list.", "A .json split is a list of examples.")
         return [(f"example {i}", row) for i, row in enumerate(rows, start=1)]
-    from datasets import Dataset
-
     try:
-        table = Dataset.from_parquet(str(path)) if path.suffix == ".parquet" else Dataset.from_csv(str(path))
-    except Exception as exc:  # pyarrow/pandas errors: name the file, not the library's internals
+        table = csv_rows(path) if path.suffix == ".csv" else parquet_rows(path)
+    except RecipeError:
+        raise
+    except Exception as exc:  # pyarrow/csv errors: name the file, not the library's internals
         raise RecipeError(str(path), None, f"cannot be read as {path.suffix[1:]} ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200]}).", "Check the file, or convert it to JSONL.") from None
     rows = []
-    for i, row in enumerate(table.to_list(), start=1):
+    for i, row in enumerate(table, start=1):
         row = {k: v for k, v in row.items() if v is not None}
         if isinstance(row.get("messages"), str):  # a CSV cell holds the conversation as JSON text
             try:
@@ -104,6 +105,23 @@ def raw_examples(path: Path) -> list[tuple[str, Any]]:
                                   f"Write the conversation as a JSON list, e.g. {CHAT_EXAMPLE}.") from None
         rows.append((f"row {i}", row))
     return rows
+
+
+def csv_rows(path: Path) -> list[dict[str, Any]]:
+    """A CSV file's rows, every cell the text as written. Python's csv module, not pandas (`datasets`' reader):
+    pandas reads `NA`, `None`, `null` or an empty cell as missing, which dropped the field silently, and `42` as a
+    number, which no quoting in the file can prevent."""
+    import csv
+
+    from tunebook.config import read_utf8
+
+    return list(csv.DictReader(io.StringIO(read_utf8(path), newline="")))
+
+
+def parquet_rows(path: Path) -> list[dict[str, Any]]:
+    from datasets import Dataset
+
+    return Dataset.from_parquet(str(path)).to_list()
 
 
 PREFERENCE_EXAMPLE = '{"prompt": "...", "chosen": "...", "rejected": "..."}'
