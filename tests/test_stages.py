@@ -261,6 +261,51 @@ def test_bad_stages_and_preference_rows_are_named_before_any_model_loads(parent,
     bad.write_text('{"prompt": "q", "chosen": "same", "rejected": "same"}\n')
     with pytest.raises(RecipeError, match="same chosen and rejected"):
         validate_recipe(recipe)
+    # preference rows are a DPO stage's training data only
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    for method, split in (("grpo", "train"), ("dpo", "test")):
+        recipe = load_recipe(stage_recipe(parent, tmp_path, method, stage={"rewards": ["exact_match"]}),
+                             [f"data.{split}={bad}"])
+        with pytest.raises(RecipeError, match=rf"prefs.jsonl: line 1: is a preference row .* data.{split} of a "
+                                              rf"{method.upper()} recipe needs prompts with one answer"):
+            validate_recipe(recipe)
+
+
+def score_all(prompts, completions, **kwargs):  # a user's reward, as TRL would call it
+    return [1.0 for _ in completions]
+
+
+def no_kwargs(prompts, completions):
+    return [1.0 for _ in completions]
+
+
+def needs_label(prompts, completions, label, **kwargs):
+    return [1.0 for _ in completions]
+
+
+def test_rewards_and_trainer_settings_are_checked_as_trl_will_use_them(parent, tmp_path):
+    from tunebook.validate import validate_recipe
+
+    def check(method: str, **sections):
+        if method == "grpo":
+            sections["grpo"] = {"num_generations": 2, **sections.get("grpo", {})}
+        return validate_recipe(load_recipe(stage_recipe(parent, tmp_path, method, **sections)))
+
+    check("grpo", stage={"rewards": [f"{__name__}:score_all", "sql_execution"]})
+    with pytest.raises(RecipeError, match=r"stage.rewards: 'test_stages:no_kwargs' takes no \*\*kwargs"):
+        check("grpo", stage={"rewards": [f"{__name__}:no_kwargs"]})
+    with pytest.raises(RecipeError, match=r"'test_stages:needs_label' needs label, which the rows of .* do not give "
+                                          r"\(they give: db_path, reference\)"):
+        check("dpo", stage={"rewards": [f"{__name__}:needs_label"]})
+    with pytest.raises(RecipeError, match=r"stage.rewards: 'code_fixed' needs code, rule"):
+        check("grpo", stage={"rewards": ["code_fixed"]})
+    with pytest.raises(RecipeError, match=r"grpo: TRL refuses these settings: generation_batch_size \(3\) must be "
+                                          r"divisible by num_generations \(2\)"):
+        check("grpo", stage={"rewards": ["sql_execution"]}, grpo={"per_device_train_batch_size": 3,
+                                                                   "num_generations": 2})
+    with pytest.raises(RecipeError, match=r"dpo: TRL refuses these settings: .*warmup_steps"):
+        check("dpo", dpo={"warmup_steps": -3})
+    check("dpo", dpo={"fp16": False})  # setting one precision flag leaves the other off, not in conflict
 
 
 def test_a_stage_takes_preference_rows_as_they_are(parent, tmp_path):

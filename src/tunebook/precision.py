@@ -8,6 +8,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 CACHE = Path.home() / ".cache" / "tunebook" / "precision.json"
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -105,3 +106,17 @@ def _write_cache(key: str, value: dict) -> None:
 
 def as_dict(precision: Precision) -> dict[str, str]:
     return asdict(precision)
+
+
+def mixed_precision_flags(kwargs: dict[str, Any], dtype: str, use_cuda: bool) -> None:
+    """Set a trainer config's `bf16`/`fp16` in `kwargs`. TRL turns bf16 on by default; tunebook follows the model's
+    resolved dtype instead, because bf16 autocast on a CPU without AMX is much slower than fp32
+    (docs/performance.md#per-machine-figures). A recipe that sets either flag gets the other off unless it sets
+    it too (transformers refuses both on)."""
+    if "bf16" in kwargs or "fp16" in kwargs:
+        kwargs.setdefault("bf16", False)
+        kwargs.setdefault("fp16", False)
+    else:
+        kwargs["bf16"] = dtype == "bfloat16"
+        kwargs["fp16"] = dtype == "float16" and use_cuda
+

@@ -9,6 +9,7 @@ the gold's rows 1.0 — so a policy that cannot yet answer still learns to write
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,12 @@ def load_reward(name: str, source: str = "recipe") -> Reward:
                           "Name a metric reward or an importable module:function.") from None
     if not callable(reward):
         raise RecipeError(source, "stage.rewards", f"'{name}' is not a function.", "Name a callable.")
-    reward.__name__ = getattr(reward, "__name__", name)
+    if not hasattr(reward, "__name__"):  # TRL logs each reward under its name; a bound method has one already
+        try:
+            reward.__name__ = name
+        except AttributeError:
+            reward = functools.partial(reward)
+            reward.__name__ = name
     return reward
 
 

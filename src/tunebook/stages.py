@@ -20,7 +20,7 @@ from typing import Any
 
 from tunebook.config import Recipe
 from tunebook.errors import RecipeError
-from tunebook.runs import Run, parent_adapter_dir, parent_recipe
+from tunebook.runs import Run, parent_adapter_dir
 
 # Settings tunebook picks for stages (any can be set in the recipe's dpo:/grpo: section).
 STAGE_DEFAULTS: dict[str, Any] = {
@@ -37,15 +37,9 @@ STAGE_DEFAULTS: dict[str, Any] = {
 
 def check_parent(recipe: Recipe) -> Path:
     """The parent's adapter, checked before any model loads: it exists, it is whole, and it is the same base."""
-    from tunebook.validate import check_adapter
+    from tunebook.validate import check_adapter, check_parent_recipe
 
-    parent = parent_recipe(recipe)
-    if parent.method != "sft":
-        raise RecipeError(recipe.source, "stage.parent", f"{parent.name} is itself a {parent.method} stage.",
-                          "Start a stage from an SFT recipe's adapter.")
-    if parent.model.name != recipe.model.name:
-        raise RecipeError(recipe.source, "model.name", f"is {recipe.model.name}, but the parent {parent.name} trained "
-                          f"{parent.model.name}.", f"Use model.name: {parent.model.name}.")
+    parent = check_parent_recipe(recipe)
     adapter = parent_adapter_dir(recipe)
     try:
         check_adapter(adapter, parent)
@@ -77,15 +71,14 @@ def stage_model(recipe: Recipe, parent: Path) -> Any:
     return PeftModel.from_pretrained(model, parent, is_trainable=True)
 
 
-def stage_config(recipe: Recipe, output_dir: Path, use_cuda: bool) -> Any:
+def stage_config(recipe: Recipe, output_dir: Path, use_cuda: bool, dtype: str | None = None) -> Any:
+    """The recipe's `dpo:`/`grpo:` section on top of tunebook's defaults, as TRL's DPOConfig/GRPOConfig."""
     from tunebook.config import trainer_config_class
-    from tunebook.precision import resolve
+    from tunebook.precision import mixed_precision_flags, resolve
 
     kwargs = dict(STAGE_DEFAULTS)
     kwargs.update({k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"})
-    dtype = resolve(recipe.model.dtype).dtype
-    kwargs.setdefault("bf16", dtype == "bfloat16")
-    kwargs.setdefault("fp16", dtype == "float16" and use_cuda)
+    mixed_precision_flags(kwargs, dtype or resolve(recipe.model.dtype).dtype, use_cuda)
     kwargs["use_cpu"] = not use_cuda
     kwargs.setdefault("seed", recipe.seed)
     if recipe.method == "dpo":
@@ -117,6 +110,7 @@ def train_stage(run: Run, rows: list[dict], resume: Path | None) -> tuple[Any, A
     set_seed(recipe.seed)
     use_cuda = torch.cuda.is_available()
     tokenizer = stage_tokenizer(parent, recipe)
+    args = stage_config(recipe, run.checkpoints_dir, use_cuda)  # TRL's own checks, before any sampling or model
     facts: dict[str, Any] = {"parent": {"recipe": recipe.stage.parent, "adapter": str(parent)}}
     if recipe.method == "dpo":
         from trl import DPOTrainer
@@ -128,7 +122,6 @@ def train_stage(run: Run, rows: list[dict], resume: Path | None) -> tuple[Any, A
             raise RecipeError(recipe.source, "stage", "no preference pair could be made: the parent's samples were "
                               "all judged equal.", "Raise stage.samples or stage.prompts, or give preference rows.")
         model = stage_model(recipe, parent)
-        args = stage_config(recipe, run.checkpoints_dir, use_cuda)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
                              callbacks=[RichProgress(), fingerprint_callback(run.fingerprint)])
     else:
@@ -141,7 +134,6 @@ def train_stage(run: Run, rows: list[dict], resume: Path | None) -> tuple[Any, A
                                                                                   or len(rows))), tokenizer)
         facts["prompts"] = len(prompts)
         model = stage_model(recipe, parent)
-        args = stage_config(recipe, run.checkpoints_dir, use_cuda)
         trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(prompts),
                               processing_class=tokenizer, callbacks=[RichProgress(), fingerprint_callback(run.fingerprint)])
     trainer.remove_callback(PrinterCallback)

@@ -22,7 +22,7 @@ from tunebook.data import repeat_rows, sha256, share_context
 from tunebook.errors import RecipeError
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import RUN_INFO_FILE, atomic_dir, clean_leftovers, is_main_process
-from tunebook.precision import as_dict, resolve
+from tunebook.precision import as_dict, mixed_precision_flags, resolve
 from tunebook.prompts import encode_example, is_chat
 from tunebook.runs import (
     Run,
@@ -81,17 +81,14 @@ def conversations_sharing_context(rows: list[dict], recipe: Recipe, tokenizer: A
     return grouped
 
 
-def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool):
-    """The recipe's `training:` section on top of tunebook's defaults, as a `trl.SFTConfig`."""
+def sft_config(recipe: Recipe, output_dir: Path, use_cuda: bool, dtype: str | None = None):
+    """The recipe's `training:` section on top of tunebook's defaults, as a `trl.SFTConfig` (`dtype`: the model's,
+    resolved here when not given)."""
     from trl import SFTConfig
 
     kwargs = dict(TRAINING_DEFAULTS)
     kwargs.update({k: v for k, v in recipe.training.items() if k != "resume_from_checkpoint"})
-    # TRL turns bf16 on by default; mixed precision follows the model's (resolved) dtype instead, because bf16
-    # autocast on a CPU without AMX is much slower than fp32 (docs/performance.md#per-machine-figures).
-    dtype = resolve(recipe.model.dtype).dtype
-    kwargs.setdefault("bf16", dtype == "bfloat16")
-    kwargs.setdefault("fp16", dtype == "float16" and use_cuda)
+    mixed_precision_flags(kwargs, dtype or resolve(recipe.model.dtype).dtype, use_cuda)
     if kwargs.get("eval_strategy") != "no":
         kwargs.setdefault("eval_steps", kwargs["save_steps"])
     # Eval loss needs no logits kept, and batches no larger than training's keep its memory within training's

@@ -22,7 +22,7 @@ from tunebook.models import (
     smollm2_gguf_path,
 )
 from tunebook.outputs import ADAPTER_WEIGHTS
-from tunebook.prompts import is_chat
+from tunebook.prompts import is_chat, is_preference
 
 
 @dataclass
@@ -224,6 +224,102 @@ def security_notes(recipe: Recipe, report: ValidationReport) -> None:
                             "outputs, but prefer the HF_TOKEN environment variable")
 
 
+def check_row_formats(recipe: Recipe, report: ValidationReport) -> None:
+    """Preference rows (prompt/chosen/rejected) are a DPO stage's training data and nothing else's: SFT and GRPO
+    train on prompts with one answer, and eval scores one answer per test row."""
+    for split, rows in report.splits.items():
+        if rows and is_preference(rows[0]) and not (recipe.method == "dpo" and split in ("train", "val")):
+            use = ("a DPO stage's data.train" if split != "test" else
+                   "training data only (a DPO stage's data.train); a test split scores one answer per row")
+            raise RecipeError(str(getattr(recipe.data, split)), "line 1", f"is a preference row (prompt, chosen, "
+                              f"rejected), but data.{split} of a{'n' if recipe.method == 'sft' else ''} "
+                              f"{recipe.method.upper()} recipe needs prompts with one answer.",
+                              f"Preference rows are {use}; here use {INSTRUCTION_EXAMPLE} or {CHAT_EXAMPLE}.")
+
+
+def check_stage_inputs(recipe: Recipe, rows: list[dict]) -> None:
+    """A stage's parent is an SFT recipe of the same base model, and each reward (the DPO judge too, when pairs
+    are made by sampling) loads and can be called as TRL calls it, with the fields the training rows give it."""
+    if recipe.method == "sft":
+        return
+    from tunebook.pairs import judge_name
+    from tunebook.rewards import load_reward, reward_columns
+
+    check_parent_recipe(recipe)
+    if recipe.method == "dpo" and rows and is_preference(rows[0]):
+        return  # the pairs are given: nothing is judged
+    names = recipe.stage.rewards or [judge_name(recipe)]
+    data_file = Path(recipe.data.train)
+    given = set.intersection(*(set(reward_columns(row, data_file)) for row in rows)) if rows else set()
+    for name in names:
+        check_reward_signature(load_reward(name, recipe.source), name, given, recipe.source, recipe.data.train)
+
+
+def check_parent_recipe(recipe: Recipe) -> Recipe:
+    """A stage's parent: an SFT recipe of the same base model (its adapter is checked when the stage trains)."""
+    from tunebook.runs import parent_recipe
+
+    parent = parent_recipe(recipe)
+    if parent.method != "sft":
+        raise RecipeError(recipe.source, "stage.parent", f"{parent.name} is itself a {parent.method} stage.",
+                          "Start a stage from an SFT recipe's adapter.")
+    if parent.model.name != recipe.model.name:
+        raise RecipeError(recipe.source, "model.name", f"is {recipe.model.name}, but the parent {parent.name} trained "
+                          f"{parent.model.name}.", f"Use model.name: {parent.model.name}.")
+    return parent
+
+
+def check_reward_signature(reward: Any, name: str, given: set[str], source: str, train: str) -> None:
+    """TRL calls a reward with keywords: prompts, completions, completion_ids, each training row's fields and its
+    own extras (trainer_state, log_metric …), so a reward takes **kwargs and needs no field the rows lack."""
+    import inspect
+
+    try:
+        params = inspect.signature(reward).parameters.values()
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: nothing to read
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise RecipeError(source, "stage.rewards", f"'{name}' takes no **kwargs, but TRL passes every row field and "
+                          "extras such as trainer_state to a reward.",
+                          f"Define it as def {getattr(reward, '__name__', 'reward')}(prompts, completions, **kwargs).")
+    offered = given | {"prompts", "completions", "completion_ids"}
+    needed = [p.name for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [n for n in needed if n not in offered]
+    if missing:
+        raise RecipeError(source, "stage.rewards", f"'{name}' needs {', '.join(missing)}, which the rows of {train} "
+                          f"do not give (they give: {', '.join(sorted(given)) or 'nothing but the prompt'}).",
+                          "Give the rows those fields, or name a reward for this task.")
+
+
+def check_trainer_config(recipe: Recipe) -> None:
+    """The recipe's trainer section as TRL's config class takes it, so what TRL or transformers refuse (GRPO's
+    generation batch not divisible by num_generations, a negative warmup, an unknown report_to …) is an error
+    naming the section now, not a stack trace after the model has loaded."""
+    import tempfile
+
+    import torch
+
+    from tunebook.config import METHOD_SECTIONS
+
+    use_cuda = torch.cuda.is_available()
+    dtype = "float32" if recipe.model.dtype == "auto" else recipe.model.dtype  # `auto` is measured at train time
+    section = METHOD_SECTIONS[recipe.method]
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if recipe.method == "sft":
+                from tunebook.train import sft_config
+
+                sft_config(recipe, Path(tmp), use_cuda, dtype)
+            else:
+                from tunebook.stages import stage_config
+
+                stage_config(recipe, Path(tmp), use_cuda, dtype)
+        except (ValueError, TypeError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".") + "."
+            raise RecipeError(recipe.source, section, f"TRL refuses these settings: {reason}",
+                              f"Change the {section} setting it names.") from None
+
+
 def check_metric_rows(recipe: Recipe, rows: list[dict], path: str | Path, located: bool = True) -> None:
     """Every row must be scoreable by every chosen metric (e.g. `sql_execution` needs a database per row).
 
@@ -279,6 +375,9 @@ def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None =
         if recipe.data.where and split != "test":
             rows = select_rows(rows, recipe.data.where, getattr(recipe.data, split), recipe.source)
         report.splits[split] = rows
+    check_row_formats(recipe, report)
+    check_stage_inputs(recipe, report.splits["train"])
+    check_trainer_config(recipe)
     check_repeat(recipe, report.splits["train"])
     check_share_context(recipe, report.splits["train"])
     check_eval_during_training(recipe, report.splits["val"])
