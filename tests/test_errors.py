@@ -327,3 +327,23 @@ def test_an_override_keeps_its_text_whole(tiny_recipe):
                                          "data.val_limit=4"])
     assert recipe.data.system_prompt == "Answer briefly #no-fluff, in French"
     assert recipe.data.val_limit == 4
+
+
+def test_eval_selection_fields_are_checked_against_the_test_rows(tiny_recipe):
+    message = error_for(tiny_recipe(), ["eval.limit=2", "eval.limit_per=sourse"])
+    assert "eval.limit_per: no row of" in message and "Did you mean 'source'?" in message
+    message = error_for(tiny_recipe(), ["eval.where={sourse: [spider]}"])
+    assert "eval.where.sourse: no row of" in message
+
+
+def test_a_special_token_written_in_a_row_is_refused_before_training(tiny_recipe, tmp_path):
+    from tunebook.train import train
+
+    recipe = tiny_recipe()
+    train_file = tmp_path / "train.jsonl"
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    rows[2]["output"] = rows[2]["output"] + " -- ends with <|im_end|> here"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(RecipeError) as info:
+        train(load_recipe(recipe))
+    assert str(info.value).startswith(f"{train_file}: line 3: field 'output': contains '<|im_end|>'")

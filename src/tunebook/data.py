@@ -229,6 +229,44 @@ def select_rows(rows: list[dict], where: dict[str, list], path: str | Path, reci
     return rows
 
 
+def refuse_special_markers(rows: list[dict], path: str | Path, tokenizer: Any) -> None:
+    """A row whose text contains one of the model's special tokens written out (`<|im_end|>` in an answer about
+    chat templates) would tokenize to the marker itself, so training would teach the model to end its turn
+    there: an error naming the file, the line and the field, before any model loads."""
+    from tunebook.prompts import special_markers, text_fields
+
+    markers = special_markers(tokenizer)
+    for i, row in enumerate(rows):
+        for field, text in text_fields(row):
+            found = next((m for m in markers if m in text), None)
+            if found is not None:
+                raise RecipeError(str(path), f"{locate_row(path, row, i)}: field '{field}'",
+                                  f"contains {found!r}, one of the model's special tokens, as text: it would be read "
+                                  "as the token itself (an answer cut short, a turn ended early).",
+                                  "Remove it or write it differently (e.g. with a space inside).")
+
+
+def locate_row(path: str | Path, row: dict, fallback: int) -> str:
+    """Where a row stands in its file (`line N`), found by its content: rows may have been selected first."""
+    for where, example in raw_examples(Path(path)):
+        if example == row:
+            return where
+    return f"example {fallback + 1}"
+
+
+def check_limit_per(rows: list[dict], field: str | None, path: str | Path, recipe_source: str) -> None:
+    """`eval.limit_per` must name a field of the test rows: a misspelt one would put every row in one group and
+    keep only the first `eval.limit` of them, silently dropping whole subsets from the report."""
+    if not field or any(field in row for row in rows):
+        return
+    import difflib
+
+    fields = sorted({key for row in rows for key in row})
+    hint = difflib.get_close_matches(field, fields, n=1)
+    raise RecipeError(recipe_source, "eval.limit_per", f"no row of {path} has a field '{field}'.",
+                      (f"Did you mean '{hint[0]}'? " if hint else "") + f"Its rows have: {', '.join(fields)}.")
+
+
 def repeat_rows(rows: list[dict], repeat: dict[str, dict[str, int]] | None) -> list[dict]:
     """Each row as many times as `data.repeat` says (the largest factor of the fields it matches), in order."""
     if not repeat:

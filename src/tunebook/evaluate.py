@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import EvalConfig, Recipe, load_recipe, redacted_overrides
-from tunebook.data import read_split, select_rows
+from tunebook.data import check_limit_per, read_split, select_rows
 from tunebook.errors import RecipeError
 from tunebook.exported import gguf_files
 from tunebook.generation import decode_answers, generate_ids
@@ -62,6 +62,7 @@ def load_eval_rows(recipe: Recipe, data: str | None) -> tuple[list[dict], Path]:
     rows = read_split(data_file, recipe.source, field)
     if recipe.eval.where:
         rows = select_rows(rows, recipe.eval.where, data_file, recipe.source, "eval.where")
+    check_limit_per(rows, recipe.eval.limit_per, data_file, recipe.source)
     if recipe.eval.limit and recipe.eval.limit_per:
         taken: dict[str, int] = {}
         kept = []

@@ -287,3 +287,27 @@ def encode_example(
     if max_length is not None and len(input_ids) > max_length:
         return None
     return {"input_ids": input_ids, "labels": labels + completion_ids}
+
+
+def special_markers(tokenizer: Any) -> list[str]:
+    """The tokenizer's special tokens as text (`<|im_end|>`, `<|eot_id|>` …), longest first."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    markers = set(tokenizer.all_special_tokens) | {t.content for t in added.values() if getattr(t, "special", False)}
+    return sorted((m for m in markers if m), key=len, reverse=True)
+
+
+def text_fields(example: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, text) of every text a row gives the model: instruction/input/output, each turn's content, or a
+    preference row's prompt and answers."""
+    if is_chat(example):
+        return [(f"messages[{i}].content", m.get("content") or "") for i, m in enumerate(example["messages"])]
+    out = []
+    for key in ("instruction", "input", "output", "prompt", "chosen", "rejected"):
+        value = example.get(key)
+        if isinstance(value, str):
+            out.append((key, value))
+        elif isinstance(value, list):
+            out += [(f"{key}[{i}].content", str(m.get("content") or "")) for i, m in enumerate(value)
+                    if isinstance(m, dict)]
+    return out
+

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import Recipe
+from tunebook.data import refuse_special_markers
 from tunebook.errors import RecipeError
 from tunebook.runs import Run, parent_adapter_dir
 
@@ -110,6 +111,7 @@ def train_stage(run: Run, rows: list[dict], resume: Path | None) -> tuple[Any, A
     set_seed(recipe.seed)
     use_cuda = torch.cuda.is_available()
     tokenizer = stage_tokenizer(parent, recipe)
+    refuse_special_markers(rows, recipe.data.train, tokenizer)
     args = stage_config(recipe, run.checkpoints_dir, use_cuda)  # TRL's own checks, before any sampling or model
     facts: dict[str, Any] = {"parent": {"recipe": recipe.stage.parent, "adapter": str(parent)}}
     if recipe.method == "dpo":

@@ -18,7 +18,7 @@ import yaml
 
 from tunebook import allocator
 from tunebook.config import Recipe, redacted_overrides
-from tunebook.data import repeat_rows, sha256, share_context
+from tunebook.data import refuse_special_markers, repeat_rows, sha256, share_context
 from tunebook.errors import RecipeError
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import RUN_INFO_FILE, atomic_dir, clean_leftovers, is_main_process
@@ -164,6 +164,8 @@ def train_run(run: Run, report: Any, force: bool, force_resume: bool) -> Path:
 def training_sets(run: Run, report: Any, tokenizer: Any) -> tuple[list[dict], list[dict], int]:
     """The tokenised training and validation examples (dropped-for-length counted) of an SFT run."""
     recipe = run.recipe
+    for split in ("train", "val"):
+        refuse_special_markers(report.splits[split], getattr(recipe.data, split), tokenizer)
     train_rows, val_rows = repeat_rows(report.splits["train"], recipe.data.repeat), report.splits["val"]
     if recipe.data.share_context:
         train_rows = conversations_sharing_context(train_rows, recipe, tokenizer)

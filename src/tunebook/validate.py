@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from tunebook.config import Recipe
-from tunebook.data import CHAT_EXAMPLE, INSTRUCTION_EXAMPLE, TEXT_FIELDS, read_split, select_rows
+from tunebook.data import (
+    CHAT_EXAMPLE,
+    INSTRUCTION_EXAMPLE,
+    TEXT_FIELDS,
+    check_limit_per,
+    read_split,
+    select_rows,
+)
 from tunebook.errors import RecipeError
 from tunebook.models import (
     REGISTRY,
@@ -382,6 +389,10 @@ def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None =
     check_share_context(recipe, report.splits["train"])
     check_eval_during_training(recipe, report.splits["val"])
     security_notes(recipe, report)
+    test_rows = report.splits["test"]
+    if recipe.eval.where:  # what eval will select: a field no row has, or values none has, is named now
+        test_rows = select_rows(test_rows, recipe.eval.where, recipe.data.test, recipe.source, "eval.where")
+    check_limit_per(test_rows, recipe.eval.limit_per, recipe.data.test, recipe.source)
     check_metric_rows(recipe, report.splits["test"], recipe.data.test)
     if check_model:
         check_model_source(recipe, report)
