@@ -138,6 +138,12 @@ def test_bad_chat_data_is_named_by_file_line_and_fix(own_task, tmp_path):
                        "line 1: messages[2]: content", "is empty"),
         "system later": ([{"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "s"},
                                         {"role": "assistant", "content": "x"}]}], "line 1: messages[2]: role", "system turn"),
+        "two user turns": ([{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"},
+                                          {"role": "user", "content": "again"}, {"role": "assistant", "content": "x"}]}],
+                           "line 1: messages[3]: role", "is user where an assistant turn belongs"),
+        "answer first": ([{"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "hi"},
+                                        {"role": "assistant", "content": "y"}]}],
+                         "line 1: messages[1]: role", "is assistant where a user turn belongs"),
     }
     recipe = own_task(good)
     for name, (rows, where, problem) in cases.items():

@@ -192,6 +192,14 @@ def check_chat_row(example: dict[str, Any], path: str, where: str) -> None:
                               "Put the system turn first, or fold it into the user turn.")
     if not any(m["role"] == "user" for m in messages):
         raise RecipeError(path, f"{where}: field 'messages'", "has no user turn.", "Add the user's question.")
+    first = 2 if messages[0]["role"] == "system" else 1
+    for n, message in enumerate(messages[first - 1:], start=first):
+        expected = "a user" if (n - first) % 2 == 0 else "an assistant"
+        if message["role"] != expected.split()[1]:
+            raise RecipeError(path, f"{where}: messages[{n}]: role", f"is {message['role']} where {expected} turn "
+                              "belongs: turns alternate user, assistant, user … (the chat templates of Mistral, "
+                              "Llama-2, Gemma and others refuse anything else).",
+                              "Merge consecutive turns of one role, and start with the user's.")
     if messages[-1]["role"] != "assistant":
         raise RecipeError(path, f"{where}: field 'messages'",
                           f"ends with a {messages[-1]['role']} turn, not an assistant turn.",
