@@ -222,6 +222,24 @@ def test_new_scaffolds_a_recipe_and_validate_says_what_is_missing(tmp_path, monk
     assert "already exists" in capsys.readouterr().err
 
 
+def test_new_leaves_the_templates_own_data_settings_behind(tmp_path, monkeypatch, capsys):
+    import tunebook.scaffold
+
+    monkeypatch.setattr(tunebook.scaffold, "RECIPES_DIR", tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)
+    sql = Path(__file__).resolve().parents[1] / "recipes"
+    # block-style values of keys that belong to the template's data (`where:` over several lines) go whole
+    block = tmp_path / "block.yaml"
+    block.write_text((sql / "smollm2-sql.yaml").read_text().replace(
+        "  where: {source: [spider, chinook]}", "  where:\n    source:\n      - spider\n      - chinook"))
+    assert main(["new", "mine", "--from", str(block), "--task", "translate"]) == 0
+    recipe = load_recipe(tmp_path / "recipes" / "mine.yaml")
+    assert recipe.data.where is None and recipe.data.share_context is None
+    assert recipe.eval.decoding == ["plain"] and recipe.eval.limit_per is None
+    assert main(["new", "mine-dpo", "--from", str(sql / "smollm2-sql-dpo.yaml"), "--task", "translate"]) == 2
+    assert "--from: smollm2-sql-dpo is a dpo stage" in capsys.readouterr().err
+
+
 def test_built_in_tasks_keep_their_metrics_and_headlines():
     headline = {"smollm2-sql": "exec_accuracy", "smollm2-review": "code_fixed", "smollm2-qa": "rougeL",
                 "smollm2-summarize": "rougeL", "smollm2-extract": "json_match"}
