@@ -347,3 +347,14 @@ def test_a_special_token_written_in_a_row_is_refused_before_training(tiny_recipe
     with pytest.raises(RecipeError) as info:
         train(load_recipe(recipe))
     assert str(info.value).startswith(f"{train_file}: line 3: field 'output': contains '<|im_end|>'")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("training.max_steps='5.5'", "'5.5' is a str, expected int"),
+    ("training.learning_rate=.nan", "nan is not a finite number"),
+    ("training.learning_rate=inf", "inf is not a finite number"),
+    ("eval.metrics=[[rouge]]", "'['rouge']' is not a metric. Did you mean 'rouge'?"),
+])
+def test_numbers_and_names_that_only_look_right_are_refused(tiny_recipe, override, words):
+    message = error_for(tiny_recipe(), [override])
+    assert words in message, message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import re
 import types
 import typing
@@ -587,7 +588,7 @@ def chosen_metrics(eval_cfg: EvalConfig, task: str, source: str) -> tuple[list[s
     metrics = list(chosen) if chosen else list(defaults.metrics)
     columns: dict[str, str] = {}
     for name in metrics:
-        if name not in METRICS:
+        if not isinstance(name, str) or name not in METRICS:
             hint = difflib.get_close_matches(str(name), list(METRICS), n=1)
             raise RecipeError(source, "eval.metrics", f"'{name}' is not a metric.",
                               (f"Did you mean '{hint[0]}'? " if hint else "") + f"Metrics: {', '.join(METRICS)}.")
@@ -687,17 +688,20 @@ def coerce(value: Any, annotation: Any, source: str, field_name: str) -> Any:
     elif isinstance(value, int) and int in allowed:
         return value
     elif isinstance(value, int | float) and float in allowed:
-        return float(value)
+        return finite(float(value), source, field_name)
     elif isinstance(value, str):
         if str in allowed:
             return value
         if float in allowed or int in allowed:
             try:
-                number = float(value)
+                number = finite(float(value), source, field_name)
             except ValueError:
                 pass
             else:
-                return int(number) if int in allowed and number.is_integer() and float not in allowed else number
+                if float in allowed:
+                    return number
+                if number.is_integer():
+                    return int(number)
     elif isinstance(value, list) and list in allowed or isinstance(value, dict) and dict in allowed:
         return value
     if isinstance(value, str) and list in allowed:
@@ -706,6 +710,13 @@ def coerce(value: Any, annotation: Any, source: str, field_name: str) -> Any:
         source, field_name, f"{value!r} is a {type(value).__name__}, expected {type_names(allowed)}.",
         "Fix the value's type.",
     )
+
+
+def finite(number: float, source: str, field_name: str) -> float:
+    """A number a trainer can use: NaN and infinity (`.nan`, `.inf` in YAML) are refused."""
+    if not math.isfinite(number):
+        raise RecipeError(source, field_name, f"{number} is not a finite number.", "Give a real value.")
+    return number
 
 
 def simple_types(annotation: Any) -> set[type]:

@@ -169,6 +169,9 @@ def check_instruction_row(example: dict[str, Any], path: str, where: str) -> Non
                               "It must be a string.")
     if not example["output"].strip():
         raise RecipeError(path, f"{where}: field 'output'", "is empty.", "Give every example an answer.")
+    if not example["instruction"].strip():
+        raise RecipeError(path, f"{where}: field 'instruction'", "is empty.",
+                          "Give every example its instruction (the task or question; details go in \"input\").")
 
 
 def check_chat_row(example: dict[str, Any], path: str, where: str) -> None:
