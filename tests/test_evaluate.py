@@ -95,3 +95,18 @@ def test_eval_on_user_data_with_db_path(tiny_recipe, tmp_path, monkeypatch, sql_
     out = evaluate(load_recipe(tiny_recipe()), which="base", data=str(own))
     report = json.loads((out / "report.json").read_text())
     assert report["n_examples"] == 1 and report["fine_tuned"] == {} and "exec_accuracy" in report["base"]
+
+
+def test_prompts_longer_than_the_models_context_are_counted_in_the_report(tiny_recipe, tiny_model_dir, tmp_path,
+                                                                          monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
+    short = tmp_path / "short-context"
+    shutil.copytree(tiny_model_dir, short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    recipe = load_recipe(tiny_recipe(), [f"model.name={short}", "eval.limit=3"])
+    report = json.loads((evaluate(recipe, which="base") / "report.json").read_text())
+    note = next(n for n in report["notes"] if "longer than the model's context of 64 tokens" in n)
+    assert note.startswith("3 of 3 prompts, with eval.max_new_tokens=16,")

@@ -139,6 +139,10 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
         key = eval_key(recipe, rows, kinds, adapter_dir)
         model_path = resolve_model_path(recipe.model.name)
         tokenizer = load_tokenizer(str(adapter_dir) if which != "base" else model_path, recipe.model.trust_remote_code)
+        beyond = beyond_context(recipe, rows, tokenizer)
+        if beyond:
+            print(f"note: {beyond}")
+            notes.append(beyond)
         results = previous_results(name, rows, kinds, key, "verified" in recipe.eval.decoding) if ggufs else None
         if results:
             print(f"{' and '.join(kinds)}: reusing {report_dir(name)} (same rows, prompts, settings and adapter)")
@@ -413,6 +417,26 @@ def run_gguf(recipe: Recipe, name: str, key: str, path: Path, tokenizer: Any, ro
                 gguf_batches, llm, tokenizer, system, stop_token_ids(tokenizer, system), recipe.eval.max_new_tokens))
     llm = None  # llama.cpp frees the model with its last reference
     return {p: pass_result(journals[p], rows) for p in passes}
+
+
+def beyond_context(recipe: Recipe, rows: list[dict], tokenizer: Any) -> str | None:
+    """A note when some prompts, with room for `eval.max_new_tokens`, exceed the model's context (a held-out schema
+    longer than the model reads): they are answered and scored as generated, and the report says how many."""
+    from tunebook.models import architecture_config
+    from tunebook.prompts import encode_prompt
+
+    config = architecture_config(recipe.model.name)
+    context = getattr(getattr(config, "get_text_config", lambda: config)(), "max_position_embeddings", None)
+    if not context:
+        return None
+    system, room = recipe.data.system_prompt, recipe.eval.max_new_tokens
+    lengths = [len(encode_prompt(tokenizer, row, system)) + room for row in rows]
+    over = [n for n in lengths if n > context]
+    if not over:
+        return None
+    return (f"{len(over)} of {len(rows)} prompts, with eval.max_new_tokens={room}, are longer than the model's "
+            f"context of {context} tokens (the longest {max(over)}): they are answered and scored as generated, "
+            "past what the model was trained to read")
 
 
 def gguf_batches(llm: Any, tokenizer: Any, system: str | None, stops: list[int], max_new_tokens: int,
