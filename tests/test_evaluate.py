@@ -110,3 +110,39 @@ def test_prompts_longer_than_the_models_context_are_counted_in_the_report(tiny_r
     report = json.loads((evaluate(recipe, which="base") / "report.json").read_text())
     note = next(n for n in report["notes"] if "longer than the model's context of 64 tokens" in n)
     assert note.startswith("3 of 3 prompts, with eval.max_new_tokens=16,")
+
+
+def test_sql_rows_turn_your_own_database_into_eval_rows_in_the_training_form(tiny_recipe, tmp_path, monkeypatch,
+                                                                            capsys):
+    import sqlite3
+
+    from tunebook.cli import main
+
+    monkeypatch.setattr(tunebook.outputs, "REPORTS_DIR", tmp_path / "reports")
+    db = tmp_path / "shop.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript("""
+        CREATE TABLE "order" (id INTEGER PRIMARY KEY, "Customer Name" VARCHAR(40), total DECIMAL(8, 2), placed DATE);
+        CREATE TABLE item (order_id INT REFERENCES "order", sku TEXT, qty INTEGER, PRIMARY KEY (order_id, sku));
+        INSERT INTO "order" VALUES (1, 'Ann', 9.5, '2024-01-02'), (2, 'Bo', 20, '2024-02-03');
+        INSERT INTO item VALUES (1, 'a', 2), (2, 'b', 1);
+    """)
+    con.commit()
+    con.close()
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps({"question": "How many orders are there?", "sql": 'SELECT count(*) FROM "order"',
+                                     "shape": "count"}) + "\n")
+    out = tmp_path / "rows.jsonl"
+    assert main(["sql-rows", str(db), str(questions), "--out", str(out)]) == 0
+    assert "1 rows for shop.sqlite" in capsys.readouterr().out
+    row = read_split(out)[0]
+    assert row["input"] == (
+        'Schema:\nCREATE TABLE "order" (id INTEGER PRIMARY KEY, "Customer Name" TEXT, total REAL, placed DATE);\n'
+        'CREATE TABLE item (order_id INTEGER REFERENCES "order"(id), sku TEXT, qty INTEGER, '
+        "PRIMARY KEY (order_id, sku));\n\nQuestion: How many orders are there?")
+    assert row["db_path"] == str(db.resolve()) and row["shape"] == "count" and "db_id" not in row
+    report = json.loads((evaluate(load_recipe(tiny_recipe()), which="base", data=str(out)) / "report.json").read_text())
+    assert report["n_examples"] == 1 and "exec_accuracy" in report["base"]
+    questions.write_text(json.dumps({"question": "q", "sql": "SELECT nope FROM item"}) + "\n")
+    assert main(["sql-rows", str(db), str(questions), "--out", str(out)]) == 2
+    assert "questions.jsonl: line 1: field 'sql': fails on shop.sqlite (no such column: nope)" in capsys.readouterr().err

@@ -41,6 +41,16 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sql_rows(args: argparse.Namespace) -> int:
+    from tunebook.builders.sql import rows_for_database
+    from tunebook.outputs import write_text_atomic
+
+    rows = rows_for_database(Path(args.database), Path(args.questions))
+    write_text_atomic(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"{len(rows)} rows for {Path(args.database).name} -> {args.out} (tunebook eval RECIPE --data {args.out})")
+    return 0
+
+
 def cmd_new(args: argparse.Namespace) -> int:
     from tunebook.scaffold import new_recipe, next_steps
 
@@ -318,6 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--task", required=True, help="your task's name; data goes to data/TASK/")
     new.add_argument("--force", action="store_true", help="replace recipes/NAME.yaml if it exists")
     new.set_defaults(func=cmd_new, overrides=[])
+    rows = sub.add_parser("sql-rows", help="eval rows for your own SQLite database, in the training rows' form",
+                          parents=[verbose])
+    rows.add_argument("database", help="a SQLite file")
+    rows.add_argument("questions", help='JSONL: {"question": "...", "sql": "..."} per line (more fields travel along)')
+    rows.add_argument("--out", required=True, help="the JSONL to write (then: tunebook eval RECIPE --data OUT)")
+    rows.set_defaults(func=cmd_sql_rows, overrides=[])
     data = sub.add_parser("data", help="build datasets into data/<task>/", parents=[verbose])
     data.add_argument("tasks", nargs="+")
     data.add_argument("--out", default="data")
@@ -347,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         except RecipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    name = args.command if args.command in ("data", "bench", "new", "app", "serve") else Path(args.recipe).stem
+    name = args.command if args.command in ("data", "bench", "new", "app", "serve", "sql-rows") else Path(args.recipe).stem
     setup_console(log_file(name, args.command), args.verbose)
     try:
         return args.func(args)

@@ -179,6 +179,48 @@ def render_ddl(schema: Schema) -> str:
     return "\n".join(lines)
 
 
+def affinity_kind(declared: str) -> str:
+    """A live column's kind from its declared type, by SQLite's own affinity rules (INT before CHAR, before REAL)."""
+    text = (declared or "").upper()
+    if "INT" in text:
+        return "integer"
+    if any(word in text for word in ("CHAR", "CLOB", "TEXT")):
+        return "text"
+    if any(word in text for word in ("REAL", "FLOA", "DOUB", "DEC", "NUM")):
+        return "real"
+    if "DATE" in text or "TIME" in text:
+        return "date"
+    return "boolean" if "BOOL" in text else "text"
+
+
+def schema_from_database(path: Path) -> Schema:
+    """A SQLite file's tables, columns, primary and foreign keys (read-only), for `render_ddl`: a user's own
+    database shown to the model exactly as training showed schemas. A foreign key without a column names the
+    target's primary key, as SQLite reads it."""
+    from tunebook.sandbox import read_only_uri
+    from tunebook.sql_grammar import quote_identifier
+
+    con = sqlite3.connect(read_only_uri(path), uri=True)
+    try:
+        names = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY rowid")
+                 if not n.lower().startswith("sqlite_")]
+        tables, keys = {}, []
+        for name in names:
+            info = con.execute(f"PRAGMA table_info({quote_identifier(name)})").fetchall()  # cid, name, type, …, pk
+            tables[name] = Table(name, name, [Column(c[1], c[1], affinity_kind(c[2]), primary=bool(c[5]))
+                                              for c in info])
+            keys += [(name, row[3], row[2], row[4])
+                     for row in con.execute(f"PRAGMA foreign_key_list({quote_identifier(name)})")]
+    finally:
+        con.close()
+    foreign = []
+    for table, column, target, target_column in keys:
+        target = next((t for t in tables if t.lower() == target.lower()), target)
+        pk = [c.name for c in tables[target].columns if c.primary] if target in tables else []
+        foreign.append(ForeignKey(table, column, target, target_column or (pk[0] if pk else column)))
+    return Schema(path.stem, tables, foreign)
+
+
 # ---------------------------------------------------------------- seeded rows
 
 

@@ -423,6 +423,36 @@ def example(db_id: str, ddl: str, question: str, sql: str) -> dict[str, str]:
             "db_id": db_id, "question": question}
 
 
+def rows_for_database(database: Path, questions: Path) -> list[dict[str, str]]:
+    """Eval rows for a user's own SQLite database: each `{"question", "sql"}` line of `questions` as a row in the
+    training rows' own form (the schema rendered as `render_ddl` renders Spider's), with `db_path` set; every gold
+    query must run there. For `tunebook sql-rows`."""
+    from tunebook.data import raw_examples
+    from tunebook.errors import RecipeError
+    from tunebook.metrics import gold_result
+
+    if not database.is_file():
+        raise RecipeError("tunebook sql-rows", "DATABASE", f"'{database}' is not a file.", "Give a SQLite file.")
+    ddl = spider.render_ddl(spider.schema_from_database(database))
+    if not ddl:
+        raise RecipeError(str(database), None, "has no tables.", "Give the SQLite file that holds your data.")
+    rows = []
+    for where, item in raw_examples(questions):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) and item[k].strip()
+                                                 for k in ("question", "sql")):
+            raise RecipeError(str(questions), where, 'is not {"question": "...", "sql": "..."}.',
+                              "Give each question its gold query (the report scores answers against it).")
+        error = gold_result(database, item["sql"]).error
+        if error is not None:
+            raise RecipeError(str(questions), f"{where}: field 'sql'", f"fails on {database.name} ({error}).",
+                              "Fix the query or the database.")
+        row = example(database.stem, ddl, item["question"].strip(), item["sql"].strip())
+        del row["db_id"]
+        rows.append({**row, "db_path": str(database.resolve()),
+                     **{k: v for k, v in item.items() if k not in ("question", "sql")}})
+    return rows
+
+
 SPIDER_HELD_OUT = 24  # whole Spider training databases kept for test only (chosen by a seeded hash, not by hand)
 
 
