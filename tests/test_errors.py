@@ -264,6 +264,7 @@ def test_eval_where_is_checked_before_generation(tiny_recipe):
     ("export.gguf=[iq2_xxs]", "export.gguf", "needs an importance matrix"),
     ("export.gguf=[q2_k_s]", "export.gguf", "needs an importance matrix"),
     ("export.verify_prompts=0", "export.verify_prompts", "too small"),
+    ("training.report_to=wandbb", "training", "TRL refuses these settings: wandbb is not supported"),
 ])
 def test_late_failures_are_validate_time_errors(tiny_recipe, override, field, words):
     overrides = [override, "data.val_limit=0"] if "eval_strategy" in override else [override]
@@ -358,3 +359,20 @@ def test_a_special_token_written_in_a_row_is_refused_before_training(tiny_recipe
 def test_numbers_and_names_that_only_look_right_are_refused(tiny_recipe, override, words):
     message = error_for(tiny_recipe(), [override])
     assert words in message, message
+
+
+def test_paths_beside_a_recipe_elsewhere_and_fields_given_twice_are_named(tiny_recipe, tmp_path, monkeypatch):
+    path = tiny_recipe()
+    elsewhere = tmp_path / "project"
+    elsewhere.mkdir()
+    for split in ("train", "val", "test"):
+        (elsewhere / f"{split}.jsonl").write_text((tmp_path / f"{split}.jsonl").read_text())
+    moved = elsewhere / "mine.yaml"
+    moved.write_text(path.read_text().replace(str(tmp_path / "train.jsonl"), "train.jsonl")
+                     .replace(str(tmp_path / "val.jsonl"), "val.jsonl").replace(str(tmp_path / "test.jsonl"), "test.jsonl"))
+    monkeypatch.chdir(tmp_path / "databases")
+    message = error_for(moved)
+    assert "they are beside the recipe, in" in message and "paths are read from the current directory" in message
+    line = (tmp_path / "train.jsonl").read_text().splitlines()[0]
+    (tmp_path / "train.jsonl").write_text(line[:-1] + ', "output": "SELECT 1"}\n')
+    assert "train.jsonl: line 1: field 'output': is given twice in one object" in error_for(path)

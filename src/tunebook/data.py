@@ -57,6 +57,21 @@ def read_split(path: str | Path, recipe_source: str = "recipe", field_name: str 
     return examples
 
 
+class DuplicateField(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateField(key)
+        out[key] = value
+    return out
+
+
 def raw_examples(path: Path) -> list[tuple[str, Any]]:
     """(where, example) for each example of a file: `line N` for JSONL, `example N`/`row N` otherwise."""
     if path.suffix == ".jsonl":
@@ -71,7 +86,10 @@ def raw_examples(path: Path) -> list[tuple[str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    out.append((f"line {number}", json.loads(line)))
+                    out.append((f"line {number}", json.loads(line, object_pairs_hook=_unique_keys)))
+                except DuplicateField as exc:
+                    raise RecipeError(str(path), f"line {number}: field '{exc.key}'", "is given twice in one object; "
+                                      "JSON readers keep only the last, silently.", "Keep one.") from None
                 except json.JSONDecodeError as exc:
                     raise RecipeError(str(path), f"line {number}", f"is not valid JSON ({exc.msg} at column "
                                       f"{exc.colno}).", "Each line must be one JSON object.") from None
@@ -80,7 +98,10 @@ def raw_examples(path: Path) -> list[tuple[str, Any]]:
         from tunebook.config import read_utf8
 
         try:
-            rows = json.loads(read_utf8(path))
+            rows = json.loads(read_utf8(path), object_pairs_hook=_unique_keys)
+        except DuplicateField as exc:
+            raise RecipeError(str(path), f"field '{exc.key}'", "is given twice in one object; JSON readers keep only "
+                              "the last, silently.", "Keep one.") from None
         except json.JSONDecodeError as exc:
             raise RecipeError(str(path), f"line {exc.lineno}", f"is not valid JSON ({exc.msg}).",
                               "A .json split is one JSON list of examples (or use JSONL).") from None

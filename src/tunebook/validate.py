@@ -316,11 +316,14 @@ def check_trainer_config(recipe: Recipe) -> None:
             if recipe.method == "sft":
                 from tunebook.train import sft_config
 
-                sft_config(recipe, Path(tmp), use_cuda, dtype)
+                args = sft_config(recipe, Path(tmp), use_cuda, dtype)
             else:
                 from tunebook.stages import stage_config
 
-                stage_config(recipe, Path(tmp), use_cuda, dtype)
+                args = stage_config(recipe, Path(tmp), use_cuda, dtype)
+            from transformers.integrations import get_reporting_integration_callbacks
+
+            get_reporting_integration_callbacks(args.report_to)  # the Trainer's own check of report_to
         except (ValueError, TypeError) as exc:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".") + "."
             raise RecipeError(recipe.source, section, f"TRL refuses these settings: {reason}",
@@ -373,6 +376,14 @@ def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None =
     missing = [f"data.{split} ({getattr(recipe.data, split)})" for split in ("train", "val", "test")
                if not Path(getattr(recipe.data, split)).exists()]
     if missing:
+        beside = Path(recipe.source).parent
+        found = [split for split in ("train", "val", "test") if not Path(getattr(recipe.data, split)).exists()
+                 and not Path(getattr(recipe.data, split)).is_absolute()
+                 and (beside / getattr(recipe.data, split)).exists()]
+        if found and beside.resolve() != Path.cwd().resolve():
+            raise RecipeError(recipe.source, "data", f"still missing: {', '.join(missing)}; they are beside the "
+                              f"recipe, in {beside}, but paths are read from the current directory ({Path.cwd()}).",
+                              f"Run tunebook from {beside}, or give the paths from here or as absolute paths.")
         raise RecipeError(recipe.source, "data", f"still missing: {', '.join(missing)}.",
                           f"Build them (`tunebook data {recipe.task}` where tunebook has a builder for it) or write your "
                           "examples there: one JSON object per line, "
