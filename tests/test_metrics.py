@@ -236,3 +236,46 @@ def test_a_table_wider_than_500_columns_can_be_read(tmp_path):
     con.commit()
     con.close()
     assert run_sql(path, "SELECT c599 FROM wide") == ([(1,)], None)
+
+
+def test_text_metrics_read_every_script_and_unicode_form():
+    from rouge_score import rouge_scorer
+
+    from tunebook.metrics import METRICS, exact_match
+
+    for text in ("le chat est sur la table, l'été dernier", "кошка сидит на столе", "猫はテーブルの上にいる", "القط على الطاولة"):
+        rouge = METRICS["rouge"].score([text], [{"instruction": "q", "output": text}], Path("x.jsonl"))
+        assert rouge == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}, text
+    assert METRICS["rouge"].score(["l'ôté"], [{"instruction": "q", "output": "l'été"}], Path("x"))["rouge1"] == 50.0
+    # English is scored exactly as rouge-score's own tokenizer scores it (lower case, Porter stems)
+    default = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    pred, ref = "The cats were running quickly to the houses, didn't they?", "A cat runs quickly to its house; it did."
+    ours = METRICS["rouge"].score([pred], [{"instruction": "q", "output": ref}], Path("x"))
+    assert ours == pytest.approx({k: 100 * v.fmeasure for k, v in default.score(ref, pred).items()})
+    nfd, nfc = "cafe\u0301 au lait", "caf\u00e9 au lait"
+    assert exact_match([nfd], [nfc]) == 100
+    chinese = "我们今天下午去公园散步吧"
+    assert METRICS["bleu"].score([chinese], [{"instruction": "q", "output": chinese}], Path("x"))["bleu"] == \
+        pytest.approx(100)
+
+
+@pytest.mark.parametrize("answer", [
+    "```python3\nx = 1\n```", "```Python\nx = 1\n```", "``` py\nx = 1\n```", "Fixed:\n```python\nx = 1\n",
+    "```text\nImproved code:\n```\n\n```python\nx = 1\n```",
+])
+def test_the_improved_code_is_the_last_python_fence_however_it_is_written(answer):
+    from tunebook.metrics import last_code_block
+
+    assert last_code_block(answer).strip() == "x = 1"
+
+
+def test_json_answers_are_read_strictly_and_compared_as_json():
+    from tunebook.metrics import json_metrics, parse_json_answer
+    from tunebook.rewards import json_match
+
+    assert parse_json_answer('```python\nprint(1)\n```\n```json\n{"a": 1}\n```') == (True, {"a": 1})
+    assert json_metrics(['{"a": true}', "[false, true]", '{"a": 1.0}'], ['{"a": 1}', "[0, 1]", '{"a": 1}']) == \
+        {"json_match": 100 / 3, "json_valid": 100.0}
+    for bad in ('{"a": NaN}', '{"a": Infinity}', '{"a": 1, "a": 2}', "[" * 5000):
+        assert parse_json_answer(bad) == (False, None), bad[:20]
+    assert json_match(None, ["null", '{"a": 1}'], ["not json", '{"a": 1}']) == [0.2, 1.0]

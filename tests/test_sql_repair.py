@@ -121,3 +121,16 @@ def test_a_correlated_subquerys_outer_column_is_left_to_the_outer_query(tmp_path
              "AND salary > budget) = 2")
     assert rows_of(db, query) == [("a",)]
     assert repair(query, schema_for(db)) is None
+
+
+def test_held_out_rows_by_path_and_training_rows_by_id_name_one_database(tiny_recipe, sql_data, tmp_path):
+    from tunebook.config import load_recipe
+    from tunebook.data import read_split
+    from tunebook.sql_task import eval_subsets
+
+    recipe = load_recipe(tiny_recipe())
+    trained = read_split(recipe.data.train)[0]["db_id"]
+    unseen = next(r for r in read_split(sql_data / "test.jsonl") if r.get("unseen_schema") and r["db_id"] != trained)
+    rows = [{"instruction": "q", "output": "SELECT 1", "db_path": str(sql_data / "databases" / f"{db}.sqlite"),
+             "source": "spider"} for db in (trained, unseen["db_id"])]
+    assert eval_subsets(recipe, rows, tmp_path / "mine.jsonl") == {"unseen_schema": [1], "unseen_real_schema": [1]}

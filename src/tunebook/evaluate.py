@@ -461,7 +461,7 @@ def group_indices(rows: list[dict], key: str) -> dict[str, list[int]]:
 def task_subsets(recipe: Recipe, rows: list[dict], results: dict[str, dict], data_file: Path) -> dict[str, dict]:
     """The subsets of the rows that the recipe's task scores apart (`tasks.Task.subsets`), each scored alone."""
     return {name: score_subset(recipe, idx, rows, results, data_file)
-            for name, idx in eval_subsets(recipe, rows).items()}
+            for name, idx in eval_subsets(recipe, rows, data_file).items()}
 
 
 def score_subset(recipe: Recipe, indices: list[int], rows: list[dict], results: dict[str, dict],

@@ -11,6 +11,7 @@ import functools
 import math
 import re
 import sqlite3
+import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -170,7 +171,11 @@ def sql_error_kind(error: str | None, correct: bool) -> str:
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:
-    same = sum(" ".join(p.split()) == " ".join(r.split()) for p, r in zip(predictions, references, strict=True))
+    """Equal texts, whitespace aside and in one Unicode form (NFC: `é` typed as one character or as e + accent)."""
+    def norm(text: str) -> str:
+        return " ".join(unicodedata.normalize("NFC", text).split())
+
+    same = sum(norm(p) == norm(r) for p, r in zip(predictions, references, strict=True))
     return 100 * same / max(len(predictions), 1)
 
 
@@ -235,12 +240,20 @@ def _answer_nll(model: Any, batch: list[dict], firsts: list[int], prefix: int, p
     return nll.item(), int((shift_labels != -100).sum())
 
 
-_PY_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
+# A fence opens at the start of a line with an info string in any case (```Python, ``` py3), and closes at the
+# start of a line, or is left open at the end of the answer (cut off by max_new_tokens).
+_BLOCK = re.compile(r"^[ \t]*```[ \t]*([^\n`]*)\n(.*?)(?:^[ \t]*```[ \t]*$|\Z)", re.S | re.M)
+PYTHON_INFO = ("", "python", "py", "python3", "py3")
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(info string in lower case, body) of each fenced block of an answer, in order."""
+    return [(info.strip().lower(), body) for info, body in _BLOCK.findall(text)]
 
 
 def last_code_block(text: str) -> str | None:
     """The last fenced Python block of a text (a review's improved code), or None."""
-    blocks = _PY_BLOCK.findall(text)
+    blocks = [body for info, body in fenced_blocks(text) if info in PYTHON_INFO]
     return blocks[-1] if blocks else None
 
 
@@ -261,8 +274,8 @@ def code_tokens(code: str | None) -> tuple[tuple[int, str], ...] | None:
         tokens = tokenize.generate_tokens(io.StringIO(code).readline)
         return tuple((t.type, "" if t.type == tokenize.INDENT else t.string.strip()) for t in tokens
                      if t.type not in (tokenize.NL, tokenize.ENDMARKER))
-    except (SyntaxError, ValueError, tokenize.TokenError):
-        return None
+    except (SyntaxError, ValueError, tokenize.TokenError, RecursionError, MemoryError):
+        return None  # nested past the parser's depth counts as code that does not parse, not as a crash
 
 
 def kept_ratio(before: tuple, after: tuple) -> float:
@@ -366,18 +379,47 @@ def review_metrics(
     }
 
 
-_JSON_FENCE = re.compile(r"```(?:json)?\s*\n(.*?)```", re.S | re.I)
+def _strict_json(text: str) -> Any:
+    """JSON as the standard has it: no NaN or Infinity, no key given twice (Python's reader accepts both)."""
+    import json
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({k for k, _ in pairs}) != len(pairs):
+            raise ValueError("a key given twice")
+        return dict(pairs)
+
+    return json.loads(text, parse_constant=no_constant, object_pairs_hook=unique)
 
 
 def parse_json_answer(text: str) -> tuple[bool, Any]:
-    """(parsed, value) of an answer that should be JSON: the whole answer, or its first fenced block."""
-    import json
+    """(parsed, value) of an answer that should be JSON: its first fenced block marked json (or unmarked) that
+    parses, else the whole answer, else any other fenced block that parses (a model that echoes a ```python input
+    before its ```json answer)."""
+    blocks = fenced_blocks(text)
+    candidates = [b for info, b in blocks if info in ("json", "jsonc", "")] + [text] + \
+                 [b for info, b in blocks if info not in ("json", "jsonc", "")]
+    for candidate in candidates:
+        try:
+            return True, _strict_json(candidate)
+        except (ValueError, TypeError, RecursionError):
+            continue
+    return False, None
 
-    match = _JSON_FENCE.search(text)
-    try:
-        return True, json.loads(match.group(1) if match else text)
-    except (ValueError, TypeError):
-        return False, None
+
+def json_equal(a: Any, b: Any) -> bool:
+    """Equal as JSON values: key order and number spelling (1, 1.0) aside, but `true` is not `1`."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and a == b
 
 
 def json_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -386,8 +428,9 @@ def json_metrics(predictions: list[str], references: list[str]) -> dict[str, flo
     matches = valid = 0
     for pred, ref in zip(predictions, references, strict=True):
         ok, value = parse_json_answer(pred)
+        expected_ok, expected = parse_json_answer(ref)
         valid += ok
-        matches += ok and value == parse_json_answer(ref)[1]
+        matches += ok and expected_ok and json_equal(value, expected)
     n = max(len(predictions), 1)
     return {"json_match": 100 * matches / n, "json_valid": 100 * valid / n}
 
@@ -437,10 +480,30 @@ def _refs(rows: list[dict]) -> list[str]:
     return [reference_answer(r) for r in rows]
 
 
+# Scripts written without spaces between words: each character is a token (as ROUGE and BLEU do for Chinese).
+_UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0e7f"
+_WORD = re.compile(rf"[{_UNSPACED}]|(?:(?![{_UNSPACED}])[^\W_])+")
+
+
+class RougeTokens:
+    """rouge-score's own tokens for English (lower case, letter-and-digit runs, Porter stems of words longer than 3
+    letters), extended to every script. Its default tokenizer keeps only [a-z0-9]: an answer in Chinese, Russian or
+    Arabic scored 0 even when it equalled the reference, and accented letters were dropped (`l'été` = `l'ôté`)."""
+
+    def __init__(self) -> None:
+        from nltk.stem import porter
+
+        self.stemmer = porter.PorterStemmer()
+
+    def tokenize(self, text: str) -> list[str]:
+        words = _WORD.findall(unicodedata.normalize("NFC", text).lower())
+        return [self.stemmer.stem(w) if len(w) > 3 and w.isascii() else w for w in words]
+
+
 def _rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=RougeTokens())
     totals: Counter = Counter()
     for pred, ref in zip(predictions, references, strict=True):
         for key, score in scorer.score(ref, pred).items():
@@ -453,8 +516,14 @@ def _sacrebleu(kind: str) -> Scorer:
     def score(predictions: list[str], rows: list[dict], data_file: Path) -> dict[str, float]:
         import sacrebleu
 
-        corpus = sacrebleu.corpus_bleu if kind == "bleu" else sacrebleu.corpus_chrf
-        return {kind: corpus(predictions, [_refs(rows)]).score}
+        predictions_nfc = [unicodedata.normalize("NFC", p) for p in predictions]
+        references = [unicodedata.normalize("NFC", r) for r in _refs(rows)]
+        if kind == "chrf":
+            return {kind: sacrebleu.corpus_chrf(predictions_nfc, [references]).score}
+        # sacrebleu's default tokenizer (13a) splits on spaces, so a Chinese or Japanese sentence is one word and
+        # BLEU is 0: its `zh` tokenizer splits those characters (text in other scripts is tokenized as 13a does).
+        unspaced = any(re.search(f"[{_UNSPACED}]", r) for r in references)
+        return {kind: sacrebleu.corpus_bleu(predictions_nfc, [references], tokenize="zh" if unspaced else "13a").score}
 
     return score
 

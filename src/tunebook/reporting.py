@@ -46,7 +46,7 @@ def metrics_table(report: dict) -> str:
     at = [name for name, _ in cols].index("fine-tuned") + 1 if with_delta else 0  # delta right after fine-tuned
     heads = [name for name, _ in cols[:at]] + (["delta"] if with_delta else []) + [name for name, _ in cols[at:]]
     lines = ["| metric | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
-    for key in cols[0][1]:
+    for key in dict.fromkeys(k for _, m in cols for k in m):  # every column's metrics, not only the first's
         cells = [_cell(m.get(key), ".2f") for _, m in cols]
         if with_delta:
             delta = report["delta"].get(key)

@@ -45,12 +45,13 @@ def exact_match(prompts: list[Any], completions: list[Any], reference: list[str]
 
 def json_match(prompts: list[Any], completions: list[Any], reference: list[str], **_: Any) -> list[float]:
     """1.0 when the answer parses as JSON and equals the reference; 0.2 when it only parses."""
-    from tunebook.metrics import parse_json_answer
+    from tunebook.metrics import json_equal, parse_json_answer
 
     scores = []
     for completion, ref in zip(completions, reference, strict=True):
         ok, value = parse_json_answer(_text(completion))
-        scores.append(1.0 if ok and value == parse_json_answer(ref)[1] else 0.2 if ok else 0.0)
+        expected_ok, expected = parse_json_answer(ref)  # a reference that is not JSON matches nothing
+        scores.append(1.0 if ok and expected_ok and json_equal(value, expected) else 0.2 if ok else 0.0)
     return scores
 
 

@@ -10,16 +10,25 @@ its filter left out is unseen to the model), nor for rows of a user's own data, 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunebook.data import read_split, select_rows
 from tunebook.errors import RecipeError
+from tunebook.metrics import db_path_for
 
 if TYPE_CHECKING:
     from tunebook.config import Recipe
 
 
-def train_db_ids(recipe: Recipe) -> set[str]:
+def database_of(row: dict, data_file: Path) -> Path | None:
+    """The database file a row runs on, resolved, whether it names it by `db_id` or by `db_path` (None: neither)."""
+    if not (row.get("db_id") or row.get("db_path")):
+        return None
+    return db_path_for(row, data_file).resolve()
+
+
+def train_databases(recipe: Recipe) -> set[Path]:
     """The databases the recipe trained on (after `data.where`); none when its train split cannot be read."""
     try:
         rows = read_split(recipe.data.train, recipe.source, "data.train")
@@ -27,20 +36,23 @@ def train_db_ids(recipe: Recipe) -> set[str]:
             rows = select_rows(rows, recipe.data.where, recipe.data.train, recipe.source)
     except RecipeError:
         return set()
-    return {r.get("db_id") for r in rows}
+    return {database_of(r, Path(recipe.data.train)) for r in rows} - {None}
 
 
-def eval_subsets(recipe: Recipe, rows: list[dict]) -> dict[str, list[int]]:
-    """Subset name -> row positions, in report order, for rows that name their database (`db_id`):
+def eval_subsets(recipe: Recipe, rows: list[dict], data_file: Path | None = None) -> dict[str, list[int]]:
+    """Subset name -> row positions, in report order, for rows that name their database (`db_id` or `db_path`,
+    compared as the files they resolve to, so a held-out row by path and a training row by id agree):
 
     - `unseen_schema`: rows whose database the recipe never trained on (only when that is some rows, not all);
     - `unseen_real_schema`: those among them on a real (Spider) schema (`source: spider`);
     - `people`: those among them asked by people (`source: people`, datasets_cards/sql.md).
     """
-    if not any(r.get("db_id") for r in rows):
+    data_file = Path(data_file or recipe.data.test)
+    where = [database_of(r, data_file) for r in rows]
+    if not any(where):
         return {}
-    seen = train_db_ids(recipe)
-    unseen = [i for i, r in enumerate(rows) if r.get("db_id") not in seen]
+    seen = train_databases(recipe)
+    unseen = [i for i, db in enumerate(where) if db is not None and db not in seen]
     groups = {}
     if unseen and len(unseen) < len(rows):
         groups["unseen_schema"] = unseen

@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tunebook.config import Recipe
 
 TEXT_METRICS = ("rouge", "bleu", "chrf", "exact_match", "perplexity")
@@ -29,7 +31,7 @@ class Task:
     main_metric: str = "rougeL"  # the report column that headlines the report, the chart and `make demo`
     instruction: str | None = None  # the instruction its built rows carry (and `tunebook new` suggests)
     builder: str | None = None  # "module:function" writing data/<task>/{train,val,test}.jsonl, for `tunebook data`
-    # "module:function" (recipe, eval rows) -> {subset name: row positions}: the report's subsets, in report order
+    # "module:function" (recipe, eval rows, their data file) -> {subset name: row positions}: the report's subsets, in report order
     subsets: str | None = None
 
 
@@ -76,7 +78,8 @@ def load_hook(spec: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), name)
 
 
-def eval_subsets(recipe: Recipe, rows: list[dict]) -> dict[str, list[int]]:
-    """The recipe's task's subsets of these eval rows (subset name -> row positions); none for most tasks."""
+def eval_subsets(recipe: Recipe, rows: list[dict], data_file: Path) -> dict[str, list[int]]:
+    """The recipe's task's subsets of these eval rows, read from `data_file` (subset name -> row positions); none
+    for most tasks."""
     task = get_task(recipe.task)
-    return load_hook(task.subsets)(recipe, rows) if task.subsets else {}
+    return load_hook(task.subsets)(recipe, rows, data_file) if task.subsets else {}
