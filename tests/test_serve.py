@@ -94,12 +94,32 @@ def test_served_answers_are_eval_ggufs_and_the_api_behaves(exported):
         import httpx
 
         for body in (b"{not json", b"[1, 2]", b'{"messages": "hi"}',
-                     b'{"messages": [{"role": "assistant", "content": "hi"}]}'):
+                     b'{"messages": [{"role": "assistant", "content": "hi"}]}',
+                     b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
+                     b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 0}',
+                     b'{"messages": [{"role": "user", "content": "a"}], "temperature": -1}',
+                     b'{"messages": [{"role": "user", "content": "a"}], "n": 3}'):
             answer = httpx.post(f"{url}/chat/completions", content=body, headers={"content-type": "application/json"})
             assert answer.status_code == 400, body
             assert answer.json()["error"]["type"] == "invalid_request_error"
         # and the server still answers afterwards
         assert ask(client, recipe.name, rows[0], max_tokens=max_new).strip() == evaluated[0]
+
+        # a request arriving while another streams waits its turn; it does not cut the stream off
+        import threading
+
+        streamed: list[str] = []
+
+        def consume() -> None:
+            chunks = client.chat.completions.create(model=recipe.name, temperature=0, max_tokens=max_new, stream=True,
+                                                    messages=[{"role": "user", "content": _user(row)}])
+            streamed.append("".join(chunk.choices[0].delta.content or "" for chunk in chunks))
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        other = ask(client, recipe.name, rows[0], max_tokens=max_new)
+        reader.join()
+        assert streamed == [longest] and other == served[0]
 
     from tunebook.bench import bench_serve
 

@@ -184,7 +184,7 @@ class Models:
         else:
             if self.llama is not None:
                 self.llama.close()
-            self.llama = None
+            self.llama, self.current = None, None  # a load that fails must not leave the old name on no model
             self.llama = load_llama(model)
         self.llama.chat_handler = chat_handler(model)
         self.current = name
@@ -224,7 +224,9 @@ def create_app(served: list[Served], adapters: bool = False) -> Any:
     original = server_app.LlamaProxy
     server_app.LlamaProxy = _Deferred
     try:
-        app = server_app.create_app(server_settings=ServerSettings(), model_settings=settings)
+        # llama.cpp's server cuts off a stream in progress when any other request arrives (`interrupt_requests`,
+        # on by default): two users, or a UI polling /v1/models, would get half answers. Requests queue instead.
+        app = server_app.create_app(server_settings=ServerSettings(interrupt_requests=False), model_settings=settings)
     finally:
         server_app.LlamaProxy = original
     server_app._llama_proxy = Models(served, adapters)
@@ -284,8 +286,23 @@ def body_problem(body: bytes, request_type: Any) -> str | None:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         return f"Invalid request: '{where}': {first.get('msg', 'invalid value')}."
-    if hasattr(request, "messages"):
+    problem = sampling_problem(data)
+    if problem is None and hasattr(request, "messages"):
         return chat_problem(data)
+    return problem
+
+
+def sampling_problem(data: dict[str, Any]) -> str | None:
+    """Settings outside OpenAI's ranges, which llama.cpp would take as something else (a max_tokens of 0 as
+    "unlimited", a negative temperature as sampling from the unfiltered distribution), or None."""
+    max_tokens = data.get("max_tokens")
+    if isinstance(max_tokens, int | float) and not isinstance(max_tokens, bool) and max_tokens < 1:
+        return f"Invalid request: 'max_tokens': {max_tokens} is less than the minimum of 1."
+    temperature = data.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool) and not 0 <= temperature <= 2:
+        return f"Invalid request: 'temperature': {temperature} is not between 0 and 2."
+    if data.get("n") not in (None, 1):
+        return "Invalid request: 'n': this server returns one choice per request; use n = 1."
     return None
 
 
@@ -295,6 +312,10 @@ def chat_problem(data: dict[str, Any]) -> str | None:
     roles = [m.get("role") for m in messages if isinstance(m, dict)]
     if not roles or roles[-1] != "user":
         return "Invalid request: 'messages' must end with a message whose role is 'user'."
+    turns = roles[1:] if roles[0] == "system" else roles
+    if any(role != ("user", "assistant")[i % 2] for i, role in enumerate(turns)):
+        return ("Invalid request: 'messages': after an optional first system message, roles must alternate user, "
+                "assistant, user … (as the model was trained; some chat templates refuse anything else).")
     if data.get("tools") or data.get("functions"):
         return "Invalid request: 'tools': this model was fine-tuned without tools, so tools are not supported."
     if (data.get("response_format") or {}).get("type") not in (None, "text"):
