@@ -376,3 +376,8 @@ def test_paths_beside_a_recipe_elsewhere_and_fields_given_twice_are_named(tiny_r
     line = (tmp_path / "train.jsonl").read_text().splitlines()[0]
     (tmp_path / "train.jsonl").write_text(line[:-1] + ', "output": "SELECT 1"}\n')
     assert "train.jsonl: line 1: field 'output': is given twice in one object" in error_for(path)
+
+
+def test_a_system_prompt_that_would_break_the_modelfile_is_refused(tiny_recipe):
+    message = error_for(tiny_recipe(), ['data.system_prompt=Answer as in """docs""" here'])
+    assert 'data.system_prompt: contains """, which would end the SYSTEM' in message

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not tunebook.export.CONVERTER_DIR.joinpath("conv
 
 def render_go_template(template: str, system: str, prompt: str) -> str:
     """What Ollama does with the `.System`/`.Prompt` slots our templates use."""
-    return template.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt)
+    return template.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt).replace('{{ "{{" }}', "{{")
 
 
 @pytest.fixture
@@ -65,6 +65,17 @@ def test_modelfile_template_renders_like_training(trained, tokenizer):
     text = modelfile("x-q8_0.gguf", tokenizer, system, 1024)
     assert text.startswith("FROM ./x-q8_0.gguf")
     assert 'PARAMETER stop "<|im_end|>"' in text and f'SYSTEM """{system}"""' in text
+
+
+def test_modelfile_keeps_a_templates_literal_braces_literal(tokenizer):
+    import copy
+
+    braces = copy.deepcopy(tokenizer)
+    braces.chat_template = "{{ '{{' }}" + tokenizer.chat_template  # fixed text Go would read as an action
+    example = {"instruction": "Write a SQLite query.", "input": ""}
+    template = ollama_template(braces, None)
+    assert template.startswith('{{ "{{" }}')
+    assert render_go_template(template, "", "Write a SQLite query.") == render_prompt(braces, example, None)
 
 
 def test_interrupted_export_leaves_previous_outputs(trained, monkeypatch):

@@ -241,6 +241,7 @@ def ollama_template(tokenizer: Any, system_prompt: str | None) -> str:
     Rendered by the same `render_prompt` training uses, so the two cannot drift apart.
     """
     rendered = render_prompt(tokenizer, {"instruction": PROMPT_SLOT, "input": ""}, SYSTEM_SLOT if system_prompt else None)
+    rendered = rendered.replace("{{", '{{ "{{" }}')  # the template's own text, literal to Go's template parser
     return rendered.replace(PROMPT_SLOT, "{{ .Prompt }}").replace(SYSTEM_SLOT, "{{ .System }}")
 
 

@@ -393,6 +393,10 @@ def validate_recipe(recipe: Recipe, check_model: bool = True, tier: str | None =
         if recipe.data.where and split != "test":
             rows = select_rows(rows, recipe.data.where, getattr(recipe.data, split), recipe.source)
         report.splits[split] = rows
+    if recipe.data.system_prompt and '"""' in recipe.data.system_prompt:
+        raise RecipeError(recipe.source, "data.system_prompt", 'contains """, which would end the SYSTEM """…""" '
+                          "block of the Ollama Modelfile that export writes.", "Rephrase it without three double "
+                          "quotes in a row.")
     check_row_formats(recipe, report)
     check_stage_inputs(recipe, report.splits["train"])
     check_trainer_config(recipe)
