@@ -98,7 +98,8 @@ def test_served_answers_are_eval_ggufs_and_the_api_behaves(exported):
                      b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
                      b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 0}',
                      b'{"messages": [{"role": "user", "content": "a"}], "temperature": -1}',
-                     b'{"messages": [{"role": "user", "content": "a"}], "n": 3}'):
+                     b'{"messages": [{"role": "user", "content": "a"}], "n": 3}',
+                     b'{"messages": [{"role": "user", "content": "a"}], "logprobs": true, "top_logprobs": 2}'):
             answer = httpx.post(f"{url}/chat/completions", content=body, headers={"content-type": "application/json"})
             assert answer.status_code == 400, body
             assert answer.json()["error"]["type"] == "invalid_request_error"
@@ -207,3 +208,14 @@ def recipe_adapter(recipe):
     from tunebook.outputs import fine_tuned_dir
 
     return fine_tuned_dir(recipe.name) / "adapter_model.safetensors"
+
+
+def test_streamed_text_is_whole_characters_in_any_script(tokenizer):
+    from tunebook.serve import streaming_tokenizer
+
+    text = "SELECT 'café 表 ✓ ü ñ 你好' AS x -- 😀"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    wrapped = streaming_tokenizer(tokenizer)
+    pieces = [wrapped.detokenize(ids[i:i + 1], prev_tokens=ids[:i]) for i in range(len(ids))]
+    assert b"".join(pieces).decode("utf-8") == text
+    assert all(b"\xef\xbf\xbd" not in piece for piece in pieces)  # never a replacement character on the way

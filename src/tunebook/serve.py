@@ -125,14 +125,34 @@ COMPLETION_KEYS = {"temperature", "top_p", "top_k", "min_p", "typical_p", "strea
                    "mirostat_eta", "model", "logits_processor", "grammar", "logit_bias"}
 
 
-def load_llama(model: Served, lora: Path | None = None) -> Any:
-    """llama.cpp over the model's GGUF, with the trained tokenizer for text in and out."""
+def streaming_tokenizer(tokenizer: Any) -> Any:
+    """llama-cpp-python's wrapper of a transformers tokenizer, fixed for streaming. Its `detokenize(tokens,
+    prev_tokens)` decodes both as text and cuts by byte length; a token that ends inside a character (an emoji,
+    `ü`, a CJK character are several tokens) decodes to U+FFFD, three bytes that are not the character's, so the
+    cut lands wrong and streamed answers showed `�` where the whole answer was right. Here a text that ends in
+    U+FFFD is held back until the character is complete."""
     from llama_cpp.llama_tokenizer import LlamaHFTokenizer
 
+    class Streaming(LlamaHFTokenizer):
+        def detokenize(self, tokens: list[int], prev_tokens: list[int] | None = None, special: bool = False) -> bytes:
+            if prev_tokens is None:
+                return super().detokenize(tokens, None, special)
+
+            def text(ids: list[int]) -> str:
+                return self.hf_tokenizer.decode(ids, skip_special_tokens=not special).rstrip("\ufffd")
+
+            whole, before = text(prev_tokens + tokens), text(prev_tokens)
+            return whole[len(before):].encode("utf-8") if whole.startswith(before) else b""
+
+    return Streaming(tokenizer)
+
+
+def load_llama(model: Served, lora: Path | None = None) -> Any:
+    """llama.cpp over the model's GGUF, with the trained tokenizer for text in and out."""
     from tunebook import llamacpp
 
     return llamacpp.load_gguf(model.gguf, n_ctx=model.n_ctx, lora_path=lora,
-                              tokenizer=LlamaHFTokenizer(model.tokenizer))
+                              tokenizer=streaming_tokenizer(model.tokenizer))
 
 
 class Models:
@@ -303,6 +323,8 @@ def sampling_problem(data: dict[str, Any]) -> str | None:
         return f"Invalid request: 'temperature': {temperature} is not between 0 and 2."
     if data.get("n") not in (None, 1):
         return "Invalid request: 'n': this server returns one choice per request; use n = 1."
+    if data.get("logprobs") or data.get("top_logprobs"):  # llama.cpp would answer 500, or silently null
+        return "Invalid request: 'logprobs': this server does not return log probabilities."
     return None
 
 
