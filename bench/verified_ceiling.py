@@ -59,7 +59,7 @@ def judged_answers(recipe_name: str, samples: int, temperature: float, overrides
         ids = sample_batch(model, tokenizer, rows[start:start + per_call], system, max_new, samples, temperature,
                            seed=start, grammars=grammars, grammar_texts=texts[start:start + per_call])
         sampled += [decode_answers(tokenizer, group) for group in ids]
-    subset_of = {i: name for name, indices in eval_subsets(recipe, rows).items() for i in indices}
+    subset_of = {i: name for name, indices in eval_subsets(recipe, rows, data_file).items() for i in indices}
     out = []
     for i, row in enumerate(rows):
         judge = verifier.judge(without_reference(row), data_file)
