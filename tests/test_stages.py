@@ -306,6 +306,13 @@ def test_rewards_and_trainer_settings_are_checked_as_trl_will_use_them(parent, t
     with pytest.raises(RecipeError, match=r"dpo: TRL refuses these settings: .*warmup_steps"):
         check("dpo", dpo={"warmup_steps": -3})
     check("dpo", dpo={"fp16": False})  # setting one precision flag leaves the other off, not in conflict
+    check("dpo", dpo={"loss_type": ["ipo", "sft"]})
+    with pytest.raises(RecipeError, match=r"dpo.loss_type: 'sigmiod' is not a loss type TRL's DPOConfig knows "
+                                          r"\(sigmoid, hinge, ipo.*Did you mean 'sigmoid'\?"):
+        check("dpo", dpo={"loss_type": ["sigmiod"]})
+    with pytest.raises(RecipeError, match=r"grpo.loss_type: 'dr-grpo' is not a loss type TRL's GRPOConfig knows "
+                                          r"\(grpo, dr_grpo, dapo.*Did you mean 'dr_grpo'\?"):
+        check("grpo", stage={"rewards": ["sql_execution"]}, grpo={"loss_type": "dr-grpo"})
 
 
 def test_a_stage_takes_preference_rows_as_they_are(parent, tmp_path):

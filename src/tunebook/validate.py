@@ -328,6 +328,34 @@ def check_trainer_config(recipe: Recipe) -> None:
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300].rstrip(".") + "."
             raise RecipeError(recipe.source, section, f"TRL refuses these settings: {reason}",
                               f"Change the {section} setting it names.") from None
+    check_loss_types(recipe, args, section)
+
+
+def known_loss_types(config_class: type) -> list[str]:
+    """The loss types a TRL config's `loss_type` field documents ("Possible values are: 'sigmoid', …"); empty when
+    its help text reads otherwise (then nothing is refused)."""
+    import dataclasses
+    import re
+
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    help_text = fields["loss_type"].metadata.get("help", "") if "loss_type" in fields else ""
+    listed = re.search(r"values are:?\s*(.*?)\.(?:\s|$)", help_text, re.S)
+    return re.findall(r"'(\w+)'", listed.group(1)) if listed else []
+
+
+def check_loss_types(recipe: Recipe, args: Any, section: str) -> None:
+    """A misspelt loss type: TRL's DPO and GRPO trainers only refuse it at the first loss, after sampling pairs,
+    loading the model and scoring the reference (minutes on a CPU)."""
+    from tunebook.config import did_you_mean
+
+    given = getattr(args, "loss_type", None)
+    known = known_loss_types(type(args))
+    if given is None or not known:
+        return
+    for loss in [given] if isinstance(given, str) else given:
+        if loss not in known:
+            raise RecipeError(recipe.source, f"{section}.loss_type", f"'{loss}' is not a loss type TRL's "
+                              f"{type(args).__name__} knows ({', '.join(known)}).", did_you_mean(str(loss), known))
 
 
 def check_metric_rows(recipe: Recipe, rows: list[dict], path: str | Path, located: bool = True) -> None:
