@@ -146,3 +146,11 @@ def test_sql_rows_turn_your_own_database_into_eval_rows_in_the_training_form(tin
     questions.write_text(json.dumps({"question": "q", "sql": "SELECT nope FROM item"}) + "\n")
     assert main(["sql-rows", str(db), str(questions), "--out", str(out)]) == 2
     assert "questions.jsonl: line 1: field 'sql': fails on shop.sqlite (no such column: nope)" in capsys.readouterr().err
+
+
+def test_the_shape_table_adds_up_to_every_row():
+    from tunebook.evaluate import NO_SHAPE, shape_groups
+
+    rows = [{"shape": "join1"}, {}, {"shape": "agg"}, {"shape": ""}, {"shape": "agg"}]
+    assert shape_groups(rows) == {"agg": [2, 4], "join1": [0], NO_SHAPE: [1, 3]}
+    assert shape_groups([{}, {"other": 1}]) == {}, "no shape anywhere: no shape table"

@@ -157,7 +157,7 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
                                  **result.get("model_metrics", {})}
         subsets = task_subsets(recipe, rows, results, data_file)
         by_shape = {shape: score_subset(recipe, idx, rows, results, data_file)
-                    for shape, idx in sorted(group_indices(rows, "shape").items())}
+                    for shape, idx in shape_groups(rows).items()}
         notes += sorted(set(problems))
         notes += [f"{p}: answers reused from the eval of {r['reused_from']}, which ran the same base model on the "
                   f"same rows with the same settings on this machine; its examples/s are that run's"
@@ -455,6 +455,19 @@ def group_indices(rows: list[dict], key: str) -> dict[str, list[int]]:
     for i, row in enumerate(rows):
         if row.get(key):
             groups.setdefault(str(row[key]), []).append(i)
+    return groups
+
+
+NO_SHAPE = "(no shape)"
+
+
+def shape_groups(rows: list[dict]) -> dict[str, list[int]]:
+    """Row positions by `shape`, sorted; where only some rows have one, the others form a last `(no shape)` group,
+    so the shape table always adds up to every row scored."""
+    groups = dict(sorted(group_indices(rows, "shape").items()))
+    unshaped = [i for i, row in enumerate(rows) if not row.get("shape")]
+    if groups and unshaped:
+        groups[NO_SHAPE] = unshaped
     return groups
 
 
