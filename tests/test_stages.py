@@ -114,6 +114,38 @@ def test_changing_the_pairing_rule_rejudges_the_kept_samples_without_sampling_ag
                                                                                 0.0)]
 
 
+def test_greedy_rejects_the_parents_own_wrong_greedy_answer_first(parent, tmp_path):
+    from tunebook.data import read_split
+    from tunebook.models import load_tokenizer
+    from tunebook.outputs import greedy_file, samples_file
+    from tunebook.pairs import pair_samples, preference_pairs
+    from tunebook.runs import identify, parent_adapter_dir
+
+    recipe = load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"samples": 2, "prompts": 3, "chosen": "sample",
+                                                                      "rejected": "greedy"}))
+    tokenizer = load_tokenizer(str(parent_adapter_dir(recipe)))
+    rows = read_split(recipe.data.train)
+    _, facts = preference_pairs(identify(recipe), rows, parent_adapter_dir(recipe), tokenizer)
+    kept = [json.loads(line) for line in greedy_file(recipe.name).read_text().splitlines()]
+    sampled = [json.loads(line) for line in samples_file(recipe.name).read_text().splitlines()]
+    assert kept[0]["key"] == sampled[0]["key"] and [k["row"] for k in kept[1:]] == [s["row"] for s in sampled[1:]]
+    assert "rejected_greedy" in facts
+
+    # The rule on answers whose verdicts are known.
+    gold, fails = rows[0]["output"], "SELECT nothing FROM nowhere"
+    sampled = [{"row": 0, "answers": [gold, "DROP TABLE pets"], "greedy": fails},  # greedy wrong: it is rejected
+               {"row": 1, "answers": [fails, fails], "greedy": fails},  # no right answer: no on-policy pair
+               {"row": 2, "answers": ["DROP TABLE pets", rows[2]["output"]], "greedy": rows[2]["output"]}]
+    pairs = pair_samples(recipe, rows, tokenizer, sampled)
+    assert [(p["chosen"], p["rejected"], p["rejected_source"]) for p in pairs] == [
+        (gold, fails, "greedy"), (rows[2]["output"], "DROP TABLE pets", "sample")]
+    two = load_recipe(recipe.source, ["stage.pairs_per_prompt=2", "stage.chosen=sample_or_reference"])
+    pairs = pair_samples(two, rows, tokenizer, sampled)
+    assert [(p["chosen"], p["rejected"], p["rejected_source"]) for p in pairs] == [
+        (gold, fails, "greedy"), (gold, "DROP TABLE pets", "sample"), (rows[1]["output"], fails, "greedy"),
+        (rows[2]["output"], "DROP TABLE pets", "sample")]
+
+
 def test_nearest_length_pairs_the_right_answer_with_the_wrong_one_of_its_length(parent):
     from tunebook.models import load_tokenizer
     from tunebook.outputs import fine_tuned_dir

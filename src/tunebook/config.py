@@ -128,7 +128,8 @@ class StageConfig:
     # or a full-marks sample only, so both answers of every pair are the parent's own (`sample`: on-policy pairs)
     chosen: str = "sample_or_reference"
     # DPO: which answer is rejected: the lowest-scoring sample (`worst`), or the one of the samples not at full marks
-    # whose length is nearest the chosen answer's (`nearest_length`), so that length does not tell the pair apart
+    # whose length is nearest the chosen answer's (`nearest_length`), so that length does not tell the pair apart, or
+    # the parent's greedy answer (the one eval scores) where it is wrong, else as `nearest_length` (`greedy`)
     rejected: str = "worst"
     # DPO: pairs per prompt, each rejecting another distinct wrong answer: more pairs from the same samples
     pairs_per_prompt: int = 1
@@ -399,7 +400,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
 
 
 CHOSEN_FROM = ("sample_or_reference", "sample")  # StageConfig.chosen
-REJECTED_BY = ("worst", "nearest_length")  # StageConfig.rejected
+REJECTED_BY = ("worst", "nearest_length", "greedy")  # StageConfig.rejected
 
 
 def check_stage(stage: StageConfig, source: str) -> None:

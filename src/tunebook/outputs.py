@@ -88,6 +88,11 @@ def samples_file(run_name: str) -> Path:
     return MODELS_DIR / "pairs" / f"{run_name}.samples.jsonl"
 
 
+def greedy_file(run_name: str) -> Path:
+    """The parent's greedy answers to the same prompts (`stage.rejected: greedy`, pairs.py)."""
+    return MODELS_DIR / "pairs" / f"{run_name}.greedy.jsonl"
+
+
 def eval_journal(report_name: str, kind: str) -> Path:
     """The answers an eval pass has generated so far (journal.py), until its report is written."""
     return REPORTS_DIR / ".journal" / report_name / f"{kind}.jsonl"

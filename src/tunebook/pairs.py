@@ -6,20 +6,22 @@ one answer (`rewards.py`: for SQL, execution in the sandbox against the gold res
 answer is a sample that scored full marks — an execution-verified answer — or, when none did, the reference
 itself (correct by construction; `stage.chosen: sample` skips such prompts instead, so that both answers of
 every pair are the parent's own: on-policy pairs); the rejected answer is the lowest-scoring sample (or, with
-`stage.rejected: nearest_length`, the wrong one nearest the chosen in length); `stage.pairs_per_prompt` makes up to
+`stage.rejected: nearest_length`, the wrong one nearest the chosen in length; with `stage.rejected: greedy`, the
+parent's greedy answer, the one eval scores, wherever it is wrong, else as `nearest_length`); `stage.pairs_per_prompt` makes up to
 that many pairs of a prompt, each with another of its distinct wrong answers; `stage.max_length_gap` makes no pair
 whose answers differ by more than that many tokens. Prompts whose samples all scored
 full marks teach nothing and are skipped. A recipe may instead give its own rows in TRL's preference format
 (`prompt`/`chosen`/`rejected`, plain text or conversational), used as they are.
 
-The sampled answers are kept in models/pairs/<run>.samples.jsonl and reused while the parent adapter and the
-sampling settings are unchanged; the pairs, with each answer's score, in models/pairs/<run>.jsonl, remade from the
+The sampled answers are kept in models/pairs/<run>.samples.jsonl (the greedy ones in <run>.greedy.jsonl) and reused
+while the parent adapter and the sampling settings are unchanged; the pairs, with each answer's score, in models/pairs/<run>.jsonl, remade from the
 kept answers when only the judge or the pairing rule (`stage.chosen`, `stage.rejected`) changed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -57,11 +59,19 @@ def preference_pairs(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -
     key = pairs_key(recipe, parent)
     cached = read_cached(path, key)
     if cached is None:
-        cached = pair_samples(recipe, rows, tokenizer, sampled_answers(run, rows, parent, tokenizer))
+        model = functools.cache(lambda: sampling_model(recipe, parent, tokenizer))
+        sampled = sampled_answers(run, rows, parent, tokenizer, model)
+        if recipe.stage.rejected == "greedy":
+            sampled = [{**item, "greedy": answer}
+                       for item, answer in zip(sampled, greedy_answers(run, rows, parent, tokenizer, sampled, model),
+                                               strict=True)]
+        cached = pair_samples(recipe, rows, tokenizer, sampled)
         write_cached(path, key, cached)
     facts = {"source": str(path), "pairs": len(cached), "judge": judge_name(recipe), "chosen": recipe.stage.chosen,
              "chosen_from_samples": sum(p["chosen_source"] == "sample" for p in cached),
              "chosen_reference": sum(p["chosen_source"] == "reference" for p in cached)}
+    if recipe.stage.rejected == "greedy":
+        facts["rejected_greedy"] = sum(p.get("rejected_source") == "greedy" for p in cached)
     return [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in cached], facts
 
 
@@ -104,10 +114,21 @@ def write_cached(path: Path, key: str, rows: list[dict]) -> None:
 PROMPTS_PER_BATCH = 16  # x stage.samples sequences per generate call; 16 beat 8 by ~12% per prompt (2-core Xeon)
 
 
-def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -> list[dict]:
-    """`stage.samples` answers of the parent to each of `stage.prompts` training prompts (a seeded choice), as
-    {"row": index into rows, "answers": [...]}; kept in models/pairs/<run>.samples.jsonl and reused."""
+def sampling_model(recipe: Any, parent: Path, tokenizer: Any) -> Any:
+    """The parent (base + its adapter) for sampling and greedy answers."""
     from tunebook.evaluate import load_pass_model
+
+    model = load_pass_model(recipe, ["fine_tuned"], parent)
+    if recipe.model.quantization == "none":
+        model.merge_adapter()  # sampling with the adapter folded in skips two small matmuls per LoRA layer and token
+    tokenizer.padding_side = "left"
+    return model
+
+
+def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, model: Any) -> list[dict]:
+    """`stage.samples` answers of the parent to each of `stage.prompts` training prompts (a seeded choice), as
+    {"row": index into rows, "answers": [...]}; kept in models/pairs/<run>.samples.jsonl and reused. `model()`
+    gives the parent (loaded once, only when something is sampled)."""
     from tunebook.generation import decode_answers, sample_batch
     from tunebook.progress import progress_bar, rate_updater
 
@@ -118,10 +139,7 @@ def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any) ->
         print(f"samples: reusing {len(cached)} prompts' answers from {path}")
         return cached
     indices = random.Random(recipe.seed).sample(range(len(rows)), min(len(rows), recipe.stage.prompts or len(rows)))
-    model = load_pass_model(recipe, ["fine_tuned"], parent)
-    if recipe.model.quantization == "none":
-        model.merge_adapter()  # sampling with the adapter folded in skips two small matmuls per LoRA layer and token
-    tokenizer.padding_side = "left"
+    model = model()
     # Batches of similar length pad little: one long schema in a batch would make every row pay for it.
     lengths = {i: len(render_prompt(tokenizer, rows[i], recipe.data.system_prompt)) for i in indices}
     indices.sort(key=lengths.__getitem__)
@@ -141,6 +159,29 @@ def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any) ->
     return sampled
 
 
+def greedy_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, sampled: list[dict],
+                   model: Any) -> list[str]:
+    """The parent's greedy answer (eval's plain decoding) to each sampled prompt, in `sampled`'s order; kept in
+    models/pairs/<run>.greedy.jsonl beside the samples, under the same key."""
+    from tunebook.generation import generate
+    from tunebook.progress import progress_bar, rate_updater
+
+    recipe = run.recipe
+    path, key = outputs.greedy_file(run.name), samples_key(recipe, parent)
+    cached = read_cached(path, key)
+    if cached is not None and [c["row"] for c in cached] == [s["row"] for s in sampled]:
+        print(f"greedy answers: reusing {len(cached)} from {path}")
+        return [c["greedy"] for c in cached]
+    model = model()
+    label = "greedy answers of the parent"
+    with progress_bar(label) as bar:
+        advance = rate_updater(bar, bar.add_task(label, total=len(sampled), rate=""), time.perf_counter())
+        answers = generate(model, tokenizer, [rows[s["row"]] for s in sampled], recipe.data.system_prompt,
+                           recipe.eval.max_new_tokens, recipe.eval.batch_size, advance)
+    write_cached(path, key, [{"row": s["row"], "greedy": a} for s, a in zip(sampled, answers, strict=True)])
+    return answers
+
+
 def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[dict]) -> list[dict]:
     """Judge each prompt's answers and pair full-marks ones (else, with `stage.chosen: sample_or_reference`, the
     reference) with wrong ones picked by `stage.rejected`, up to `stage.pairs_per_prompt` pairs per prompt
@@ -150,24 +191,37 @@ def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[di
     judge = load_reward(judge_name(recipe), recipe.source)
     data_file, system = Path(recipe.data.train), recipe.data.system_prompt
     pairs, prompts, too_far = [], 0, 0
+    stage = recipe.stage
     for item in sampled:
-        row, answers = rows[item["row"]], item["answers"]
+        row, greedy = rows[item["row"]], item.get("greedy")
+        answers = item["answers"] + ([greedy] if greedy is not None else [])  # the greedy answer is the parent's too
         columns = reward_columns(row, data_file)
         scores = judge([None] * len(answers), answers, **{k: [v] * len(answers) for k, v in columns.items()})
         right = [a for a, s in zip(answers, scores, strict=True) if s == 1.0]
         wrong = sorted(((s, a) for a, s in zip(answers, scores, strict=True) if s < 1.0), key=lambda w: w[0])
-        if not wrong or not (right or recipe.stage.chosen == "sample_or_reference"):
+        if not wrong or not (right or stage.chosen == "sample_or_reference"):
             continue  # every sample already right (nothing to prefer), or no right sample to choose
         prompt = render_prompt(tokenizer, row, system)
-        picked = pick_pairs(right or [reference_answer(row)], wrong, recipe.stage.rejected, tokenizer,
-                            recipe.stage.pairs_per_prompt, recipe.stage.max_length_gap)
+        right = right or [reference_answer(row)]
+        picked, first = [], []
+        if greedy is not None and scores[-1] < 1.0:  # `greedy`: eval's own wrong answer is rejected first
+            first = picked = pick_pairs(right, [(scores[-1], greedy)], "nearest_length", tokenizer, 1,
+                                        stage.max_length_gap)
+            wrong = [w for w in wrong if w[1] != greedy]
+        if len(picked) < stage.pairs_per_prompt:
+            rule = "nearest_length" if stage.rejected == "greedy" else stage.rejected
+            picked = picked + pick_pairs(right, wrong, rule, tokenizer, stage.pairs_per_prompt - len(picked),
+                                         stage.max_length_gap)
         prompts, too_far = prompts + bool(picked), too_far + (not picked)
         for chosen, rejected, score in picked:
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_score": 1.0,
-                          "rejected_score": score, "chosen_source": "sample" if right else "reference"})
+                          "rejected_score": score, "chosen_source": "reference" if chosen not in answers else "sample",
+                          "rejected_source": "greedy" if (chosen, rejected, score) in first else "sample"})
     chosen = sum(p["chosen_source"] == "sample" for p in pairs)
+    greedy_note = (f", {sum(p['rejected_source'] == 'greedy' for p in pairs)} rejecting the greedy answer"
+                   if stage.rejected == "greedy" else "")
     print(f"pairs: {len(pairs)} from {prompts} of {len(sampled)} prompts ({chosen} chosen answers sampled, "
-          f"{len(pairs) - chosen} the reference; prompts whose samples were all right make none"
+          f"{len(pairs) - chosen} the reference{greedy_note}; prompts whose answers were all right make none"
           + (f"; {too_far} more had none within stage.max_length_gap={recipe.stage.max_length_gap} tokens)"
              if too_far else ")"))
     return pairs
