@@ -213,10 +213,10 @@ def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[di
             picked = picked + pick_pairs(right, wrong, rule, tokenizer, stage.pairs_per_prompt - len(picked),
                                          stage.max_length_gap)
         prompts, too_far = prompts + bool(picked), too_far + (not picked)
-        for chosen, rejected, score in picked:
+        for k, (chosen, rejected, score) in enumerate(picked):
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_score": 1.0,
                           "rejected_score": score, "chosen_source": "reference" if chosen not in answers else "sample",
-                          "rejected_source": "greedy" if (chosen, rejected, score) in first else "sample"})
+                          "rejected_source": "greedy" if k < len(first) else "sample"})
     chosen = sum(p["chosen_source"] == "sample" for p in pairs)
     greedy_note = (f", {sum(p['rejected_source'] == 'greedy' for p in pairs)} rejecting the greedy answer"
                    if stage.rejected == "greedy" else "")
