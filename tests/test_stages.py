@@ -52,6 +52,7 @@ def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(pa
     info = json.loads((out / "run_info.json").read_text())
     assert info["method"] == "dpo" and info["global_steps"] == 2 and info["parent"]["recipe"] == parent.source
     assert info["pairs"]["pairs"] > 0 and (out / "adapter_model.safetensors").exists()
+    assert info["shared_prompts"], "each pair's prompt was read once"
     assert not (out / "ref").exists(), "only the trained adapter is saved, not the frozen reference"
     assert identify(recipe).fingerprint["stage.parent adapter (sha256)"]
     pairs = [json.loads(line) for line in pairs_file(recipe.name).read_text().splitlines()[1:]]
@@ -68,6 +69,69 @@ def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(pa
     report = json.loads((out / "report.json").read_text())
     assert "exec_accuracy" in report["fine_tuned"] and "exec_accuracy" in report["sft"], "base -> SFT -> stage"
     assert "| metric | base | SFT (parent) | fine-tuned | delta |" in (out / "report.md").read_text()
+
+
+def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_two_rows(tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tunebook.speedups import SharedPromptRows, share_preference_prompts
+
+    def model_and_forward(shared: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+        assert share_preference_prompts(model) if shared else True
+        lora = LoraConfig(task_type="CAUSAL_LM", r=4, target_modules="all-linear", init_lora_weights=False)
+        return get_peft_model(model, lora)
+
+    generator = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(5, 1000, (n,), generator=generator).tolist()
+
+    # pairs of unequal prompt and answer lengths, a one-token prompt, an answer longer than its prompt
+    pairs = [{"prompt_ids": ids(p), "chosen_ids": ids(c), "rejected_ids": ids(r)}
+             for p, c, r in ((30, 4, 9), (12, 7, 2), (1, 3, 3), (6, 20, 5))]
+
+    def run(shared: bool, examples):
+        model = model_and_forward(shared)
+        batch = DataCollatorForPreference(pad_token_id=0)(examples)
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                    fused_lm_head=True, use_cache=False)
+        if shared:
+            assert SharedPromptRows.build({"input_ids": batch["input_ids"],
+                                           "attention_mask": batch["attention_mask"]}, labels) is not None
+        out.log_probs.sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    for examples in (pairs, [pairs[0], {**pairs[1], "rejected_ids": pairs[1]["chosen_ids"][:1]}]):
+        two_rows, two_rows_grads = run(False, examples)
+        shared, shared_grads = run(True, examples)
+        assert shared.log_probs.shape == two_rows.log_probs.shape
+        assert torch.equal(shared.label_mask, two_rows.label_mask)
+        assert torch.allclose(shared.log_probs, two_rows.log_probs, atol=1e-5)
+        assert torch.allclose(shared.entropy, two_rows.entropy, atol=1e-5)
+        assert torch.allclose(shared.mean_logits, two_rows.mean_logits, atol=1e-5)
+        assert torch.equal(shared.is_top1, two_rows.is_top1)
+        assert shared_grads.keys() == two_rows_grads.keys() and len(shared_grads) > 5
+        for name, grad in two_rows_grads.items():
+            assert torch.allclose(shared_grads[name], grad, atol=1e-5, rtol=1e-4), name
+
+    # a batch whose rows do not share their pair's prompt runs as TRL runs it
+    batch = DataCollatorForPreference(pad_token_id=0)(pairs)
+    batch["input_ids"][len(pairs), 0] += 1  # the first rejected row's prompt
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    assert SharedPromptRows.build(kwargs, labels) is None
+    with torch.no_grad():
+        assert torch.equal(model_and_forward(True)(**kwargs, fused_lm_head=True).log_probs,
+                           model_and_forward(False)(**kwargs, fused_lm_head=True).log_probs)
 
 
 def test_dpo_pairs_are_judged_by_the_stages_reward_else_the_tasks_metric(parent, tmp_path):

@@ -105,6 +105,7 @@ def train_stage(run: Run, rows: list[dict], resume: Path | None) -> tuple[Any, A
 
     from tunebook.progress import RichProgress
     from tunebook.runs import fingerprint_callback
+    from tunebook.speedups import preference_prompts_shared, score_trained_positions_only
 
     recipe = run.recipe
     parent = check_parent(recipe)
@@ -114,6 +115,7 @@ def train_stage(run: Run, rows: list[dict], resume: Path | None) -> tuple[Any, A
     refuse_special_markers(rows, recipe.data.train, tokenizer)
     args = stage_config(recipe, run.checkpoints_dir, use_cuda)  # TRL's own checks, before any sampling or model
     facts: dict[str, Any] = {"parent": {"recipe": recipe.stage.parent, "adapter": str(parent)}}
+    score_trained_positions_only()  # the answers' positions only: DPO's prompts are ~90% of its tokens
     if recipe.method == "dpo":
         from trl import DPOTrainer
 
@@ -124,8 +126,11 @@ def train_stage(run: Run, rows: list[dict], resume: Path | None) -> tuple[Any, A
             raise RecipeError(recipe.source, "stage", "no preference pair could be made: the parent's samples were "
                               "all judged equal.", "Raise stage.samples or stage.prompts, or give preference rows.")
         model = stage_model(recipe, parent)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
-                             callbacks=[RichProgress(), fingerprint_callback(run.fingerprint)])
+        with preference_prompts_shared() as shared:  # the reference is scored while the trainer is built
+            trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs),
+                                 processing_class=tokenizer,
+                                 callbacks=[RichProgress(), fingerprint_callback(run.fingerprint)])
+        facts.update(shared)
     else:
         from trl import GRPOTrainer
 
