@@ -72,3 +72,24 @@ def test_samples_share_their_prompts_prefill(tiny_model_dir, tokenizer, sql_data
     samples = sample_batch(model, tokenizer, rows, "sys", 10, n=3, temperature=1e-4, seed=1)
     assert [len(group) for group in samples] == [3] * len(rows)
     assert all(answer == greedy[i] for i, group in enumerate(samples) for answer in group)
+
+
+def test_top_p_draws_from_transformers_nucleus_in_proportion(monkeypatch):
+    import torch
+    from transformers import TopPLogitsWarper
+
+    import tunebook.continuous as continuous
+
+    monkeypatch.setattr(continuous, "NUCLEUS_CANDIDATES", 8)  # a 40-word vocabulary: some nuclei are wider (ties
+    # aside, which transformers breaks by its sort order: none here)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 40, generator=generator) * torch.tensor([[8.0], [4.0], [2.0], [1.0], [0.5], [0.2]])
+    probs = torch.softmax(logits, -1)
+    kept = TopPLogitsWarper(0.9)(None, logits.clone()) > float("-inf")
+    assert kept.sum(-1).min() == 1 and kept.sum(-1).max() > 8, "narrow and wider-than-candidates nuclei"
+    draws = torch.stack([continuous.sample_top_p(probs, 0.9, generator) for _ in range(4000)])
+    for row in range(len(logits)):
+        counts = torch.bincount(draws[:, row], minlength=40).float()
+        assert kept[row][counts > 0].all(), "nothing outside transformers' nucleus is drawn"
+        expected = probs[row] * kept[row] / (probs[row] * kept[row]).sum()
+        assert torch.allclose(counts / len(draws), expected, atol=0.03), row

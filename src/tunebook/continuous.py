@@ -201,17 +201,44 @@ class Constraints:
                 raise RuntimeError(f"the grammar refused token {token} it had allowed")
 
 
+NUCLEUS_CANDIDATES = 64  # tokens searched for the top-p nucleus before the whole vocabulary is sorted
+
+
 def next_tokens(logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
-    """Greedy (temperature 0) or sampled next tokens, with transformers' own top-p warper."""
+    """Greedy (temperature 0) or sampled next tokens: temperature, then top-p as transformers' warpers define them."""
     import torch
-    from transformers import TopPLogitsWarper
 
     if temperature <= 0:
         return logits.argmax(-1)
-    scores = logits.float() / temperature
-    if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample_top_p(probs, top_p, generator)
+
+
+def sample_top_p(probs: Any, top_p: float, generator: Any) -> Any:
+    """One token per row from its top-p nucleus (`TopPLogitsWarper`'s: the most likely tokens, each kept while the
+    mass above it is under `top_p`), drawn in proportion to its probability.
+
+    Transformers sorts the whole 49k-word vocabulary of every row at every step and draws over all of it: a fifth
+    of the DPO stage's sampling time on 2 cores (sort 12%, the draw 8%; torch.profiler, 16 prompts x 8 answers).
+    The nucleus lies within the `NUCLEUS_CANDIDATES` most likely tokens whenever they hold `top_p` of the mass,
+    as they do for nearly every row of a fine-tuned model; only the other rows sort the whole vocabulary.
+    """
+    top, ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    tokens = _draw_from_nucleus(top, ids, top_p, generator)
+    wide = top.sum(-1) < top_p
+    if bool(wide.any()):
+        tokens[wide] = _draw_from_nucleus(*probs[wide].sort(-1, descending=True), top_p, generator)
+    return tokens
+
+
+def _draw_from_nucleus(ranked: Any, ids: Any, top_p: float, generator: Any) -> Any:
+    import torch
+
+    keep = ranked.cumsum(-1) - ranked < top_p  # the mass above each token; the first is always kept
+    choice = torch.multinomial(ranked * keep, 1, generator=generator)
+    return ids.gather(-1, choice).squeeze(-1)
 
 
 def decode(model: Any, groups: list[Group], slots: int, max_new_tokens: int, stops: list[int], pad_id: int,
