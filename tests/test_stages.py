@@ -71,7 +71,7 @@ def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(pa
     assert "| metric | base | SFT (parent) | fine-tuned | delta |" in (out / "report.md").read_text()
 
 
-def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_two_rows(tiny_model_dir):
+def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_two_rows(tiny_model_dir, monkeypatch):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -79,6 +79,10 @@ def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_two_rows(tiny_mode
     from trl.trainer.utils import add_fused_lm_head
 
     from tunebook.speedups import SharedPromptRows, share_preference_prompts
+
+    shared_batches = []  # batches that went through the shared rows (through PEFT's forward, as DPOTrainer calls it)
+    unshare = SharedPromptRows.unshare
+    monkeypatch.setattr(SharedPromptRows, "unshare", lambda self, *a: shared_batches.append(1) or unshare(self, *a))
 
     def model_and_forward(shared: bool):
         torch.manual_seed(0)
@@ -103,9 +107,8 @@ def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_two_rows(tiny_mode
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                     fused_lm_head=True, use_cache=False)
-        if shared:
-            assert SharedPromptRows.build({"input_ids": batch["input_ids"],
-                                           "attention_mask": batch["attention_mask"]}, labels) is not None
+        assert len(shared_batches) == (1 if shared else 0)
+        shared_batches.clear()
         out.log_probs.sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         return out, grads
@@ -128,10 +131,10 @@ def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_two_rows(tiny_mode
     batch["input_ids"][len(pairs), 0] += 1  # the first rejected row's prompt
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
-    assert SharedPromptRows.build(kwargs, labels) is None
     with torch.no_grad():
         assert torch.equal(model_and_forward(True)(**kwargs, fused_lm_head=True).log_probs,
                            model_and_forward(False)(**kwargs, fused_lm_head=True).log_probs)
+    assert not shared_batches
 
 
 def test_dpo_pairs_are_judged_by_the_stages_reward_else_the_tasks_metric(parent, tmp_path):
