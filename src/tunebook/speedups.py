@@ -175,10 +175,9 @@ class SharedPromptRows:
                     targets[1].append(start - 1 + k)
             rows.append((row, labels_row, segments, positions))
         width = max(len(r[0]) for r in rows)
-        pad = width - torch.tensor([len(r[0]) for r in rows])
 
         def padded(values: list[list[int]], fill: int) -> Any:
-            return torch.tensor([v + [fill] * int(p) for v, p in zip(values, pad, strict=True)], device=ids.device)
+            return torch.tensor([v + [fill] * (width - len(v)) for v in values], device=ids.device)
 
         segment = padded([r[2] for r in rows], -1)
         index = torch.arange(width, device=ids.device)
