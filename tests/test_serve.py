@@ -83,13 +83,23 @@ def test_served_answers_are_eval_ggufs_and_the_api_behaves(exported):
         short = client.chat.completions.create(model=recipe.name, temperature=0, max_tokens=2,
                                                messages=[{"role": "user", "content": _user(row)}])
         assert short.usage.completion_tokens <= 2 and longest.startswith(short.choices[0].message.content)
+        newer = client.chat.completions.create(model=recipe.name, temperature=0, max_completion_tokens=2,
+                                               messages=[{"role": "user", "content": _user(row)}])
+        assert newer.choices[0].message.content == short.choices[0].message.content, "OpenAI's newer name"
 
-        with pytest.raises(openai.NotFoundError) as missing:
-            client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
-        assert missing.value.body["code"] == "model_not_found"
-        with pytest.raises(openai.BadRequestError) as too_long:
-            client.chat.completions.create(model=recipe.name, messages=[{"role": "user", "content": "word " * 4000}])
-        assert too_long.value.body["code"] == "context_length_exceeded"
+        # refused before an answer starts, streamed or not: a stream does not begin with a 200 and end empty
+        for stream in (False, True):
+            with pytest.raises(openai.NotFoundError) as missing:
+                client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}],
+                                               stream=stream)
+            assert missing.value.body["code"] == "model_not_found"
+            with pytest.raises(openai.BadRequestError) as too_long:
+                client.chat.completions.create(model=recipe.name, stream=stream,
+                                               messages=[{"role": "user", "content": "word " * 4000}])
+            assert too_long.value.body["code"] == "context_length_exceeded"
+            with pytest.raises(openai.BadRequestError) as too_long:
+                client.completions.create(model=recipe.name, prompt="word " * 4000, stream=stream)
+            assert too_long.value.body["code"] == "context_length_exceeded"
 
         import httpx
 
@@ -97,6 +107,8 @@ def test_served_answers_are_eval_ggufs_and_the_api_behaves(exported):
                      b'{"messages": [{"role": "assistant", "content": "hi"}]}',
                      b'{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}',
                      b'{"messages": [{"role": "user", "content": "a"}], "max_tokens": 0}',
+                     b'{"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 0}',
+                     b'{"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 4, "max_tokens": 8}',
                      b'{"messages": [{"role": "user", "content": "a"}], "temperature": -1}',
                      b'{"messages": [{"role": "user", "content": "a"}], "n": 3}',
                      b'{"messages": [{"role": "user", "content": "a"}], "logprobs": true, "top_logprobs": 2}'):

@@ -182,6 +182,30 @@ def test_changing_the_pairing_rule_rejudges_the_kept_samples_without_sampling_ag
                                                                                 0.0)]
 
 
+def test_a_stage_takes_only_prompts_with_room_for_an_answer(parent, tmp_path):
+    from tunebook.data import read_split
+    from tunebook.models import load_tokenizer
+    from tunebook.prompts import encode_prompt
+    from tunebook.runs import parent_adapter_dir
+    from tunebook.stages import stage_prompts
+
+    recipe = load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"prompts": 1000}))
+    tokenizer = load_tokenizer(str(parent_adapter_dir(recipe)))
+    rows = read_split(recipe.data.train)
+    lengths = [len(encode_prompt(tokenizer, row, recipe.data.system_prompt)) for row in rows]
+    limit = sorted(lengths)[len(lengths) // 2] + recipe.eval.max_new_tokens  # half the prompts fit
+    fitting = load_recipe(recipe.source, [f"data.max_length={limit}"])
+    answer = recipe.eval.max_new_tokens  # what DPO's pairs sample; GRPO's is grpo.max_completion_length
+    chosen = stage_prompts(fitting, rows, tokenizer, answer)
+    assert chosen == {i: n for i, n in enumerate(lengths) if n + answer <= limit}
+    assert 0 < len(chosen) < len(rows), "TRL would cut or drop the pairs of the others"
+    few = stage_prompts(load_recipe(fitting.source, [f"data.max_length={limit}", "stage.prompts=2"]), rows,
+                        tokenizer, answer)
+    assert len(few) == 2 and set(few) <= set(chosen)
+    with pytest.raises(RecipeError, match="data.max_length"):
+        stage_prompts(load_recipe(recipe.source, [f"data.max_length={min(lengths)}"]), rows, tokenizer, answer)
+
+
 def test_greedy_rejects_the_parents_own_wrong_greedy_answer_first(parent, tmp_path):
     from tunebook.data import read_split
     from tunebook.models import load_tokenizer

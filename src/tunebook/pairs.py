@@ -1,6 +1,7 @@
 """Preference pairs for DPO, without people: the parent adapter's own answers, judged by the task's metric.
 
-For each training prompt (a seeded sample of `stage.prompts`), the parent samples `stage.samples` answers; the
+For each training prompt (a seeded sample of `stage.prompts`, among those that leave room for an answer within
+`data.max_length`), the parent samples `stage.samples` answers; the
 judge scores each: the stage's reward if it names one (`stage.rewards`), else the task's first metric that scores
 one answer (`rewards.py`: for SQL, execution in the sandbox against the gold result; for review, ruff). The chosen
 answer is a sample that scored full marks — an execution-verified answer — or, when none did, the reference
@@ -24,13 +25,13 @@ import dataclasses
 import functools
 import hashlib
 import json
-import random
 import time
 from pathlib import Path
 from typing import Any
 
 from tunebook import outputs
 from tunebook.prompts import is_preference, reference_answer, render_messages, render_prompt
+from tunebook.stages import stage_prompts
 
 
 def pair_from_preference_row(row: dict, tokenizer: Any, system: str | None) -> dict[str, str]:
@@ -91,7 +92,8 @@ def samples_key(recipe: Any, parent: Path) -> str:
     stage = recipe.stage
     facts = {"parent": hashlib.sha256((parent / ADAPTER_WEIGHTS).read_bytes()).hexdigest(),
              "sampling": [stage.samples, stage.temperature, stage.prompts], "data": dataclasses.asdict(recipe.data),
-             "model": recipe.model.name, "max_new_tokens": recipe.eval.max_new_tokens, "seed": recipe.seed}
+             "model": recipe.model.name, "max_new_tokens": recipe.eval.max_new_tokens, "seed": recipe.seed,
+             "prompts": "leave room for an answer within data.max_length"}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -138,11 +140,10 @@ def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, mo
     if cached is not None:
         print(f"samples: reusing {len(cached)} prompts' answers from {path}")
         return cached
-    indices = random.Random(recipe.seed).sample(range(len(rows)), min(len(rows), recipe.stage.prompts or len(rows)))
+    lengths = stage_prompts(recipe, rows, tokenizer, recipe.eval.max_new_tokens)
     model = model()
     # Batches of similar length pad little: one long schema in a batch would make every row pay for it.
-    lengths = {i: len(render_prompt(tokenizer, rows[i], recipe.data.system_prompt)) for i in indices}
-    indices.sort(key=lengths.__getitem__)
+    indices = sorted(lengths, key=lengths.__getitem__)
     sampled = []
     label = f"sampling {recipe.stage.samples} answers per prompt"
     with progress_bar(label) as bar:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -215,9 +216,7 @@ class Models:
 
         name = model or self.default
         if name not in self.served:
-            raise HTTPException(status_code=404, detail={
-                "message": f"The model '{name}' does not exist; this server serves {', '.join(self.served)}.",
-                "type": "invalid_request_error", "param": "model", "code": "model_not_found"})
+            raise HTTPException(status_code=404, detail=unknown_model(name, list(self.served)))
         return self.select(name)
 
     def __iter__(self):
@@ -257,16 +256,26 @@ def create_app(served: list[Served], adapters: bool = False) -> Any:
                                                                    "type": "invalid_request_error"}
         return JSONResponse({"error": detail}, status_code=exc.status_code)
 
+    by_name = {s.name: s for s in served}
+
     @app.middleware("http")
     async def check_body(request: Request, call_next: Any) -> Any:
         # llama.cpp's error handler re-reads a body that failed to parse and crashes with a 500; OpenAI answers
         # a body that is not JSON, or not a valid request, with a 400 invalid_request_error.
         request_type = REQUEST_TYPES.get(request.url.path) if request.method == "POST" else None
         if request_type is not None:
-            problem = body_problem(await request.body(), request_type())
+            body = await request.body()
+            problem = body_problem(body, request_type())
             if problem:
                 return JSONResponse({"error": {"message": problem, "type": "invalid_request_error",
                                                "param": None, "code": None}}, status_code=400)
+            data = json.loads(body)
+            if data.get("max_completion_tokens") is not None:  # OpenAI's newer name, which llama.cpp's server drops
+                data["max_tokens"] = data.pop("max_completion_tokens")
+                request._body = json.dumps(data).encode()  # what Starlette hands the route (its cached body)
+            refused = served_problem(data, by_name, served[0].name)
+            if refused:
+                return JSONResponse({"error": refused[1]}, status_code=refused[0])
         return await call_next(request)
 
     return app
@@ -289,8 +298,6 @@ REQUEST_TYPES = {"/v1/chat/completions": _chat_request, "/v1/completions": _comp
 
 def body_problem(body: bytes, request_type: Any) -> str | None:
     """Why a request body is not a valid request, in OpenAI's words, or None."""
-    import json
-
     import pydantic
 
     try:
@@ -315,9 +322,15 @@ def body_problem(body: bytes, request_type: Any) -> str | None:
 def sampling_problem(data: dict[str, Any]) -> str | None:
     """Settings outside OpenAI's ranges, which llama.cpp would take as something else (a max_tokens of 0 as
     "unlimited", a negative temperature as sampling from the unfiltered distribution), or None."""
-    max_tokens = data.get("max_tokens")
-    if isinstance(max_tokens, int | float) and not isinstance(max_tokens, bool) and max_tokens < 1:
-        return f"Invalid request: 'max_tokens': {max_tokens} is less than the minimum of 1."
+    for key in ("max_tokens", "max_completion_tokens"):
+        limit = data.get(key)
+        if isinstance(limit, int | float) and not isinstance(limit, bool) and limit < 1:
+            return f"Invalid request: '{key}': {limit} is less than the minimum of 1."
+        if limit is not None and not isinstance(limit, int):
+            return f"Invalid request: '{key}': {limit!r} is not an integer."
+    limits = [data.get(key) for key in ("max_tokens", "max_completion_tokens")]
+    if None not in limits and limits[0] != limits[1]:
+        return "Invalid request: 'max_completion_tokens' and 'max_tokens' differ; give one of them."
     temperature = data.get("temperature")
     if isinstance(temperature, int | float) and not isinstance(temperature, bool) and not 0 <= temperature <= 2:
         return f"Invalid request: 'temperature': {temperature} is not between 0 and 2."
@@ -343,6 +356,33 @@ def chat_problem(data: dict[str, Any]) -> str | None:
     if (data.get("response_format") or {}).get("type") not in (None, "text"):
         return "Invalid request: 'response_format': only type 'text' is supported."
     return None
+
+
+def unknown_model(name: str, served: list[str]) -> dict[str, Any]:
+    """OpenAI's error for a model this server does not serve."""
+    return {"message": f"The model '{name}' does not exist; this server serves {', '.join(served)}.",
+            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+
+
+def served_problem(data: dict[str, Any], served: dict[str, Served], default: str) -> tuple[int, dict] | None:
+    """(status, OpenAI error) for a request naming a model not served here or a prompt the context cannot hold,
+    or None. llama.cpp's server finds both only once a stream has begun, and a streaming client then got an HTTP
+    200 and an empty stream; checked here before any answer starts, streamed or not, the two get the same error."""
+    name = data.get("model") or default
+    model = served.get(name)
+    if model is None:
+        return 404, unknown_model(name, list(served))
+    if "messages" in data:
+        length, param = len(prompt_ids(model, data["messages"])), "messages"
+    elif isinstance(data.get("prompt"), str):  # as llama.cpp tokenizes it, through the trained tokenizer
+        length, param = len(model.tokenizer.encode(data["prompt"], add_special_tokens=True)), "prompt"
+    else:
+        return None
+    if length < model.n_ctx:
+        return None
+    return 400, {"message": f"This model's maximum context length is {model.n_ctx} tokens. However, your "
+                            f"{param} resulted in {length} tokens. Please reduce the length of the {param}.",
+                 "type": "invalid_request_error", "param": param, "code": "context_length_exceeded"}
 
 
 class _Deferred:

@@ -87,6 +87,38 @@ def stage_config(recipe: Recipe, output_dir: Path, use_cuda: bool, dtype: str | 
     return trainer_config_class(recipe.method)(output_dir=str(output_dir), **kwargs)
 
 
+def stage_prompts(recipe: Recipe, rows: list[dict], tokenizer: Any, answer_tokens: int) -> dict[int, int]:
+    """`stage.prompts` training rows, a seeded choice, as {row index: prompt tokens}: only prompts that leave room
+    for an answer of `answer_tokens` within `data.max_length`, as SFT drops its rows longer than that. TRL's DPO
+    would cut a longer pair's answers (`truncation_mode: keep_start`) or drop the pair after its prompt had been
+    sampled for nothing, and the longest schemas cost the most to sample: each of a prompt's `stage.samples` rows
+    holds its own copy of the prompt's key/value cache (8 rows of 2,000-token Spider schemas took the SQL stage's
+    sampling to 14 GB; docs/stages.md)."""
+    from tunebook.prompts import encode_prompt
+
+    wanted = min(len(rows), recipe.stage.prompts or len(rows))
+    limit = recipe.data.max_length
+    room = None if limit is None else limit - answer_tokens
+    chosen: dict[int, int] = {}
+    passed_over = 0
+    for index in random.Random(recipe.seed).sample(range(len(rows)), len(rows)):
+        if len(chosen) == wanted:
+            break
+        length = len(encode_prompt(tokenizer, rows[index], recipe.data.system_prompt))
+        if room is not None and length > room:
+            passed_over += 1
+            continue
+        chosen[index] = length
+    if not chosen:
+        raise RecipeError(recipe.source, "data.max_length", f"no training prompt leaves room for an answer of "
+                          f"{answer_tokens} tokens within data.max_length={limit}.",
+                          "Raise data.max_length, or allow shorter answers.")
+    if passed_over:
+        print(f"prompts: {passed_over} passed over: with an answer of {answer_tokens} tokens they exceed "
+              f"data.max_length={limit}")
+    return chosen
+
+
 def grpo_prompts(recipe: Recipe, rows: list[dict], tokenizer: Any) -> list[dict]:
     """GRPO's training rows: the rendered prompt and the fields the rewards read."""
     from tunebook.prompts import render_prompt
@@ -137,8 +169,8 @@ def train_stage(run: Run, rows: list[dict], resume: Path | None) -> tuple[Any, A
         from tunebook.rewards import load_reward
 
         rewards = [load_reward(name, recipe.source) for name in recipe.stage.rewards]
-        prompts = grpo_prompts(recipe, random.Random(recipe.seed).sample(rows, min(len(rows), recipe.stage.prompts
-                                                                                  or len(rows))), tokenizer)
+        chosen = stage_prompts(recipe, rows, tokenizer, args.max_completion_length or 0)
+        prompts = grpo_prompts(recipe, [rows[i] for i in chosen], tokenizer)
         facts["prompts"] = len(prompts)
         model = stage_model(recipe, parent)
         trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(prompts),
