@@ -62,6 +62,21 @@ def test_continuous_batching_gives_generates_answers_as_rows_leave_and_join(base
     assert [moved[i] for i in range(len(rows))] == alone
 
 
+def test_batches_that_all_stop_at_the_limit_at_once_hand_over_a_clean_window(tiny_model_dir, tokenizer, sql_data):
+    """A model that never stops (here: no stop token) runs every row of a batch to the answer limit in lockstep,
+    as a base model rambling on every question does: the next prompts start in a window of their own, batch after
+    batch, and get the answers they get alone."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    rows = read_split(sql_data / "test.jsonl")[:8]
+    prompts = [encode_prompt(tokenizer, row, "sys") for row in rows]
+    groups = [(0, [(i, prompt)]) for i, prompt in enumerate(prompts)]
+    together = decode(model, groups, 2, 24, [], tokenizer.pad_token_id, spare=4)
+    alone = [decode(model, [(0, [(0, prompt)])], 1, 24, [], tokenizer.pad_token_id)[0] for prompt in prompts]
+    assert [together[i] for i in range(len(rows))] == alone
+    assert {len(answer) for answer in alone} == {24}, "every row ran to the limit"
+
+
 def test_samples_share_their_prompts_prefill(tiny_model_dir, tokenizer, sql_data):
     """Each prompt's cache is computed once for its samples; at a temperature near 0 every sample is the greedy
     answer of that prompt alone, so positions and padding are right for every row."""

@@ -98,10 +98,14 @@ class SlotWindow:
         self.end += 1
 
     def trim(self, running: list[int]) -> None:
-        """Drop the columns no running row uses (left of the earliest row's first token)."""
-        if running:
-            first = int(self.mask[running, self.start:self.end].argmax(dim=-1).min())
-            self.start += first
+        """Drop the columns no running row uses (left of the earliest row's first token; all of them when no row
+        runs: when every row of a batch stops at the same step, at the answer limit, the next prompts must not
+        inherit its columns, or the window outgrows `longest`)."""
+        if not running:
+            self.start = self.end
+            return
+        first = int(self.mask[running, self.start:self.end].argmax(dim=-1).min())
+        self.start += first
 
     def keep(self, slots: list[int]) -> None:
         """Keep only these slots, in this order (the batch shrinks once no prompt is waiting)."""
