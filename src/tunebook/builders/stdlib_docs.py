@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunebook import tasks
-from tunebook.builders.splits import drop_cross_split_duplicates, split_whole_groups
+from tunebook.builders.splits import drop_cross_split_duplicates, split_whole_groups, without_special_markers
 from tunebook.data import normalise, write_jsonl
 from tunebook.errors import SourceMissing
 
@@ -167,11 +167,12 @@ def topic_rows(seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def assemble(rows: list[dict[str, Any]], out_dir: Path, seed: int, test: float = 0.12, val: float = 0.07) -> dict[str, Any]:
-    """Split by module, drop normalised duplicates, write the three files.
+    """Drop rows that write out a special token, split by module, drop normalised duplicates, write the three files.
 
     Modules are taken in a seeded hash order and whole modules fill test, then val, up to their target
     shares; everything else is train. So no module (and no normalised input) is in two splits.
     """
+    rows, marked = without_special_markers(rows)
     unique: dict[str, dict] = {}
     for row in sorted(rows, key=lambda r: (r["module"], r["input"])):
         unique.setdefault(normalise(row["input"]), row)
@@ -185,6 +186,7 @@ def assemble(rows: list[dict[str, Any]], out_dir: Path, seed: int, test: float =
         write_jsonl(out_dir / f"{name}.jsonl", split_rows)
     modules = {name: len({r["module"] for r in split_rows}) for name, split_rows in splits.items()}
     return {"sizes": {n: len(r) for n, r in splits.items()}, "modules": modules, "dropped_duplicates": dropped,
+            "dropped_special_tokens": marked,
             "python": sys.version.split()[0], "source": "Python standard library docstrings + pydoc_data.topics"}
 
 
