@@ -322,14 +322,13 @@ def body_problem(body: bytes, request_type: Any) -> str | None:
 def sampling_problem(data: dict[str, Any]) -> str | None:
     """Settings outside OpenAI's ranges, which llama.cpp would take as something else (a max_tokens of 0 as
     "unlimited", a negative temperature as sampling from the unfiltered distribution), or None."""
-    for key in ("max_tokens", "max_completion_tokens"):
-        limit = data.get(key)
+    limits = {key: data.get(key) for key in ("max_tokens", "max_completion_tokens")}
+    for key, limit in limits.items():
         if isinstance(limit, int | float) and not isinstance(limit, bool) and limit < 1:
             return f"Invalid request: '{key}': {limit} is less than the minimum of 1."
         if limit is not None and not isinstance(limit, int):
             return f"Invalid request: '{key}': {limit!r} is not an integer."
-    limits = [data.get(key) for key in ("max_tokens", "max_completion_tokens")]
-    if None not in limits and limits[0] != limits[1]:
+    if None not in limits.values() and len(set(limits.values())) > 1:
         return "Invalid request: 'max_completion_tokens' and 'max_tokens' differ; give one of them."
     temperature = data.get("temperature")
     if isinstance(temperature, int | float) and not isinstance(temperature, bool) and not 0 <= temperature <= 2:
