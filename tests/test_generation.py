@@ -87,6 +87,11 @@ def test_samples_share_their_prompts_prefill(tiny_model_dir, tokenizer, sql_data
     samples = sample_batch(model, tokenizer, rows, "sys", 10, n=3, temperature=1e-4, seed=1)
     assert [len(group) for group in samples] == [3] * len(rows)
     assert all(answer == greedy[i] for i, group in enumerate(samples) for answer in group)
+    # The greedy answer decoded beside real samples (a DPO stage's `rejected: greedy`) is still the greedy answer.
+    hot = sample_batch(model, tokenizer, rows, "sys", 10, n=3, temperature=1.5, seed=1, with_greedy=True)
+    assert [len(group) for group in hot] == [4] * len(rows)
+    assert [group[-1] for group in hot] == greedy
+    assert any(answer != greedy[i] for i, group in enumerate(hot) for answer in group[:-1]), "the others sample"
 
 
 def test_top_p_draws_from_transformers_nucleus_in_proportion(monkeypatch):

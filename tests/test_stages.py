@@ -180,6 +180,12 @@ def test_changing_the_pairing_rule_rejudges_the_kept_samples_without_sampling_ag
     own = pair_samples(on_policy, rows, tokenizer, sampled)
     assert [(p["chosen"], p["rejected"], p["rejected_score"]) for p in own] == [(gold, "SELECT nothing FROM nowhere",
                                                                                 0.0)]
+    # `best`: where no answer is right, a query that runs is still preferred to one that fails; answers that all
+    # score alike make no pair.
+    best = pair_samples(load_recipe(recipe.source, ["stage.chosen=best"]), rows, tokenizer,
+                        sampled + [{"row": 3, "answers": ["SELECT 1", "SELECT nothing FROM nowhere"]}])
+    assert [(p["chosen"], p["chosen_source"]) for p in best] == [(gold, "sample"), ("SELECT 1", "sample")]
+    assert best[0]["chosen_score"] == 1.0 and 0 < best[1]["chosen_score"] < 1 and best[1]["rejected_score"] == 0
 
 
 def test_a_stage_takes_only_prompts_with_room_for_an_answer(parent, tmp_path):

@@ -125,7 +125,9 @@ class StageConfig:
     temperature: float = 0.8
     prompts: int | None = 400  # training prompts to sample from (None: all)
     # DPO: where a pair's chosen answer comes from: a full-marks sample, else the reference (`sample_or_reference`),
-    # or a full-marks sample only, so both answers of every pair are the parent's own (`sample`: on-policy pairs)
+    # or a full-marks sample only, so both answers of every pair are the parent's own (`sample`: on-policy pairs),
+    # or the prompt's best-scoring answers, full marks or not, over its lower-scoring ones (`best`: with a shaped
+    # judge, a query that runs is preferred to one that fails even where no answer was right)
     chosen: str = "sample_or_reference"
     # DPO: which answer is rejected: the lowest-scoring sample (`worst`), or the one of the samples not at full marks
     # whose length is nearest the chosen answer's (`nearest_length`), so that length does not tell the pair apart, or
@@ -399,7 +401,7 @@ def parse_recipe(raw: dict[str, Any], name: str, source: str) -> Recipe:
     )
 
 
-CHOSEN_FROM = ("sample_or_reference", "sample")  # StageConfig.chosen
+CHOSEN_FROM = ("sample_or_reference", "sample", "best")  # StageConfig.chosen
 REJECTED_BY = ("worst", "nearest_length", "greedy")  # StageConfig.rejected
 
 

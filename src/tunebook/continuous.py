@@ -248,12 +248,13 @@ def _draw_from_nucleus(ranked: Any, ids: Any, top_p: float, generator: Any) -> A
 def decode(model: Any, groups: list[Group], slots: int, max_new_tokens: int, stops: list[int], pad_id: int,
            on_done: Any = None, spare: int | None = None, grammars: dict[int, Any] | None = None,
            vocab_size: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-           seed: int = 0) -> dict[int, list[int]]:
+           seed: int = 0, greedy: set[int] | frozenset[int] = frozenset()) -> dict[int, list[int]]:
     """Answers (token ids through the stop token) to every group's prompts, greedy, `slots` rows decoding at once.
     `on_done(indices, answers)` gets answers as rows finish. Every prompt has at least two tokens (a chat turn).
     `spare`: columns the cache keeps free to append into before its window moves (default 2 × max_new_tokens).
     `grammars` (answer index -> xgrammar compiled grammar over `vocab_size` tokens) constrains those answers.
-    `temperature` > 0 samples instead (top-p `top_p`, a generator seeded with `seed`)."""
+    `temperature` > 0 samples instead (top-p `top_p`, a generator seeded with `seed`), except the answers in
+    `greedy`, which take the argmax as at temperature 0."""
     import torch
 
     device = next(model.parameters()).device
@@ -301,6 +302,10 @@ def decode(model: Any, groups: list[Group], slots: int, max_new_tokens: int, sto
             if constraints is not None:
                 logits, constrained = constraints.mask(logits, running)
             tokens = next_tokens(logits, temperature, top_p, generator)
+            if greedy and temperature > 0:
+                argmax = [s for s in running if owner[s] in greedy]
+                if argmax:
+                    tokens[argmax] = logits[argmax].argmax(-1)
             if constrained:
                 constraints.accept(constrained, tokens[constrained].tolist())
             done = []

@@ -148,20 +148,24 @@ def _through_stop(tokens: list[int], stops: list[int]) -> list[int]:
 
 def sample_batch(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
                  n: int, temperature: float, seed: int, grammars: Any = None,
-                 grammar_texts: list[str] | None = None) -> list[list[list[int]]]:
+                 grammar_texts: list[str] | None = None, with_greedy: bool = False) -> list[list[list[int]]]:
     """`n` sampled answers to each prompt (token ids through the stop token, top-p 0.95), optionally
     grammar-constrained: the candidates verified decoding chooses from. All rows decode at once with continuous
-    batching; each prompt is prefilled once and its cache shared by its `n` samples."""
+    batching; each prompt is prefilled once and its cache shared by its `n` samples. `with_greedy` adds the
+    prompt's greedy answer (`generate`'s) as an (n+1)-th, decoded beside its samples from the same prefill."""
     from tunebook.continuous import decode
 
     prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
+    samples, n = n, n + with_greedy
     groups = [(len(prompt) - 1, [(i * n + k, prompt) for k in range(n)]) for i, prompt in enumerate(prompts)]
+    greedy = frozenset(i * n + samples for i in range(len(prompts))) if with_greedy else frozenset()
     compiled = None
     if grammars is not None and grammar_texts is not None:
         compiled = {i * n + k: grammars.compile(text) for i, text in enumerate(grammar_texts) if text is not None
                     for k in range(n)}
     answers = decode(model, groups, len(prompts) * n, max_new_tokens, stop_token_ids(tokenizer, system_prompt),
-                     tokenizer.pad_token_id, grammars=compiled, temperature=temperature, top_p=0.95, seed=seed)
+                     tokenizer.pad_token_id, grammars=compiled, temperature=temperature, top_p=0.95, seed=seed,
+                     greedy=greedy)
     return [[answers[i * n + k] for k in range(n)] for i in range(len(prompts))]
 
 

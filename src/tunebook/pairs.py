@@ -61,7 +61,7 @@ def preference_pairs(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -
     cached = read_cached(path, key)
     if cached is None:
         model = functools.cache(lambda: sampling_model(recipe, parent, tokenizer))
-        sampled = sampled_answers(run, rows, parent, tokenizer, model)
+        sampled = sampled_answers(run, rows, parent, tokenizer, model, with_greedy=recipe.stage.rejected == "greedy")
         if recipe.stage.rejected == "greedy":
             sampled = [{**item, "greedy": answer}
                        for item, answer in zip(sampled, greedy_answers(run, rows, parent, tokenizer, sampled, model),
@@ -127,10 +127,12 @@ def sampling_model(recipe: Any, parent: Path, tokenizer: Any) -> Any:
     return model
 
 
-def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, model: Any) -> list[dict]:
+def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, model: Any,
+                    with_greedy: bool = False) -> list[dict]:
     """`stage.samples` answers of the parent to each of `stage.prompts` training prompts (a seeded choice), as
     {"row": index into rows, "answers": [...]}; kept in models/pairs/<run>.samples.jsonl and reused. `model()`
-    gives the parent (loaded once, only when something is sampled)."""
+    gives the parent (loaded once, only when something is sampled). `with_greedy`: each prompt's greedy answer is
+    decoded beside its samples, from the same prefill, and kept as `greedy_answers` keeps it."""
     from tunebook.generation import decode_answers, sample_batch
     from tunebook.progress import progress_bar, rate_updater
 
@@ -144,18 +146,22 @@ def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, mo
     model = model()
     # Batches of similar length pad little: one long schema in a batch would make every row pay for it.
     indices = sorted(lengths, key=lengths.__getitem__)
-    sampled = []
-    label = f"sampling {recipe.stage.samples} answers per prompt"
+    sampled, greedy = [], []
+    label = f"sampling {recipe.stage.samples} answers per prompt" + (" and the greedy one" if with_greedy else "")
     with progress_bar(label) as bar:
         advance = rate_updater(bar, bar.add_task(label, total=len(indices), rate=""), time.perf_counter())
         for start in range(0, len(indices), PROMPTS_PER_BATCH):
             batch = indices[start:start + PROMPTS_PER_BATCH]
             samples = sample_batch(model, tokenizer, [rows[i] for i in batch], recipe.data.system_prompt,
                                    recipe.eval.max_new_tokens, recipe.stage.samples, recipe.stage.temperature,
-                                   seed=recipe.seed + start)
-            sampled += [{"row": i, "answers": decode_answers(tokenizer, ids)}
-                        for i, ids in zip(batch, samples, strict=True)]
+                                   seed=recipe.seed + start, with_greedy=with_greedy)
+            for i, ids in zip(batch, samples, strict=True):
+                answers = decode_answers(tokenizer, ids)
+                sampled.append({"row": i, "answers": answers[:recipe.stage.samples]})
+                greedy += [{"row": i, "greedy": a} for a in answers[recipe.stage.samples:]]
             advance(len(batch))
+    if with_greedy:
+        write_cached(outputs.greedy_file(run.name), key, greedy)
     write_cached(path, key, sampled)
     return sampled
 
@@ -163,7 +169,8 @@ def sampled_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, mo
 def greedy_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, sampled: list[dict],
                    model: Any) -> list[str]:
     """The parent's greedy answer (eval's plain decoding) to each sampled prompt, in `sampled`'s order; kept in
-    models/pairs/<run>.greedy.jsonl beside the samples, under the same key."""
+    models/pairs/<run>.greedy.jsonl beside the samples, under the same key (`sampled_answers` writes it when it
+    decodes them beside the samples; this pass runs only for samples kept from a stage without them)."""
     from tunebook.generation import generate
     from tunebook.progress import progress_bar, rate_updater
 
@@ -171,7 +178,6 @@ def greedy_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, sam
     path, key = outputs.greedy_file(run.name), samples_key(recipe, parent)
     cached = read_cached(path, key)
     if cached is not None and [c["row"] for c in cached] == [s["row"] for s in sampled]:
-        print(f"greedy answers: reusing {len(cached)} from {path}")
         return [c["greedy"] for c in cached]
     model = model()
     label = "greedy answers of the parent"
@@ -198,14 +204,15 @@ def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[di
         answers = item["answers"] + ([greedy] if greedy is not None else [])  # the greedy answer is the parent's too
         columns = reward_columns(row, data_file)
         scores = judge([None] * len(answers), answers, **{k: [v] * len(answers) for k, v in columns.items()})
-        right = [a for a, s in zip(answers, scores, strict=True) if s == 1.0]
-        wrong = sorted(((s, a) for a, s in zip(answers, scores, strict=True) if s < 1.0), key=lambda w: w[0])
+        top = max(scores) if stage.chosen == "best" else 1.0
+        right = [a for a, s in zip(answers, scores, strict=True) if s == top]
+        wrong = sorted(((s, a) for a, s in zip(answers, scores, strict=True) if s < top), key=lambda w: w[0])
         if not wrong or not (right or stage.chosen == "sample_or_reference"):
             continue  # every sample already right (nothing to prefer), or no right sample to choose
         prompt = render_prompt(tokenizer, row, system)
         right = right or [reference_answer(row)]
         picked, first = [], []
-        if greedy is not None and scores[-1] < 1.0:  # `greedy`: eval's own wrong answer is rejected first
+        if greedy is not None and scores[-1] < top:  # `greedy`: eval's own wrong answer is rejected first
             first = picked = pick_pairs(right, [(scores[-1], greedy)], "nearest_length", tokenizer, 1,
                                         stage.max_length_gap)
             wrong = [w for w in wrong if w[1] != greedy]
@@ -215,7 +222,7 @@ def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[di
                                          stage.max_length_gap)
         prompts, too_far = prompts + bool(picked), too_far + (not picked)
         for k, (chosen, rejected, score) in enumerate(picked):
-            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_score": 1.0,
+            pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_score": top,
                           "rejected_score": score, "chosen_source": "reference" if chosen not in answers else "sample",
                           "rejected_source": "greedy" if k < len(first) else "sample"})
     chosen = sum(p["chosen_source"] == "sample" for p in pairs)
