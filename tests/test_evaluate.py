@@ -76,7 +76,7 @@ def test_a_base_pass_is_reused_by_other_runs_of_the_same_base_model(tiny_recipe,
     assert base_answers(out) == kept
     assert any("answers reused from the eval of tiny-a" in n for n in json.loads((out / "report.json").read_text())["notes"])
     # what was reused is what running the base model again gives
-    for kept_pass in (tmp_path / "reports" / ".base-passes").iterdir():
+    for kept_pass in (tmp_path / "reports" / ".kept-passes").iterdir():
         kept_pass.unlink()
     again = evaluate(other)
     assert "reused" not in capsys.readouterr().out and base_answers(again) == kept

@@ -126,7 +126,7 @@ def test_an_interrupted_eval_resumes_from_its_answers(tiny_recipe, tmp_path):
     reference = [json.loads(line)["fine_tuned_prediction"]
                  for line in (evaluate(recipe) / "predictions.jsonl").read_text().splitlines()]
     (tmp_path / "reports" / "tiny-sql" / "report.json").unlink()
-    shutil.rmtree(tmp_path / "reports" / ".base-passes")  # else the base pass is reused whole, not resumed
+    shutil.rmtree(tmp_path / "reports" / ".kept-passes")  # else the base pass is reused whole, not resumed
 
     killed = run_tunebook(tmp_path, "eval", recipe.source, fault=("eval-kill-after", 4))
     assert killed.returncode == -9

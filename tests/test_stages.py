@@ -40,7 +40,7 @@ def stage_recipe(parent, tmp_path, method: str, **sections):
     return write_recipe(tmp_path / f"tiny-{method}.yaml", **raw)
 
 
-def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(parent, tmp_path):
+def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(parent, tmp_path, capsys):
     from tunebook.evaluate import evaluate
     from tunebook.outputs import pairs_file
     from tunebook.runs import identify
@@ -69,6 +69,19 @@ def test_dpo_stage_trains_the_parents_adapter_on_verified_pairs_and_evaluates(pa
     report = json.loads((out / "report.json").read_text())
     assert "exec_accuracy" in report["fine_tuned"] and "exec_accuracy" in report["sft"], "base -> SFT -> stage"
     assert "| metric | base | SFT (parent) | fine-tuned | delta |" in (out / "report.md").read_text()
+
+    # Another run of the stage (another learning rate) takes the parent's pass as it takes the base's:
+    # the SFT column depends on the parent adapter, not on the stage's.
+    def answers(report_dir, side):
+        return [json.loads(line)[f"{side}_prediction"] for line in (report_dir / "predictions.jsonl").open()]
+
+    other = load_recipe(recipe.source, ["dpo.learning_rate=2e-4"])
+    train(other)
+    capsys.readouterr()
+    again = evaluate(other)
+    console = capsys.readouterr().out
+    assert "sft: all 4 answers reused from the eval of" in console and "base: all 4 answers reused" in console
+    assert answers(again, "sft") == answers(out, "sft") and answers(again, "base") == answers(out, "base")
 
 
 def test_a_shared_prompt_gives_the_log_probs_and_gradients_of_two_rows(tiny_model_dir, monkeypatch):
@@ -455,3 +468,40 @@ def test_a_stage_takes_preference_rows_as_they_are(parent, tmp_path):
     recipe = load_recipe(stage_recipe(parent, tmp_path, "dpo"), [f"data.train={prefs}"])
     info = json.loads((train(recipe) / "run_info.json").read_text())
     assert info["pairs"] == {"source": str(prefs), "pairs": 4}
+
+
+def test_repair_chooses_the_fixed_version_of_the_parents_own_wrong_answer(parent, tmp_path):
+    """`stage.repair`: a wrong answer's schema repair (the other table's column, joined along the foreign key) is
+    judged like any answer; a right repair is chosen over the answer it came from, so the pair differs just where
+    the parent went wrong. Repairs never use the reference, and a wrong repair is never made a pair."""
+    from conftest import sqlite_file
+
+    from tunebook.models import load_tokenizer
+    from tunebook.pairs import pair_samples
+    from tunebook.runs import parent_adapter_dir
+    from tunebook.validate import check_stage_inputs
+
+    db = sqlite_file(tmp_path / "school.sqlite", """
+        CREATE TABLE city (city_id INTEGER PRIMARY KEY, city_name TEXT);
+        CREATE TABLE student (stu_id INTEGER PRIMARY KEY, name TEXT, city_id INTEGER REFERENCES city(city_id));
+        INSERT INTO city VALUES (1, 'Oslo'), (2, 'Lima');
+        INSERT INTO student VALUES (1, 'Ann', 1), (2, 'Bo', 2), (3, 'Cy', 1);""")
+    gold = "SELECT T1.name FROM student AS T1 JOIN city AS T2 ON T1.city_id = T2.city_id WHERE T2.city_name = 'Oslo'"
+    rows = [{"instruction": "Names of the students from Oslo?", "input": "", "output": gold, "db_path": str(db)},
+            {"instruction": "How many students?", "input": "", "output": "SELECT COUNT(*) FROM student",
+             "db_path": str(db)}]
+    skips_join = "SELECT name FROM student WHERE city_name = 'Oslo'"  # fails: city_name is the city's
+    sampled = [{"row": 0, "answers": [skips_join, "SELECT name FROM student"], "greedy": skips_join},
+               {"row": 1, "answers": ["SELECT COUNT(*) FROM city", "SELECT nothing FROM nowhere"],
+                "greedy": "SELECT nothing FROM nowhere"}]  # nothing to repair into the right answer
+    recipe = load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"chosen": "sample", "rejected": "greedy"}))
+    tokenizer = load_tokenizer(str(parent_adapter_dir(recipe)))
+    assert pair_samples(recipe, rows, tokenizer, sampled) == [], "no sample was right"
+    fixed = pair_samples(load_recipe(recipe.source, ["stage.repair=true"]), rows, tokenizer, sampled)
+    assert len(fixed) == 1 and fixed[0]["rejected"] == skips_join and fixed[0]["rejected_source"] == "greedy"
+    assert fixed[0]["chosen_source"] == "repair" and "JOIN city" in fixed[0]["chosen"]
+    assert fixed[0]["chosen_score"] == 1.0
+    with pytest.raises(RecipeError, match="stage.repair"):
+        load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"repair": "yes"}))
+    with pytest.raises(RecipeError, match="stage.repair: none of this recipe's metrics"):  # review has no repair
+        check_stage_inputs(load_recipe("smollm2-review-dpo", ["stage.repair=true"]), [])

@@ -138,6 +138,10 @@ class StageConfig:
     # DPO: no pair whose two answers differ by more than this many tokens (None: any gap). Where the wrong answers
     # run longer than the right ones, the far-apart pairs teach that short is right (docs/stages.md)
     max_length_gap: int | None = None
+    # DPO: also judge the task's repair of each wrong answer (SQL: its columns put on the tables that have them,
+    # joining along foreign keys; never from the reference), a right repair becoming a chosen answer: a pair that
+    # differs from the parent's own wrong answer just where it went wrong
+    repair: bool = False
 
 
 @dataclass
@@ -441,6 +445,9 @@ def check_stage(stage: StageConfig, source: str) -> None:
     if stage.pairs_per_prompt < 1:
         raise RecipeError(source, "stage.pairs_per_prompt", f"{stage.pairs_per_prompt} makes no pairs.",
                           "Use 1 or more: each pair of a prompt rejects another of its wrong answers.")
+    if not isinstance(stage.repair, bool):
+        raise RecipeError(source, "stage.repair", f"{stage.repair!r} is not true or false.",
+                          "Use `repair: true` to judge the task's repair of each wrong answer, or leave it out.")
     if stage.max_length_gap is not None and (not isinstance(stage.max_length_gap, int) or stage.max_length_gap < 0):
         raise RecipeError(source, "stage.max_length_gap", f"{stage.max_length_gap!r} is not a number of tokens.",
                           "Use a whole number of 0 or more (0: only answers of the same length), or leave it out.")

@@ -30,9 +30,9 @@ from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import (
     ADAPTER_WEIGHTS,
     atomic_dir,
-    base_pass_file,
     clean_leftovers,
     eval_journal,
+    kept_pass_file,
     report_dir,
     write_text_atomic,
 )
@@ -159,8 +159,9 @@ def evaluate(recipe: Recipe, which: str = "both", data: str | None = None, adapt
         by_shape = {shape: score_subset(recipe, idx, rows, results, data_file)
                     for shape, idx in shape_groups(rows).items()}
         notes += sorted(set(problems))
-        notes += [f"{p}: answers reused from the eval of {r['reused_from']}, which ran the same base model on the "
-                  f"same rows with the same settings on this machine; its examples/s are that run's"
+        notes += [f"{p}: answers reused from the eval of {r['reused_from']}, which ran the same "
+                  f"{'base model' if p == 'base' else 'parent adapter'} on the same rows with the same settings on "
+                  "this machine; its examples/s are that run's"
                   for p, r in results.items() if r.get("reused_from")]
         out = write_report(name, recipe, rows, results, subsets, data_file, by_shape, key, notes)
         shutil.rmtree(eval_journal(name, "x").parent, ignore_errors=True)  # the report now holds every answer
@@ -186,10 +187,11 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
         return len(journals[p].answers) == len(rows) and not (
             plain and perplexity_wanted and "perplexity" not in journals[p].values)
 
-    base_key = base_pass_key(recipe, rows) if "base" in kinds else None
-    if base_key and not journals["base"].answers and reuse_base_pass(journals["base"], base_key, len(rows)):
-        print(f"base: all {len(rows)} answers reused from the eval of {journals['base'].values['reused_from']} "
-              "(same base model, rows, settings and machine)")
+    kept_keys = {kind: kept_pass_key(recipe, rows, kind) for kind in kinds if kind in ("base", "sft")}
+    for kind, kept_key in kept_keys.items():
+        if not journals[kind].answers and reuse_pass(journals[kind], kept_key, len(rows)):
+            print(f"{kind}: all {len(rows)} answers reused from the eval of {journals[kind].values['reused_from']} "
+                  f"(same {'base model' if kind == 'base' else 'parent adapter'}, rows, settings and machine)")
     model = load_pass_model(recipe, kinds, adapter_dir) if not all(map(complete, passes)) else None
     system = recipe.data.system_prompt
     results: dict[str, dict[str, Any]] = {}
@@ -224,9 +226,22 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
                         journal.set("perplexity", perplexity(model, tokenizer, rows, system,
                                                              batch_size=recipe.eval.batch_size))
         results[p] = pass_result(journal, rows)
-    if base_key and complete("base") and "reused_from" not in journals["base"].values:
-        keep_base_pass(journals["base"], base_key, name, len(rows))
+    for kind, kept_key in kept_keys.items():
+        if complete(kind) and "reused_from" not in journals[kind].values:
+            keep_pass(journals[kind], kept_key, name, len(rows))
     return results
+
+
+def kept_pass_key(recipe: Recipe, rows: list[dict], kind: str) -> str:
+    """What a pass that does not depend on the evaluated adapter answers with: the base model's (`base_pass_key`),
+    or for a stage's chain its parent adapter's, which adds that adapter's weights."""
+    key = base_pass_key(recipe, rows)
+    if kind == "base":
+        return key
+    from tunebook.runs import parent_adapter_dir
+
+    weights = hashlib.sha256((parent_adapter_dir(recipe) / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+    return hashlib.sha256(f"{key}:{kind}:{weights}".encode()).hexdigest()
 
 
 def base_pass_key(recipe: Recipe, rows: list[dict]) -> str:
@@ -251,10 +266,10 @@ def base_pass_key(recipe: Recipe, rows: list[dict]) -> str:
         sort_keys=True, default=str).encode()).hexdigest()
 
 
-def reuse_base_pass(journal: Journal, key: str, n: int) -> bool:
-    """Fill an empty base journal from a kept pass with the same `base_pass_key`; True when it was there."""
+def reuse_pass(journal: Journal, key: str, n: int) -> bool:
+    """Fill an empty journal from a kept pass with the same `kept_pass_key`; True when it was there."""
     try:
-        kept = json.loads(base_pass_file(key).read_text(encoding="utf-8"))
+        kept = json.loads(kept_pass_file(key).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if kept.get("key") != key or len(kept.get("answers", [])) != n:
@@ -265,9 +280,9 @@ def reuse_base_pass(journal: Journal, key: str, n: int) -> bool:
     return True
 
 
-def keep_base_pass(journal: Journal, key: str, report: str, n: int) -> None:
-    """Keep a finished base pass for later evals of other runs of the same base model (`reuse_base_pass`)."""
-    write_text_atomic(base_pass_file(key), json.dumps({
+def keep_pass(journal: Journal, key: str, report: str, n: int) -> None:
+    """Keep a finished base or parent pass for later evals of other runs (`reuse_pass`)."""
+    write_text_atomic(kept_pass_file(key), json.dumps({
         "key": key, "report": report, "answers": [journal.answers[i] for i in range(n)], "seconds": journal.seconds,
         "values": {k: v for k, v in journal.values.items() if k == "perplexity"}}, ensure_ascii=False))
 

@@ -98,10 +98,10 @@ def eval_journal(report_name: str, kind: str) -> Path:
     return REPORTS_DIR / ".journal" / report_name / f"{kind}.jsonl"
 
 
-def base_pass_file(key: str) -> Path:
-    """A finished base-model pass, kept for any later eval with the same base model, rows, settings and machine
-    (evaluate.py: reused across runs, seeds and stages, whose base answers are the same)."""
-    return REPORTS_DIR / ".base-passes" / f"{key[:40]}.json"
+def kept_pass_file(key: str) -> Path:
+    """A finished pass of the base model (or of a stage's parent adapter), kept for any later eval with the same
+    model, rows, settings and machine (evaluate.py: reused across runs, seeds and stages)."""
+    return REPORTS_DIR / ".kept-passes" / f"{key[:40]}.json"
 
 
 def demo_times_file(run_name: str) -> Path:

@@ -6,7 +6,8 @@ judge scores each: the stage's reward if it names one (`stage.rewards`), else th
 one answer (`rewards.py`: for SQL, execution in the sandbox against the gold result; for review, ruff). The chosen
 answer is a sample that scored full marks — an execution-verified answer — or, when none did, the reference
 itself (correct by construction; `stage.chosen: sample` skips such prompts instead, so that both answers of
-every pair are the parent's own: on-policy pairs); the rejected answer is the lowest-scoring sample (or, with
+every pair are the parent's own: on-policy pairs; `stage.chosen: best` chooses the best-scoring answers, full marks
+or not, over the lower-scoring ones); the rejected answer is the lowest-scoring sample (or, with
 `stage.rejected: nearest_length`, the wrong one nearest the chosen in length; with `stage.rejected: greedy`, the
 parent's greedy answer, the one eval scores, wherever it is wrong, else as `nearest_length`); `stage.pairs_per_prompt` makes up to
 that many pairs of a prompt, each with another of its distinct wrong answers; `stage.max_length_gap` makes no pair
@@ -70,6 +71,7 @@ def preference_pairs(run: Any, rows: list[dict], parent: Path, tokenizer: Any) -
         write_cached(path, key, cached)
     facts = {"source": str(path), "pairs": len(cached), "judge": judge_name(recipe), "chosen": recipe.stage.chosen,
              "chosen_from_samples": sum(p["chosen_source"] == "sample" for p in cached),
+             "chosen_repaired": sum(p["chosen_source"] == "repair" for p in cached),
              "chosen_reference": sum(p["chosen_source"] == "reference" for p in cached)}
     if recipe.stage.rejected == "greedy":
         facts["rejected_greedy"] = sum(p.get("rejected_source") == "greedy" for p in cached)
@@ -192,18 +194,29 @@ def greedy_answers(run: Any, rows: list[dict], parent: Path, tokenizer: Any, sam
 def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[dict]) -> list[dict]:
     """Judge each prompt's answers and pair full-marks ones (else, with `stage.chosen: sample_or_reference`, the
     reference) with wrong ones picked by `stage.rejected`, up to `stage.pairs_per_prompt` pairs per prompt
-    (`pick_pairs`). Only full-marks answers are ever chosen."""
+    (`pick_pairs`). Only full-marks answers are ever chosen, except by `stage.chosen: best`, which takes each
+    prompt's best-scoring answers as its "right" ones."""
     from tunebook.rewards import load_reward, reward_columns
 
     judge = load_reward(judge_name(recipe), recipe.source)
     data_file, system = Path(recipe.data.train), recipe.data.system_prompt
     pairs, prompts, too_far = [], 0, 0
     stage = recipe.stage
+    repair = task_repair(recipe) if stage.repair else None
     for item in sampled:
         row, greedy = rows[item["row"]], item.get("greedy")
         answers = item["answers"] + ([greedy] if greedy is not None else [])  # the greedy answer is the parent's too
         columns = reward_columns(row, data_file)
-        scores = judge([None] * len(answers), answers, **{k: [v] * len(answers) for k, v in columns.items()})
+
+        def judged(texts: list[str], columns: dict = columns) -> list[float]:
+            return judge([None] * len(texts), texts, **{k: [v] * len(texts) for k, v in columns.items()})
+
+        scores, fixes = judged(answers), []
+        if repair is not None:  # right repairs of the wrong answers join the right ones (never as rejected)
+            fixes = [f for f in dict.fromkeys(repair(a, row, data_file) for a, s in zip(answers, scores, strict=True)
+                                              if s < 1.0) if f and f not in answers]
+            fixes = [f for f, s in zip(fixes, judged(fixes), strict=True) if s == 1.0]
+            answers, scores = fixes + answers, [1.0] * len(fixes) + scores
         top = max(scores) if stage.chosen == "best" else 1.0
         right = [a for a, s in zip(answers, scores, strict=True) if s == top]
         wrong = sorted(((s, a) for a, s in zip(answers, scores, strict=True) if s < top), key=lambda w: w[0])
@@ -223,13 +236,16 @@ def pair_samples(recipe: Any, rows: list[dict], tokenizer: Any, sampled: list[di
         prompts, too_far = prompts + bool(picked), too_far + (not picked)
         for k, (chosen, rejected, score) in enumerate(picked):
             pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_score": top,
-                          "rejected_score": score, "chosen_source": "reference" if chosen not in answers else "sample",
+                          "rejected_score": score, "chosen_source": "reference" if chosen not in answers else
+                          "repair" if chosen in fixes else "sample",
                           "rejected_source": "greedy" if k < len(first) else "sample"})
     chosen = sum(p["chosen_source"] == "sample" for p in pairs)
+    fixed = sum(p["chosen_source"] == "repair" for p in pairs)
     greedy_note = (f", {sum(p['rejected_source'] == 'greedy' for p in pairs)} rejecting the greedy answer"
                    if stage.rejected == "greedy" else "")
     print(f"pairs: {len(pairs)} from {prompts} of {len(sampled)} prompts ({chosen} chosen answers sampled, "
-          f"{len(pairs) - chosen} the reference{greedy_note}; prompts whose answers were all right make none"
+          + (f"{fixed} repaired, " if repair is not None else "")
+          + f"{len(pairs) - chosen - fixed} the reference{greedy_note}; prompts whose answers were all right make none"
           + (f"; {too_far} more had none within stage.max_length_gap={recipe.stage.max_length_gap} tokens)"
              if too_far else ")"))
     return pairs
@@ -270,6 +286,14 @@ def pick_pairs(right: list[str], wrong: list[tuple[float, str]], rule: str, toke
         pairs.append((chosen, rejected, score))
         del wrong[i]
     return pairs
+
+
+def task_repair(recipe: Any) -> Any:
+    """The repair of the recipe's first metric that has one (`Metric.repair`: answer, row, data file -> a rewritten
+    answer or None), or None."""
+    from tunebook.metrics import METRICS
+
+    return next((METRICS[m].repair for m in recipe.eval.metrics if METRICS[m].repair is not None), None)
 
 
 def judge_name(recipe: Any) -> str:

@@ -249,12 +249,15 @@ def check_stage_inputs(recipe: Recipe, rows: list[dict]) -> None:
     are made by sampling) loads and can be called as TRL calls it, with the fields the training rows give it."""
     if recipe.method == "sft":
         return
-    from tunebook.pairs import judge_name
+    from tunebook.pairs import judge_name, task_repair
     from tunebook.rewards import load_reward, reward_columns
 
     check_parent_recipe(recipe)
     if recipe.method == "dpo" and rows and is_preference(rows[0]):
         return  # the pairs are given: nothing is judged
+    if recipe.stage.repair and task_repair(recipe) is None:
+        raise RecipeError(recipe.source, "stage.repair", f"none of this recipe's metrics ({', '.join(recipe.eval.metrics)}"
+                          ") can repair an answer.", "Leave stage.repair out (only sql_execution repairs, for now).")
     names = recipe.stage.rewards or [judge_name(recipe)]
     data_file = Path(recipe.data.train)
     given = set.intersection(*(set(reward_columns(row, data_file)) for row in rows)) if rows else set()
