@@ -478,7 +478,7 @@ def test_repair_chooses_the_fixed_version_of_the_parents_own_wrong_answer(parent
 
     from tunebook.models import load_tokenizer
     from tunebook.pairs import pair_samples
-    from tunebook.runs import parent_adapter_dir
+    from tunebook.runs import identify, parent_adapter_dir
     from tunebook.validate import check_stage_inputs
 
     db = sqlite_file(tmp_path / "school.sqlite", """
@@ -501,6 +501,9 @@ def test_repair_chooses_the_fixed_version_of_the_parents_own_wrong_answer(parent
     assert len(fixed) == 1 and fixed[0]["rejected"] == skips_join and fixed[0]["rejected_source"] == "greedy"
     assert fixed[0]["chosen_source"] == "repair" and "JOIN city" in fixed[0]["chosen"]
     assert fixed[0]["chosen_score"] == 1.0
+    # the field is in a run's fingerprint only when set, so stage runs trained before it existed still match
+    assert "stage.repair" not in identify(recipe).fingerprint
+    assert identify(load_recipe(recipe.source, ["stage.repair=true"])).fingerprint["stage.repair"] is True
     with pytest.raises(RecipeError, match="stage.repair"):
         load_recipe(stage_recipe(parent, tmp_path, "dpo", stage={"repair": "yes"}))
     with pytest.raises(RecipeError, match="stage.repair: none of this recipe's metrics"):  # review has no repair

@@ -66,6 +66,11 @@ def library_defaults(cls: type) -> dict[str, Any]:
     return out
 
 
+# Stage fields added after stage runs were first written, with their defaults: in a fingerprint only when set,
+# so the runs trained before they existed still match.
+STAGE_FIELDS_IF_SET = {"repair": False}
+
+
 def run_fingerprint(recipe: Recipe) -> dict[str, Any]:
     """The flat mapping `section.field -> value` that identifies a training run.
 
@@ -96,7 +101,8 @@ def run_fingerprint(recipe: Recipe) -> dict[str, Any]:
     out.update({f"{section}.{k}": v for k, v in recipe.training.items()
                 if k not in ignored and not same(v, sft_defaults.get(k, Ellipsis))})
     if recipe.method != "sft":  # a stage's trajectory starts at its parent's adapter
-        out.update({f"stage.{k}": v for k, v in dataclasses.asdict(recipe.stage).items()})
+        out.update({f"stage.{k}": v for k, v in dataclasses.asdict(recipe.stage).items()
+                    if k not in STAGE_FIELDS_IF_SET or v != STAGE_FIELDS_IF_SET[k]})
         parent = parent_adapter_dir(recipe)
         out["stage.parent adapter (sha256)"] = (sha256(parent / ADAPTER_WEIGHTS) if (parent / ADAPTER_WEIGHTS).exists()
                                                 else None)
