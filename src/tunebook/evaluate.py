@@ -199,7 +199,8 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
     for p in passes:
         journal, kind = journals[p], p.removesuffix(VERIFIED)
         if complete(p):
-            print(f"{p}: all {len(rows)} answers kept from an earlier run of this eval")
+            if "reused_from" not in journal.values:  # else already said where they came from
+                print(f"{p}: all {len(rows)} answers kept from an earlier run of this eval")
         else:
             # The base model is the same weights with the adapter switched off: one load, identical prompts.
             context = model.disable_adapter() if kind == "base" and kinds != ["base"] else contextlib.nullcontext()
