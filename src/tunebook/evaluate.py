@@ -188,8 +188,10 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
             plain and perplexity_wanted and "perplexity" not in journals[p].values)
 
     kept_keys = {kind: kept_pass_key(recipe, rows, kind) for kind in kinds if kind in ("base", "sft")}
+    reused = set()
     for kind, kept_key in kept_keys.items():
         if not journals[kind].answers and reuse_pass(journals[kind], kept_key, len(rows)):
+            reused.add(kind)
             print(f"{kind}: all {len(rows)} answers reused from the eval of {journals[kind].values['reused_from']} "
                   f"(same {'base model' if kind == 'base' else 'parent adapter'}, rows, settings and machine)")
     model = load_pass_model(recipe, kinds, adapter_dir) if not all(map(complete, passes)) else None
@@ -199,7 +201,7 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
     for p in passes:
         journal, kind = journals[p], p.removesuffix(VERIFIED)
         if complete(p):
-            if "reused_from" not in journal.values:  # else already said where they came from
+            if p not in reused:  # else already said where they came from
                 print(f"{p}: all {len(rows)} answers kept from an earlier run of this eval")
         else:
             # The base model is the same weights with the adapter switched off: one load, identical prompts.
