@@ -28,11 +28,12 @@ class SlotWindow:
         import torch
 
         self.longest, self.spare = longest, spare  # the widest a window can be; room to append before moving
-        capacity = longest + spare
-        self.keys = [k.new_zeros(slots, k.shape[0], capacity, k.shape[-1]) for k, _ in like]  # like: [heads, n, dim]
-        self.values = [v.new_zeros(slots, v.shape[0], capacity, v.shape[-1]) for _, v in like]
-        self.mask = torch.zeros(slots, capacity, dtype=torch.long, device=like[0][0].device)
-        self.start = self.end = longest
+        # No columns yet: the first row sizes the buffers (`_fit`), and they grow only as wider rows join, so a
+        # pass holds slots x (its widest running row + spare) columns, not slots x the longest prompt of all.
+        self.keys = [k.new_zeros(slots, k.shape[0], 0, k.shape[-1]) for k, _ in like]  # like: [heads, n, dim]
+        self.values = [v.new_zeros(slots, v.shape[0], 0, v.shape[-1]) for _, v in like]
+        self.mask = torch.zeros(slots, 0, dtype=torch.long, device=like[0][0].device)
+        self.start = self.end = 0
 
     @property
     def length(self) -> int:
@@ -42,7 +43,7 @@ class SlotWindow:
         """Make the window `width` columns wide (never narrower than it is), with a free column after it."""
         width = max(width, self.length)
         if self.end - width < 0 or self.end + 1 > self.mask.shape[-1]:
-            self._move(self.longest)
+            self._move(max(width, min(self.longest, width + self.spare // 2)))  # room on the left for wider rows
         if self.end - width < self.start:
             self.mask[:, self.end - width:self.start] = 0
             self.start = self.end - width
@@ -66,7 +67,9 @@ class SlotWindow:
                 fresh[:, new] = part
             return fresh
 
-        self.keys, self.values = [moved(b) for b in self.keys], [moved(b) for b in self.values]
+        for layer in range(len(self.keys)):  # one layer at a time: the old buffers go as the new ones come
+            self.keys[layer] = moved(self.keys[layer])
+            self.values[layer] = moved(self.values[layer])
         self.mask = moved(self.mask)
         self.start, self.end = new.start, new.stop
 
@@ -123,8 +126,8 @@ def _slot_cache(window: SlotWindow) -> Any:
             self.layer, self.is_initialized = layer, True
 
         def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            self.keys, self.values = window.append(self.layer, key_states, value_states)
-            return self.keys, self.values
+            # Not kept on the layer: a view held here would keep a moved window's old buffers alive.
+            return window.append(self.layer, key_states, value_states)
 
         def get_seq_length(self) -> int:
             return window.length
