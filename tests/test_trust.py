@@ -160,10 +160,9 @@ def test_sigkill_during_export_and_failing_conversion_keep_previous_export(tiny_
     recipe = load_recipe(source)
     train(recipe, force=True)
 
-    # export-swap N: killed after N renames of the swap (1 = its manifest is in place, 3 = both old outputs
-    # moved aside, 4 = the new merged model in place, 5 = both new outputs in place, old not yet discarded).
-    for fault in (("export-convert", 2), ("export-swap", 1), ("export-swap", 3), ("export-swap", 4),
-                  ("export-swap", 5)):
+    # Killed inside the second conversion, and in the swap after 3 renames (its manifest in place, both old
+    # outputs moved aside, no new one yet). Every other point of the swap: test_a_swap_killed_or_failing_...
+    for fault in (("export-convert", 2), ("export-swap", 3)):
         done = run_tunebook(tmp_path, "export", recipe.source, "--no-verify", fault=fault)
         assert done.returncode == -9, done.stderr
         if fault[0] == "export-convert":
@@ -197,16 +196,84 @@ def test_sigkill_during_export_and_failing_conversion_keep_previous_export(tiny_
     assert tree_digest(gguf_dir(recipe.name)) == gguf_before
 
     monkeypatch.setattr(tunebook.export, "gguf_summary", real_summary)
-    monkeypatch.setattr(tunebook.outputs, "os", OsFailingRename(on_call=3))
-    with pytest.raises(OSError, match="cross-device"):
-        export(recipe, verify=False)
-    monkeypatch.setattr(tunebook.outputs, "os", os)
-    assert tree_digest(merged_dir(recipe.name)) == merged_before, "a failed swap puts the old export back"
-    assert tree_digest(gguf_dir(recipe.name)) == gguf_before
-
     export(recipe, verify=False)
     assert tree_digest(merged_dir(recipe.name)) != merged_before, "the new adapter is exported once all passes"
     assert tree_digest(gguf_dir(recipe.name)) != gguf_before
+
+
+SWAP_CHILD = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, sys.argv[3])
+from faults import install
+
+install("export-swap", int(sys.argv[1]))
+from tunebook.outputs import swap_in_together, temp_sibling
+
+pairs = []
+for name in ("merged", "gguf", "new-kind"):
+    final = Path(sys.argv[2]) / name
+    tmp = temp_sibling(final)
+    tmp.mkdir()
+    (tmp / "weights").write_text("new " + name)
+    pairs.append((tmp, final))
+swap_in_together(pairs)
+"""
+
+
+def test_a_swap_killed_or_failing_at_any_rename_leaves_the_previous_outputs(tmp_path, monkeypatch):
+    """`swap_in_together` as export calls it (two outputs that exist and one that does not yet), killed after each
+    of its renames in a child process, then failing at each rename in this one: the previous outputs come back
+    whole and the new output without a predecessor goes."""
+    import subprocess
+    import sys
+
+    from tunebook.outputs import clean_leftovers, swap_in_together, temp_sibling
+
+    root = tmp_path / "out"
+    finals = [root / "merged", root / "gguf", root / "new-kind"]
+
+    def previous_outputs() -> dict[str, str]:
+        shutil.rmtree(root, ignore_errors=True)
+        for final in finals[:2]:
+            (final / "sub").mkdir(parents=True)
+            (final / "weights").write_text("old " + final.name)
+            (final / "sub" / "tokenizer.json").write_text("{}")
+        return tree_digest(root)
+
+    renames = 1 + 2 + 3 + 1  # manifest, two old outputs aside, three new in place, the old directory discarded
+    for kill_after in range(renames):
+        before = previous_outputs()
+        child = subprocess.run([sys.executable, "-c", SWAP_CHILD, str(kill_after), str(root),
+                                str(Path(__file__).parent)], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "PYTHONPATH": str(Path(tunebook.outputs.__file__).parents[1])})
+        assert child.returncode == -9, (kill_after, child.stderr)
+        assert clean_leftovers(*finals), kill_after
+        assert tree_digest(root) == before, kill_after
+        assert sorted(p.name for p in root.iterdir()) == ["gguf", "merged"], kill_after
+    finished = subprocess.run([sys.executable, "-c", SWAP_CHILD, str(renames), str(root), str(Path(__file__).parent)],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(tunebook.outputs.__file__).parents[1])})
+    assert finished.returncode == 0, finished.stderr
+    assert {f.name: (f / "weights").read_text() for f in finals} == {f.name: "new " + f.name for f in finals}
+
+    for failing in range(2, renames):  # the first rename only puts the manifest in place
+        before = previous_outputs()
+        pairs = []
+        for final in finals:
+            tmp = temp_sibling(final)
+            tmp.mkdir()
+            (tmp / "weights").write_text("new")
+            pairs.append((tmp, final))
+        monkeypatch.setattr(tunebook.outputs, "os", OsFailingRename(on_call=failing))
+        with pytest.raises(OSError, match="cross-device"):
+            swap_in_together(pairs)
+        monkeypatch.setattr(tunebook.outputs, "os", os)
+        for tmp, _ in pairs:  # the caller (`atomic_dir`, export) removes its own temp directories
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert tree_digest(root) == before, failing
+        assert sorted(p.name for p in root.iterdir()) == ["gguf", "merged"], failing
 
 
 class OsFailingRename:
