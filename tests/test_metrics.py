@@ -143,6 +143,39 @@ def test_perplexity_matches_hand_computed_loss_with_and_without_shared_prefixes(
             math.exp(nll / count), rel=1e-4)
 
 
+def test_a_plain_pass_scores_each_reference_on_its_own_prompt_cache(tiny_model_dir, tokenizer):
+    """Eval's plain pass gives perplexity without a pass of its own: each row's reference answer is scored on the
+    cache its prompt was prefilled into, for rows in a shared-prefix group, alone, and twice the same prompt
+    (a group with nothing after its prefix); a chat's earlier answers are prompt, not reference."""
+    from tunebook.generation import generate_ids, prefix_groups
+    from tunebook.metrics import answer_nll, reference_ids
+    from tunebook.prompts import encode_prompt
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer.padding_side = "left"
+    schema = " ".join(f"CREATE TABLE t{i} (id INT, name TEXT);" for i in range(12))
+    shared = [{"instruction": schema, "input": q, "output": a} for q, a in
+              [("How many t1?", "SELECT count(*) FROM t1"), ("Names in t3", "SELECT name FROM t3"),
+               ("All of t0, longer question here", "SELECT * FROM t0 WHERE id > 2"), ("How many t1?", "SELECT 1")]]
+    chat = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello there."},
+                         {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Bye now."}]}
+    story = "Translate to French: " + "the cat sat on the mat and looked out of the window. " * 5
+    twice = [{"instruction": story, "input": "", "output": answer} for answer in ("le chat", "un chat")]
+    examples = [{"instruction": "Say hi.", "input": "", "output": "hi there"}, *shared, chat, *twice]
+    prompts = [encode_prompt(tokenizer, ex, "sys") for ex in examples]
+    assert (len(prompts[-1]) - 1, [6, 7]) in prefix_groups(prompts, 3), "the same prompt twice: nothing after the prefix"
+    assert tokenizer.decode(reference_ids(tokenizer, chat, "sys")).startswith("Bye now.")
+    scores: dict[int, tuple[float, int]] = {}
+    references = [reference_ids(tokenizer, ex, "sys") for ex in examples]
+    answers = generate_ids(model, tokenizer, examples, "sys", 8, batch_size=3, references=references, scores=scores)
+    assert answers == generate_ids(model, tokenizer, examples, "sys", 8, batch_size=3), "scoring changes no answer"
+    assert sorted(scores) == list(range(len(examples)))
+    for i, example in enumerate(examples):
+        nll, tokens = answer_nll(model, tokenizer, [example], "sys")
+        assert scores[i][1] == tokens == len(references[i])
+        assert scores[i][0] == pytest.approx(nll, rel=1e-4), i
+
+
 def test_review_metric_on_good_and_bad_fixes():
     from tunebook.metrics import review_metrics
 

@@ -123,8 +123,11 @@ def test_the_lock_is_reentrant_in_one_process_and_freed_when_released(tmp_path, 
 def test_an_interrupted_eval_resumes_from_its_answers(tiny_recipe, tmp_path):
     recipe = load_recipe(tiny_recipe(training__max_steps=2, eval__batch_size=2, eval__limit=6))
     train(recipe)
+    first = evaluate(recipe)
     reference = [json.loads(line)["fine_tuned_prediction"]
-                 for line in (evaluate(recipe) / "predictions.jsonl").read_text().splitlines()]
+                 for line in (first / "predictions.jsonl").read_text().splitlines()]
+    perplexities = {k: v["perplexity"] for k, v in json.loads((first / "report.json").read_text()).items()
+                    if k in ("base", "fine_tuned")}
     (tmp_path / "reports" / "tiny-sql" / "report.json").unlink()
     shutil.rmtree(tmp_path / "reports" / ".kept-passes")  # else the base pass is reused whole, not resumed
 
@@ -145,6 +148,9 @@ def test_an_interrupted_eval_resumes_from_its_answers(tiny_recipe, tmp_path):
     resumed = [json.loads(line)["fine_tuned_prediction"]
                for line in (tmp_path / "reports" / "tiny-sql" / "predictions.jsonl").read_text().splitlines()]
     assert resumed == reference
+    report = json.loads((tmp_path / "reports" / "tiny-sql" / "report.json").read_text())
+    for kind, value in perplexities.items():  # rows scored before the kill, and after it
+        assert report[kind]["perplexity"] == pytest.approx(value, rel=1e-4), kind
     assert not journal.exists(), "the report replaces the journal"
 
 

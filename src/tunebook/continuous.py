@@ -137,9 +137,11 @@ def _slot_cache(window: SlotWindow) -> Any:
     return cache
 
 
-def prefill_group(model: Any, group: Group, pad_id: int) -> list[tuple[list[tuple[Any, Any]], Any]]:
+def prefill_group(model: Any, group: Group, pad_id: int, references: dict[int, list[int]] | None = None,
+                  scores: dict[int, tuple[float, int]] | None = None) -> list[tuple[list[tuple[Any, Any]], Any]]:
     """Each member's KV cache over its prompt but the last token (per layer [heads, n, dim]) and its mask [n]:
-    the shared prefix computed once, the rest of the prompts together, left-padded after the prefix."""
+    the shared prefix computed once, the rest of the prompts together, left-padded after the prefix. With
+    `references` (answer index -> reference answer ids), each member's reference is scored into `scores`."""
     import torch
 
     prefix, members = group
@@ -168,7 +170,41 @@ def prefill_group(model: Any, group: Group, pad_id: int) -> list[tuple[list[tupl
     for row in range(len(members)):
         one = 0 if width == 0 else row
         rows.append(([(layer.keys[one], layer.values[one]) for layer in cache.layers], mask[row]))
+    if references is not None:
+        if width == 0 and len(members) > 1:
+            cache.batch_repeat_interleave(len(members))
+        score_references(model, cache, mask, [prompt for _, prompt in members],
+                         [references[index] for index, _ in members], pad_id, scores,
+                         [index for index, _ in members])
     return rows
+
+
+def score_references(model: Any, cache: Any, mask: Any, prompts: list[list[int]], references: list[list[int]],
+                     pad_id: int, scores: dict[int, tuple[float, int]], indices: list[int]) -> None:
+    """Each prompt's reference answer scored on its prefilled cache (the prompt but its last token): the summed
+    negative log-likelihood of the reference tokens and their count into `scores[index]`.
+
+    This is perplexity's forward without computing the prompts again: only the last prompt token and the answer are
+    new. The cache gains their columns (new tensors: the rows `prefill_group` handed out keep the prompt's)."""
+    import torch
+
+    device = mask.device
+    feeds = [[prompt[-1], *reference[:-1]] for prompt, reference in zip(prompts, references, strict=True)]
+    width = max(len(f) for f in feeds)
+    ids = torch.full((len(feeds), width), pad_id, dtype=torch.long, device=device)
+    labels = torch.full((len(feeds), width), -100, dtype=torch.long, device=device)
+    extra = torch.zeros(len(feeds), width, dtype=torch.long, device=device)
+    positions = torch.stack([torch.arange(len(p) - 1, len(p) - 1 + width, device=device) for p in prompts])
+    for row, (feed, reference) in enumerate(zip(feeds, references, strict=True)):
+        ids[row, :len(feed)] = torch.tensor(feed, device=device)
+        labels[row, :len(reference)] = torch.tensor(reference, device=device)
+        extra[row, :len(feed)] = 1
+    logits = model(input_ids=ids, attention_mask=torch.cat([mask, extra], dim=1), position_ids=positions,
+                   cache=cache, use_cache=True).logits
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                            reduction="none").sum(-1)
+    for index, value, reference in zip(indices, nll.tolist(), references, strict=True):
+        scores[index] = (value, len(reference))
 
 
 class Constraints:
@@ -251,13 +287,16 @@ def _draw_from_nucleus(ranked: Any, ids: Any, top_p: float, generator: Any) -> A
 def decode(model: Any, groups: list[Group], slots: int, max_new_tokens: int, stops: list[int], pad_id: int,
            on_done: Any = None, spare: int | None = None, grammars: dict[int, Any] | None = None,
            vocab_size: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-           seed: int = 0, greedy: set[int] | frozenset[int] = frozenset()) -> dict[int, list[int]]:
+           seed: int = 0, greedy: set[int] | frozenset[int] = frozenset(),
+           references: dict[int, list[int]] | None = None,
+           scores: dict[int, tuple[float, int]] | None = None) -> dict[int, list[int]]:
     """Answers (token ids through the stop token) to every group's prompts, greedy, `slots` rows decoding at once.
     `on_done(indices, answers)` gets answers as rows finish. Every prompt has at least two tokens (a chat turn).
     `spare`: columns the cache keeps free to append into before its window moves (default 2 × max_new_tokens).
     `grammars` (answer index -> xgrammar compiled grammar over `vocab_size` tokens) constrains those answers.
     `temperature` > 0 samples instead (top-p `top_p`, a generator seeded with `seed`), except the answers in
-    `greedy`, which take the argmax as at temperature 0."""
+    `greedy`, which take the argmax as at temperature 0. `references` (answer index -> reference answer ids): each
+    prompt's reference is scored on its prefilled cache, (summed NLL, tokens) into `scores` before it decodes."""
     import torch
 
     device = next(model.parameters()).device
@@ -277,8 +316,8 @@ def decode(model: Any, groups: list[Group], slots: int, max_new_tokens: int, sto
             free = [s for s in range(len(owner)) if owner[s] < 0]
             while pending and len(pending[0][1]) <= len(free):
                 prefix, members = pending.popleft()
-                for (index, prompt), (layers, mask) in zip(members, prefill_group(model, (prefix, members), pad_id),
-                                                            strict=True):
+                prefilled = prefill_group(model, (prefix, members), pad_id, references, scores)
+                for (index, prompt), (layers, mask) in zip(members, prefilled, strict=True):
                     if window is None:
                         window = SlotWindow(layers, slots, longest, spare or 2 * max_new_tokens)
                         cache = _slot_cache(window)

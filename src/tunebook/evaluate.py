@@ -25,7 +25,7 @@ from tunebook.errors import RecipeError
 from tunebook.exported import gguf_files
 from tunebook.generation import decode_answers, generate_ids
 from tunebook.journal import Journal
-from tunebook.metrics import METRICS, perplexity, score
+from tunebook.metrics import METRICS, answer_nll, perplexity_of, score
 from tunebook.models import load_model, load_tokenizer, resolve_model_path
 from tunebook.outputs import (
     ADAPTER_WEIGHTS,
@@ -224,15 +224,25 @@ def hf_passes(recipe: Recipe, name: str, key: str, kinds: list[str], rows: list[
                 else:
                     generate_rest(journal, p, rows, functools.partial(
                         plain_batches, model, tokenizer, system, recipe.eval.max_new_tokens, recipe.eval.batch_size,
-                        keep_ids=plain_ids if kind == kinds[-1] else None))
+                        keep_ids=plain_ids if kind == kinds[-1] else None, score=perplexity_wanted))
                     if perplexity_wanted and "perplexity" not in journal.values:
-                        journal.set("perplexity", perplexity(model, tokenizer, rows, system,
-                                                             batch_size=recipe.eval.batch_size))
+                        journal.set("perplexity", rows_perplexity(journal, model, tokenizer, rows, system,
+                                                                  recipe.eval.batch_size))
         results[p] = pass_result(journal, rows)
     for kind, kept_key in kept_keys.items():
         if complete(kind) and "reused_from" not in journals[kind].values:
             keep_pass(journals[kind], kept_key, name, len(rows))
     return results
+
+
+def rows_perplexity(journal: Journal, model: Any, tokenizer: Any, rows: list[dict], system: str | None,
+                    batch_size: int) -> float:
+    """Perplexity of the reference answers over all rows: the scores the pass kept beside its answers, and for
+    rows it did not score (answers kept from an earlier run) a scoring pass of their own."""
+    missing = [i for i in range(len(rows)) if i not in journal.nll]
+    nll, tokens = answer_nll(model, tokenizer, [rows[i] for i in missing], system, batch_size) if missing else (0, 0)
+    kept = [journal.nll[i] for i in range(len(rows)) if i in journal.nll]
+    return perplexity_of(nll + sum(n for n, _ in kept), tokens + sum(t for _, t in kept))
 
 
 def kept_pass_key(recipe: Recipe, rows: list[dict], kind: str) -> str:
@@ -291,16 +301,28 @@ def keep_pass(journal: Journal, key: str, report: str, n: int) -> None:
 
 
 def plain_batches(model: Any, tokenizer: Any, system: str | None, max_new_tokens: int, batch_size: int,
-                  rows: list[dict], progress: Any, on_batch: Any, keep_ids: dict[str, list[int]] | None = None) -> None:
-    """Greedy answers into `on_batch`; with `keep_ids`, also each answer's token ids by `verify.row_key`."""
+                  rows: list[dict], progress: Any, on_batch: Any, keep_ids: dict[str, list[int]] | None = None,
+                  score: bool = False) -> None:
+    """Greedy answers into `on_batch`; with `keep_ids`, also each answer's token ids by `verify.row_key`. With
+    `score`, each row's reference answer is scored on the prompt cache its answer was decoded from, and
+    `on_batch` gets each row's (summed NLL, tokens) as a third argument: perplexity without a pass of its own."""
+    from tunebook.metrics import reference_ids
     from tunebook.verify import row_key
+
+    scores: dict[int, tuple[float, int]] = {}
 
     def decoded(indices: list[int], ids: list[list[int]]) -> None:
         if keep_ids is not None:
             keep_ids.update((row_key(rows[i]), tokens) for i, tokens in zip(indices, ids, strict=True))
-        on_batch(indices, decode_answers(tokenizer, ids))
+        answers = decode_answers(tokenizer, ids)
+        if score:
+            on_batch(indices, answers, [scores.pop(i) for i in indices])
+        else:
+            on_batch(indices, answers)
 
-    generate_ids(model, tokenizer, rows, system, max_new_tokens, batch_size, progress, on_batch=decoded)
+    references = [reference_ids(tokenizer, row, system) for row in rows] if score else None
+    generate_ids(model, tokenizer, rows, system, max_new_tokens, batch_size, progress, on_batch=decoded,
+                 references=references, scores=scores)
 
 
 def pass_result(journal: Journal, rows: list[dict]) -> dict[str, Any]:
@@ -338,7 +360,8 @@ def load_pass_model(recipe: Recipe, kinds: list[str], adapter_dir: Path) -> Any:
 def generate_rest(journal: Journal, label: str, rows: list[dict], run_batches: Any) -> None:
     """Generate the rows the journal does not hold yet, adding each batch to it as it is produced.
 
-    `run_batches(rows, progress, on_batch)` generates answers for `rows` (calling `on_batch(indices, answers)`).
+    `run_batches(rows, progress, on_batch)` generates answers for `rows`, calling `on_batch(indices, answers)` or,
+    when it scores references beside them, `on_batch(indices, answers, nll)`.
     """
     todo = [i for i in range(len(rows)) if i not in journal.answers]
     if not todo:
@@ -350,10 +373,10 @@ def generate_rest(journal: Journal, label: str, rows: list[dict], run_batches: A
         task_id = bar.add_task(label, total=len(rows), completed=len(rows) - len(todo), rate="")
         started = last = time.perf_counter()
 
-        def keep(indices: list[int], answers: list[str]) -> None:
+        def keep(indices: list[int], answers: list[str], nll: list[tuple[float, int]] | None = None) -> None:
             nonlocal last
             now = time.perf_counter()
-            journal.add([todo[i] for i in indices], answers, now - last)
+            journal.add([todo[i] for i in indices], answers, now - last, nll)
             last = now
 
         run_batches([rows[i] for i in todo], rate_updater(bar, task_id, started), keep)

@@ -33,7 +33,8 @@ def decode_answers(tokenizer: Any, ids: list[list[int]]) -> list[str]:
 
 def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None, max_new_tokens: int,
                  batch_size: int, progress: Any = None, share_prefixes: bool = True,
-                 on_batch: Any = None, grammars: Any = None) -> list[list[int]]:
+                 on_batch: Any = None, grammars: Any = None, references: list[list[int]] | None = None,
+                 scores: dict[int, tuple[float, int]] | None = None) -> list[list[int]]:
     """Greedy answer token ids up to the trained end-of-turn token, in the input order.
 
     `batch_size` rows decode at once with continuous batching (`continuous.py`): a row leaves when it stops and a
@@ -42,7 +43,11 @@ def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt
     `share_prefixes=False` is the benchmark's "before": prompts sorted by length, left-padded, each batch run by
     `generate()` until its last row ends. `on_batch(indices, ids)` gets answers as soon as they exist.
     `grammars` (a `constrained.HFGrammars` and one grammar text per example) constrains each answer.
+    `references` (one reference answer's ids per example, `metrics.reference_ids`): each is scored on its prompt's
+    prefilled cache, (summed NLL, tokens) into `scores[example index]` before that example's answer is handed on.
     """
+    if references is not None and not share_prefixes:
+        raise ValueError("references are scored on the shared-prefix path only")
     prompts = [encode_prompt(tokenizer, ex, system_prompt) for ex in examples]
     stops = stop_token_ids(tokenizer, system_prompt)
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -63,7 +68,8 @@ def generate_ids(model: Any, tokenizer: Any, examples: list[dict], system_prompt
             compiled = {i: grammars[0].compile(text) for i, text in enumerate(grammars[1]) if text is not None}
         groups = [(prefix, [(i, prompts[i]) for i in members]) for prefix, members in prefix_groups(prompts, batch_size)]
         decode(model, groups, batch_size, max_new_tokens, stops, tokenizer.pad_token_id, on_done=done,
-               grammars=compiled)
+               grammars=compiled, references=None if references is None else dict(enumerate(references)),
+               scores=scores)
         return outputs
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):

@@ -23,6 +23,7 @@ class Journal:
         self.answers: dict[int, str] = {}
         self.seconds = 0.0
         self.values: dict[str, Any] = {}
+        self.nll: dict[int, tuple[float, int]] = {}  # row -> its reference answer's summed NLL and token count
         self._read()
 
     def _read(self) -> None:
@@ -42,6 +43,8 @@ class Journal:
             if "rows" in record:
                 self.answers.update(zip(record["rows"], record["answers"], strict=True))
                 self.seconds += record.get("seconds", 0.0)
+                if "nll" in record:
+                    self.nll.update(zip(record["rows"], map(tuple, record["nll"]), strict=True))
             else:
                 self.values.update(record.get("values", {}))
 
@@ -55,11 +58,18 @@ class Journal:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def add(self, rows: list[int], answers: list[str], seconds: float) -> None:
-        """Record one generated batch (row indices into the eval rows, their answers, the time it took)."""
-        self._append({"rows": rows, "answers": answers, "seconds": round(seconds, 4)})
+    def add(self, rows: list[int], answers: list[str], seconds: float,
+            nll: list[tuple[float, int]] | None = None) -> None:
+        """Record one generated batch (row indices into the eval rows, their answers, the time it took, and when
+        they were scored beside it, each row's reference answer (summed NLL, tokens) for perplexity)."""
+        record: dict[str, Any] = {"rows": rows, "answers": answers, "seconds": round(seconds, 4)}
+        if nll is not None:
+            record["nll"] = [list(n) for n in nll]
+        self._append(record)
         self.answers.update(zip(rows, answers, strict=True))
         self.seconds += seconds
+        if nll is not None:
+            self.nll.update(zip(rows, nll, strict=True))
 
     def set(self, name: str, value: Any) -> None:
         """Record a value computed after generation (e.g. perplexity), so a resumed eval does not redo it."""

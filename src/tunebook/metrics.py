@@ -181,7 +181,28 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None = None,
                batch_size: int = 8) -> float:
-    """exp(mean negative log-likelihood of the reference answer tokens, each conditioned on its prompt).
+    """exp(mean negative log-likelihood of the reference answer tokens, each conditioned on its prompt)."""
+    return perplexity_of(*answer_nll(model, tokenizer, examples, system_prompt, batch_size))
+
+
+def perplexity_of(nll: float, tokens: int) -> float:
+    """Perplexity from a summed negative log-likelihood and the number of tokens it is over."""
+    return math.exp(nll / max(tokens, 1))
+
+
+def reference_ids(tokenizer: Any, example: dict, system_prompt: str | None = None) -> list[int]:
+    """The reference answer's token ids as perplexity scores them: the last answer (through its end-of-turn
+    marker) after the prompt `encode_prompt` writes. Earlier answers of a chat are part of the prompt."""
+    from tunebook.prompts import encode_example
+
+    return [t for t in encode_example(tokenizer, example, system_prompt, all_turns=False)["labels"] if t != -100]
+
+
+def answer_nll(model: Any, tokenizer: Any, examples: list[dict], system_prompt: str | None = None,
+               batch_size: int = 8) -> tuple[float, int]:
+    """Summed negative log-likelihood of the reference answers (`reference_ids`) given their prompts, and their
+    token count. An eval's plain pass scores them on its own prefilled caches (`continuous.score_references`);
+    this is the path for rows it did not generate in this run.
 
     Prompts that share a long prefix (one database schema for many test questions) are scored as a group whose
     prefix is computed once and cached; the rest are batched by length. The LM head runs only from the earliest
@@ -191,7 +212,7 @@ def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: 
     from tunebook.generation import shared_prefix_batches
     from tunebook.prompts import encode_example
 
-    encoded = [encode_example(tokenizer, ex, system_prompt) for ex in examples]
+    encoded = [encode_example(tokenizer, ex, system_prompt, all_turns=False) for ex in examples]
     firsts = [next(i for i, t in enumerate(e["labels"]) if t != -100) for e in encoded]
     shared, rest = shared_prefix_batches([e["input_ids"][:f] for e, f in zip(encoded, firsts, strict=True)],
                                          batch_size)
@@ -202,7 +223,7 @@ def perplexity(model: Any, tokenizer: Any, examples: list[dict], system_prompt: 
         nll, tokens = _answer_nll(model, [encoded[i] for i in members], [firsts[i] for i in members], prefix,
                                   tokenizer.pad_token_id)
         total_nll, total_tokens = total_nll + nll, total_tokens + tokens
-    return math.exp(total_nll / max(total_tokens, 1))
+    return total_nll, total_tokens
 
 
 def _answer_nll(model: Any, batch: list[dict], firsts: list[int], prefix: int, pad_id: int) -> tuple[float, int]:
