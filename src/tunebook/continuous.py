@@ -201,8 +201,8 @@ def score_references(model: Any, cache: Any, mask: Any, prompts: list[list[int]]
         extra[row, :len(feed)] = 1
     logits = model(input_ids=ids, attention_mask=torch.cat([mask, extra], dim=1), position_ids=positions,
                    cache=cache, use_cache=True).logits
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
-                                            reduction="none").sum(-1)
+    nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            ignore_index=-100, reduction="none").view(labels.shape).sum(-1)
     for index, value, reference in zip(indices, nll.tolist(), references, strict=True):
         scores[index] = (value, len(reference))
 
