@@ -195,6 +195,36 @@ def test_verified_takes_plain_answers_the_grammar_follows_and_decodes_the_rest(d
     assert run({row_key(r): ids for r, ids in zip(rows, free, strict=True)}) == (alone, 0)
 
 
+def test_failing_rows_are_sampled_a_batch_of_candidates_at_a_time(db, tiny_model_dir, tokenizer, tmp_path,
+                                                                  monkeypatch):
+    """Every plain answer is checked at once and every one fails: candidates are still sampled in calls of about
+    `eval.batch_size` sequences (each prompt's samples hold a KV cache of their own), not all rows in one call."""
+    import tunebook.generation
+    from tunebook.verify import CANDIDATES, Tally, hf_verified, row_key, verifier_for
+
+    rows, data, recipe = verified_rows(tmp_path, tiny_model_dir, db, [f"pets of owner {n}?" for n in range(8)],
+                                       "SELECT pet_id FROM pets", 12)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    grammars = HFGrammars(tokenizer, model.config.vocab_size, stop_token_ids(tokenizer, None))
+    constrained = generate_ids(model, tokenizer, rows, None, 12, 8, grammars=(grammars, [schema_grammar(db)] * 8))
+    verifier = dataclasses.replace(verifier_for(recipe), check=lambda text, row, data_file: 0)  # nothing passes
+    calls: list[int] = []
+    real_sample = tunebook.generation.sample_batch
+
+    def counted(model, tokenizer, examples, *args, **kwargs):
+        calls.append(len(examples))
+        return real_sample(model, tokenizer, examples, *args, **kwargs)
+
+    monkeypatch.setattr(tunebook.generation, "sample_batch", counted)
+    got: dict[int, str] = {}
+    tally = Tally()
+    hf_verified(model, tokenizer, rows, None, lambda idx, answers: got.update(zip(idx, answers, strict=True)),
+                data_file=data, recipe=recipe, verifier=verifier, tally=tally,
+                plain={row_key(r): ids for r, ids in zip(rows, constrained, strict=True)})
+    assert tally.from_plain == len(rows) and sorted(got) == list(range(len(rows)))
+    assert sum(calls) == len(rows) and max(calls) * CANDIDATES <= recipe.eval.batch_size, calls
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python")
 @pytest.mark.skipif(not tunebook.export.CONVERTER_DIR.joinpath("convert_hf_to_gguf.py").exists(),
                     reason="llama.cpp converter not extracted")

@@ -142,13 +142,17 @@ def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
     judges = [verifier.judge(view, data_file) for view in views]
 
     def sample_waiting() -> None:
-        failing = list(waiting)
+        # At most a call's worth of prompts: the rows whose plain answers are checked at once (all of them, when
+        # the plain pass ran first) would otherwise sample every failing row in one call, each prompt with its
+        # own KV cache per candidate (13 GB for 300 SQL rows on SmolLM2).
+        failing = list(waiting)[:max(1, recipe.eval.batch_size // CANDIDATES)]
         ids = sample_batch(model, tokenizer, [rows[i] for i in failing], system, recipe.eval.max_new_tokens,
                            CANDIDATES, TEMPERATURE, seed=failing[0], grammars=hf,
                            grammar_texts=[texts[i] for i in failing] if hf else None)
-        final = [choose(waiting[i][1], decode_answers(tokenizer, group), judges[i], verifier.best, tally,
-                        waiting[i][0]) for i, group in zip(failing, ids, strict=True)]
-        waiting.clear()
+        final = []
+        for i, group in zip(failing, ids, strict=True):
+            answer, judged = waiting.pop(i)
+            final.append(choose(judged, decode_answers(tokenizer, group), judges[i], verifier.best, tally, answer))
         on_batch(failing, final)
 
     def checked(indices: list[int], answers: list[str]) -> None:
@@ -161,7 +165,7 @@ def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
                 passed.append((i, choose(judged, [], judges[i], verifier.best, tally, answer)))
         if passed:
             on_batch([i for i, _ in passed], [a for _, a in passed])
-        if len(waiting) * CANDIDATES >= recipe.eval.batch_size:
+        while len(waiting) * CANDIDATES >= recipe.eval.batch_size:
             sample_waiting()
 
     known = {}
@@ -179,7 +183,7 @@ def hf_verified(model: Any, tokenizer: Any, rows: list[dict], progress: Any,
         generate(model, tokenizer, [rows[i] for i in todo], system, recipe.eval.max_new_tokens,
                  recipe.eval.batch_size, progress, grammars=(hf, [texts[i] for i in todo]) if hf else None,
                  on_batch=lambda idx, answers: checked([todo[j] for j in idx], answers))
-    if waiting:
+    while waiting:
         sample_waiting()
 
 
